@@ -1,0 +1,526 @@
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023, as in mit-han-lab/llm-awq), on CPU.
+
+For every decoder layer, one at a time:
+1. run the calibration activations through the float layer, recording the inputs of its linears;
+2. for each group of linears sharing an input (q/k/v after the attention norm, o after v when
+   shapes allow, gate/up after the MLP norm, down after up) grid-search a per-input-channel scale
+   ``s = mean|x| ** ratio`` (20 ratios in [0, 1)) minimising the output error of the block that
+   consumes the group, with the group's weights quantized as ``Q(W * s) / s``;
+3. fold the scales into the preceding norm / linear (output-preserving in float);
+4. search per-group weight clipping (not for q/k, whose error goes through the q.k product);
+5. quantize asymmetric ``w_bit`` integers with a zero point per group of ``group_size`` inputs.
+
+The next layer's calibration input is the float layer's output (as llm-awq and AutoAWQ do).
+Peak memory is the model plus one layer's activations: the model stays in its own dtype and only
+the layer being quantized is promoted to float32.
+
+``method="rtn"`` skips steps 2-4 (plain round-to-nearest with zero points), for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vila_edge.builder.awq_formats import QuantizedLinear, write_awq_checkpoint
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+SUPPORTED_BITS = (3, 4)
+HELDOUT_EVERY = 4  # every 4th pydoc topic (sorted by name) is held out for perplexity
+
+LINEAR_NAMES = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+@dataclass
+class AWQSettings:
+    w_bit: int = 4
+    group_size: int = 128
+    method: str = "awq"  # "awq" | "rtn"
+    n_grid: int = 20  # scale-exponent grid points
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # clipping tries max|w| * (1 - i/clip_grid) for i < max_shrink * clip_grid
+    clip_tokens: int = 512  # calibration tokens used by the clip search
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    batch_sequences: int = 8  # sequences per forward chunk (bounds attention memory)
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration text
+# --------------------------------------------------------------------------------------------
+
+
+def default_corpus() -> tuple[str, str]:
+    """(calibration text, held-out text) from CPython's ``pydoc_data.topics`` (no download).
+
+    Topics are sorted by name; every ``HELDOUT_EVERY``-th one is held out for perplexity.
+    """
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    calib = [topics[n] for i, n in enumerate(names) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    heldout = [topics[n] for i, n in enumerate(names) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    return "\n\n".join(calib), "\n\n".join(heldout)
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of a long text, tokenized paragraph-block-wise (no special tokens)."""
+    ids: list[int] = []
+    chunks = text.split("\n\n")
+    # tokenizing ~50 chunks at a time keeps every call under the tokenizer's length warning
+    for start in range(0, len(chunks), 50):
+        piece = "\n\n".join(chunks[start:start + 50])
+        if start + 50 < len(chunks):
+            piece += "\n\n"
+        ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_ids(tokenizer, text: str, n_samples: int, seqlen: int) -> torch.Tensor:
+    """[n, seqlen] blocks spread evenly over the tokenized text (deterministic)."""
+    ids = tokenize_text(tokenizer, text)
+    n_blocks = ids.numel() // seqlen
+    if n_blocks == 0:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one block of {seqlen}")
+    n = min(n_samples, n_blocks)
+    picks = torch.linspace(0, n_blocks - 1, n).round().long()
+    blocks = ids[: n_blocks * seqlen].reshape(n_blocks, seqlen)
+    return blocks[picks].contiguous()
+
+
+def load_calibration_text(calib_path: Path | str | None) -> str:
+    if calib_path is None:
+        return default_corpus()[0]
+    path = Path(calib_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration text file {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization primitives
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_tensor(w: torch.Tensor, w_bit: int, group_size: int):
+    """Asymmetric per-group quantization of a float weight [out, in].
+
+    Returns (codes uint8 [out, in], scales fp16 [out, groups], zeros uint8 [out, groups]).
+    Scales are rounded to fp16 before computing codes, so ``(q - z) * s`` with the stored fp16
+    scale is exactly the weight every backend reconstructs.
+    """
+    out_features, in_features = w.shape
+    groups = in_features // group_size
+    wg = w.detach().to(torch.float32).reshape(out_features, groups, group_size)
+    max_int = 2**w_bit - 1
+    w_max = wg.amax(dim=-1)
+    w_min = wg.amin(dim=-1)
+    scales = ((w_max - w_min).clamp(min=1e-5) / max_int).to(torch.float16)
+    s = scales.to(torch.float32)
+    zeros = (-torch.round(w_min / s)).clamp(0, max_int)
+    codes = (torch.round(wg / s.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, max_int)
+    return (
+        codes.reshape(out_features, in_features).to(torch.uint8),
+        scales,
+        zeros.to(torch.uint8),
+    )
+
+
+def pseudo_quantize(w: torch.Tensor, w_bit: int, group_size: int) -> torch.Tensor:
+    """Quantize then dequantize (float32) a weight [..., in] with groups along the last dim."""
+    shape = w.shape
+    flat = w.reshape(-1, shape[-1])
+    codes, scales, zeros = quantize_tensor(flat, w_bit, group_size)
+    return QuantizedLinear(codes, scales, zeros, group_size, w_bit).dequantize().reshape(shape)
+
+
+def check_group_size(model: nn.Module, group_size: int, w_bit: int = 4, include_lm_head: bool = False) -> None:
+    """Raise ValueError naming the first linear whose shape the group size (or packing) cannot handle."""
+    if w_bit not in SUPPORTED_BITS:
+        raise ValueError(f"w_bit must be one of {SUPPORTED_BITS}, got {w_bit}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    named = [(f"model.layers.{i}.{n}", layer.get_submodule(n)) for i, layer in enumerate(decoder_layers(model))
+             for n in LINEAR_NAMES]
+    if include_lm_head:
+        named.append(("lm_head", model.get_output_embeddings()))
+    all_in = [m.in_features for _, m in named]
+    for name, module in named:
+        if module.in_features % group_size:
+            working = [g for g in SUPPORTED_GROUP_SIZES if all(k % g == 0 for k in all_in)]
+            hint = f"group sizes that divide every layer: {working}" if working else "no supported group size divides every layer"
+            raise ValueError(
+                f"{name}: in_features {module.in_features} is not divisible by group size {group_size}; {hint}"
+            )
+        if module.out_features % 8:
+            raise ValueError(
+                f"{name}: out_features {module.out_features} is not a multiple of 8, which 4-bit packing needs"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Model plumbing (HF Llama / Qwen2 decoder layout)
+# --------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    try:
+        return model.model.layers
+    except AttributeError:
+        raise ValueError(
+            f"{type(model).__name__}: expected a HF causal LM with model.layers (Llama/Qwen2 layout)"
+        ) from None
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _ChunkedRunner:
+    """Runs a module on [n, L, C] activations a few sequences at a time."""
+
+    def __init__(self, position_embeddings, batch_sequences: int):
+        self.position_embeddings = position_embeddings
+        self.batch = max(1, batch_sequences)
+
+    def chunks(self, x: torch.Tensor):
+        for start in range(0, x.shape[0], self.batch):
+            yield x[start:start + self.batch]
+
+    def run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(chunk) for chunk in self.chunks(x)], dim=0)
+
+    def attention(self, attn: nn.Module):
+        def fn(h):
+            # attention_mask=None -> SDPA's causal path
+            return _layer_output(attn(hidden_states=h, position_embeddings=self.position_embeddings,
+                                      attention_mask=None))
+        return fn
+
+    def decoder_layer(self, layer: nn.Module):
+        def fn(h):
+            return _layer_output(layer(h, attention_mask=None, position_embeddings=self.position_embeddings))
+        return fn
+
+
+def _mean_squared_error(runner: _ChunkedRunner, fn, x: torch.Tensor, reference: torch.Tensor) -> float:
+    total = 0.0
+    start = 0
+    for chunk in runner.chunks(x):
+        out = fn(chunk)
+        total += (out - reference[start:start + chunk.shape[0]]).pow(2).sum().item()
+        start += chunk.shape[0]
+    return total / reference.numel()
+
+
+# --------------------------------------------------------------------------------------------
+# AWQ search
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def search_scale(runner, block_fn, linears: list[nn.Linear], x: torch.Tensor, settings: AWQSettings):
+    """Grid-search s = mean|x|**ratio for ``linears`` (all fed by ``x``); returns (scales, info)."""
+    x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+    reference = runner.run(block_fn, x)
+    originals = [m.weight.data.clone() for m in linears]
+    best = (math.inf, 0.0, torch.ones_like(x_mean))
+    losses = []
+    for step in range(settings.n_grid):
+        ratio = step / settings.n_grid
+        scales = x_mean.pow(ratio).clamp(min=1e-4)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        for module, weight in zip(linears, originals):
+            module.weight.data = pseudo_quantize(weight * scales, settings.w_bit, settings.group_size) / scales
+        loss = _mean_squared_error(runner, block_fn, x, reference)
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, ratio, scales.clone())
+    for module, weight in zip(linears, originals):
+        module.weight.data = weight
+    return best[2], {"ratio": best[1], "loss": best[0], "rtn_loss": losses[0]}
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, x: torch.Tensor, settings: AWQSettings) -> torch.Tensor:
+    """Per-(row, group) clipping threshold minimising the group-wise output error; [out, groups]."""
+    out_features, in_features = weight.shape
+    gs = settings.group_size
+    groups = in_features // gs
+    tokens = x.reshape(-1, in_features)
+    step = max(1, tokens.shape[0] // settings.clip_tokens)
+    tokens = tokens[::step].reshape(-1, groups, gs)  # [T, G, gs]
+    wg = weight.reshape(out_features, groups, gs)
+    best_max = torch.empty(out_features, groups)
+    rows_per_batch = 256 if out_features % 256 == 0 else 64
+    for start in range(0, out_features, rows_per_batch):
+        w = wg[start:start + rows_per_batch]
+        org_max = w.abs().amax(dim=-1)  # [n, G]
+        reference = torch.einsum("tgs,ngs->ntg", tokens, w)
+        batch_best = org_max.clone()
+        min_err = torch.full_like(org_max, math.inf)
+        for i in range(int(settings.max_shrink * settings.clip_grid)):
+            max_val = (org_max * (1 - i / settings.clip_grid)).unsqueeze(-1)
+            clipped = torch.maximum(torch.minimum(w, max_val), -max_val)
+            quantized = pseudo_quantize(clipped, settings.w_bit, gs)
+            err = (torch.einsum("tgs,ngs->ntg", tokens, quantized) - reference).pow(2).mean(dim=1)
+            better = err < min_err
+            min_err[better] = err[better]
+            batch_best[better] = max_val.squeeze(-1)[better]
+        best_max[start:start + rows_per_batch] = batch_best
+    return best_max
+
+
+def apply_clip(module: nn.Linear, max_val: torch.Tensor, group_size: int) -> None:
+    w = module.weight.data
+    wg = w.reshape(w.shape[0], -1, group_size)
+    limit = max_val.unsqueeze(-1).to(w.dtype)
+    module.weight.data = torch.maximum(torch.minimum(wg, limit), -limit).reshape(w.shape)
+
+
+def _scale_norm_into_linears(norm: nn.Module, linears, scales: torch.Tensor) -> None:
+    norm.weight.data.div_(scales)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data.div_(scales)
+    for module in linears:
+        module.weight.data.mul_(scales.view(1, -1))
+
+
+def _scale_linear_into_linear(prev: nn.Linear, nxt: nn.Linear, scales: torch.Tensor) -> None:
+    prev.weight.data.div_(scales.view(-1, 1))
+    if prev.bias is not None:
+        prev.bias.data.div_(scales)
+    nxt.weight.data.mul_(scales.view(1, -1))
+
+
+@torch.no_grad()
+def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], runner: _ChunkedRunner, settings: AWQSettings) -> dict:
+    """Search and fold scales, then clip, for one decoder layer (float32, in place)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    info = {}
+    x_attn, x_o, x_mlp, x_down = inputs["q"], inputs["o"], inputs["gate"], inputs["down"]
+
+    s_qkv, info["qkv"] = search_scale(runner, runner.attention(attn), [attn.q_proj, attn.k_proj, attn.v_proj],
+                                      x_attn, settings)
+    # o after v only without GQA: v's output channels must be o's input channels one to one
+    scale_o = attn.v_proj.weight.shape == attn.o_proj.weight.shape
+    if scale_o:
+        s_o, info["o"] = search_scale(runner, attn.o_proj, [attn.o_proj], x_o, settings)
+    s_mlp, info["gate_up"] = search_scale(runner, mlp, [mlp.gate_proj, mlp.up_proj], x_mlp, settings)
+    s_down, info["down"] = search_scale(runner, mlp.down_proj, [mlp.down_proj], x_down, settings)
+
+    _scale_norm_into_linears(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], s_qkv)
+    x_attn = x_attn / s_qkv
+    if scale_o:
+        _scale_linear_into_linear(attn.v_proj, attn.o_proj, s_o)
+        x_o = x_o / s_o
+    _scale_norm_into_linears(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], s_mlp)
+    x_mlp = x_mlp / s_mlp
+    _scale_linear_into_linear(mlp.up_proj, mlp.down_proj, s_down)
+    x_down = x_down / s_down
+
+    # q/k are not clipped: their error reaches the output through the q.k product
+    for module, x in ((attn.v_proj, x_attn), (attn.o_proj, x_o), (mlp.gate_proj, x_mlp),
+                      (mlp.up_proj, x_mlp), (mlp.down_proj, x_down)):
+        apply_clip(module, search_clip(module.weight.data, x, settings), settings.group_size)
+    return info
+
+
+def _capture_linear_inputs(layer: nn.Module, runner: _ChunkedRunner, hidden: torch.Tensor):
+    """Run the layer; return (its output, inputs of q/o/gate/down as [n, L, C])."""
+    captured = {"q": [], "o": [], "gate": [], "down": []}
+    modules = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj,
+               "gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
+    hooks = [
+        module.register_forward_hook(lambda _m, args, _out, key=key: captured[key].append(args[0].detach()))
+        for key, module in modules.items()
+    ]
+    try:
+        output = runner.run(runner.decoder_layer(layer), hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return output, {key: torch.cat(values, dim=0) for key, values in captured.items()}
+
+
+def _progress(enabled: bool, total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), disable=not enabled, transient=False)
+    return progress, description, total
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, calib: torch.Tensor | None, settings: AWQSettings, progress: bool = True
+) -> tuple[dict[str, QuantizedLinear], dict]:
+    """Quantize every decoder linear of a HF causal LM in place (layer by layer).
+
+    On return each linear's weight holds its dequantized value (so ``model`` computes exactly
+    what the quantized checkpoint computes) and the norms hold the folded AWQ scales.
+    Returns the integer codes by module name and statistics.
+    """
+    if settings.method not in ("awq", "rtn"):
+        raise ValueError(f"method must be 'awq' or 'rtn', got {settings.method!r}")
+    check_group_size(model, settings.group_size, settings.w_bit)
+    layers = decoder_layers(model)
+    use_awq = settings.method == "awq"
+    if use_awq and calib is None:
+        raise ValueError("AWQ needs calibration token ids (calib); use method='rtn' to quantize without them")
+
+    started = time.perf_counter()
+    hidden = runner = None
+    if use_awq:
+        embed = model.get_input_embeddings()
+        hidden = embed(calib).to(torch.float32)
+        positions = torch.arange(calib.shape[1]).unsqueeze(0)
+        position_embeddings = model.model.rotary_emb(hidden[:1], positions)
+        position_embeddings = tuple(t.to(torch.float32) for t in position_embeddings)
+        runner = _ChunkedRunner(position_embeddings, settings.batch_sequences)
+
+    quantized: dict[str, QuantizedLinear] = {}
+    layer_stats = []
+    bar, description, total = _progress(progress, len(layers), f"{settings.method.upper()} w{settings.w_bit} g{settings.group_size}")
+    with bar:
+        task = bar.add_task(description, total=total)
+        for index, layer in enumerate(layers):
+            layer_started = time.perf_counter()
+            original_dtype = next(layer.parameters()).dtype
+            layer.to(torch.float32)
+            stats = {"layer": index}
+            if use_awq:
+                next_hidden, inputs = _capture_linear_inputs(layer, runner, hidden)
+                stats.update(awq_layer(layer, inputs, runner, settings))
+                del inputs
+            for name in LINEAR_NAMES:
+                module = layer.get_submodule(name)
+                codes, scales, zeros = quantize_tensor(module.weight.data, settings.w_bit, settings.group_size)
+                qlinear = QuantizedLinear(codes, scales, zeros, settings.group_size, settings.w_bit,
+                                          bias=None if module.bias is None else module.bias.data.clone())
+                module.weight.data = qlinear.dequantize()
+                quantized[f"model.layers.{index}.{name}"] = qlinear
+            layer.to(original_dtype)
+            if use_awq:
+                hidden = next_hidden
+            stats["seconds"] = round(time.perf_counter() - layer_started, 3)
+            layer_stats.append(stats)
+            bar.advance(task)
+
+    summary = {
+        "method": settings.method,
+        "w_bit": settings.w_bit,
+        "group_size": settings.group_size,
+        "calib_samples": 0 if calib is None else int(calib.shape[0]),
+        "calib_seqlen": 0 if calib is None else int(calib.shape[1]),
+        "seconds": round(time.perf_counter() - started, 2),
+        "layers": layer_stats,
+    }
+    if use_awq:
+        reductions = [s[g]["loss"] / s[g]["rtn_loss"] for s in layer_stats for g in ("qkv", "o", "gate_up", "down")
+                      if g in s and s[g]["rtn_loss"] > 0]
+        summary["mean_block_error_vs_rtn"] = round(sum(reductions) / len(reductions), 4) if reductions else None
+        summary["mean_ratio"] = {
+            g: round(sum(s[g]["ratio"] for s in layer_stats if g in s) / max(1, sum(g in s for s in layer_stats)), 3)
+            for g in ("qkv", "o", "gate_up", "down")
+        }
+    return quantized, summary
+
+
+def quantize_lm_head(model: nn.Module, group_size: int, w_bit: int = 4) -> QuantizedLinear:
+    """Round-to-nearest (with zero points) quantization of the output projection, for int4 heads."""
+    head = model.get_output_embeddings()
+    if head.in_features % group_size:
+        raise ValueError(f"lm_head: in_features {head.in_features} is not divisible by group size {group_size}")
+    codes, scales, zeros = quantize_tensor(head.weight.data, w_bit, group_size)
+    return QuantizedLinear(codes, scales, zeros, group_size, w_bit,
+                           bias=None if head.bias is None else head.bias.data.clone())
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windows: int | None = None,
+               batch: int = 4) -> float:
+    """Perplexity over non-overlapping windows of a 1-D token stream (next-token NLL)."""
+    n_windows = ids.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, n_windows, batch):
+        chunk = windows[start:start + batch]
+        logits = model(input_ids=chunk).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += chunk[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint entry point
+# --------------------------------------------------------------------------------------------
+
+
+def load_float_model(llm_dir: Path | str, dtype: torch.dtype | str = "auto"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    return model.eval(), tokenizer
+
+
+def quantize_checkpoint(
+    llm_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    w_bit: int = 4,
+    group_size: int = 128,
+    method: str = "awq",
+    calib_path: Path | str | None = None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 512,
+    progress: bool = True,
+) -> dict:
+    """Quantize a HF ``llm/`` folder and write an AutoAWQ GEMM checkpoint to ``out_dir``.
+
+    Returns the statistics (also written to ``out_dir/awq_stats.json``).
+    """
+    if w_bit != 4:
+        raise ValueError(f"checkpoints are written in AutoAWQ's 4-bit format; w_bit={w_bit} is for evaluation only")
+    llm_dir = Path(llm_dir)
+    model, tokenizer = load_float_model(llm_dir)
+    settings = AWQSettings(w_bit=w_bit, group_size=group_size, method=method,
+                           calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+    check_group_size(model, group_size, w_bit)
+    calib = None
+    if method == "awq":
+        calib = calibration_ids(tokenizer, load_calibration_text(calib_path), calib_samples, calib_seqlen)
+    quantized, stats = quantize_model(model, calib, settings, progress=progress)
+    stats["calib_source"] = "pydoc_data.topics" if calib_path is None else Path(calib_path).name
+
+    quantized_weights = {f"{name}.weight" for name in quantized} | {f"{name}.bias" for name in quantized}
+    float_tensors = {k: v for k, v in model.state_dict().items() if k not in quantized_weights}
+    if getattr(model.config, "tie_word_embeddings", False):
+        float_tensors.pop("lm_head.weight", None)  # the tied head is the embedding
+    write_awq_checkpoint(out_dir, model.config.to_dict(), float_tensors, quantized,
+                         group_size=group_size, tokenizer_dir=llm_dir)
+    (Path(out_dir) / "awq_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats

@@ -1,0 +1,452 @@
+"""One typed, frozen description of a VILA / NVILA checkpoint: everything downstream needs.
+
+Built from the raw JSON of a checkpoint (`config_from_dicts`); the tokenizer-dependent fields (media
+token ids, stop tokens) are resolved by `vila_edge.checkpoint` and passed in.
+
+Two upstream code generations disagree on two output-changing details (reference doc §4.3, §5.5):
+- the `mlp_downsample` token order: column-major in the VILA1.5 code (V15), row-major since NVILA;
+- the splice: V15 replaces a `-200` placeholder and keeps the literal text "\\n"; NVILA/HEAD replaces
+  an `<image>` token with `features ++ embed(tokenizer("\\n"))`.
+`generation` records which code the checkpoint was trained with; `token_order` and `splice` follow it
+unless the user overrides them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from vila_edge.errors import CheckpointError
+
+FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite")
+TILINGS = ("resize", "pad", "s2", "dynamic", "dynamic_s2")
+PROJECTOR_TYPES = (
+    "identity",
+    "linear",
+    "mlp2x_gelu",
+    "mlp_downsample",
+    "mlp_downsample_2x2_fix",
+    "mlp_downsample_3x3_fix",
+)
+CHAT_FORMATS = ("vicuna_v1", "llama_3", "hermes-2", "auto")
+
+# llava/conversation.py::auto_set_conversation_mode: checkpoint-name substring -> conversation mode.
+# Order matters (first match wins), as upstream.
+_CONV_MODE_BY_NAME = (
+    ("vila1.5-3b", "vicuna_v1"),
+    ("vila1.5-8b", "llama_3"),
+    ("vila1.5-13b", "vicuna_v1"),
+    ("vila1.5-40b", "hermes-2"),
+    ("nvila15b", "vicuna_v1"),
+    ("llama-3", "llama_3"),
+    ("llama3", "llama_3"),
+)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    tower: str  # "siglip" (HF SiglipVisionModel); the only tower type this runtime executes
+    image_size: int  # one tile's side in pixels (what the tower was trained on)
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    layer_norm_eps: float
+    select_layer: int  # index into hidden_states (embeddings, layer0, ..., layerN-1)
+    select_feature: str  # "cls_patch" keeps all tokens, "patch" drops token 0
+    tiling: str  # one of TILINGS
+    s2_scales: tuple[int, ...] = ()
+    s2_max_split_size: int = 0
+    s2_output_scale_idx: int = 0
+    min_tiles: int = 1
+    max_tiles: int = 12
+    video_max_tiles: int = 1
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side of one tile's feature map (valid conv: 384/14 -> 27)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        n = self.grid * self.grid
+        return n - 1 if self.select_feature == "patch" else n
+
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers that run: hidden_states[k] is the output of layer k-1 (k=0: embeddings)."""
+        k = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+        if not 0 <= k <= self.num_layers:
+            raise CheckpointError(
+                f"mm_vision_select_layer={self.select_layer} is outside the tower's {self.num_layers} layers"
+            )
+        return k
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.s2_scales) if self.tiling in ("s2", "dynamic_s2") else 1
+
+    @property
+    def feature_width(self) -> int:
+        """Channels entering the projector (multi-scale features are concatenated)."""
+        return self.hidden_size * self.num_scales
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    type: str  # one of PROJECTOR_TYPES
+    in_features: int  # mm_hidden_size
+    out_features: int  # LLM hidden size
+    token_order: str  # "row" | "col": cell order of mlp_downsample (§4.3)
+
+    @property
+    def downsample(self) -> int:
+        if self.type == "mlp_downsample_3x3_fix":
+            return 3
+        if self.type.startswith("mlp_downsample"):
+            return 2
+        return 1
+
+    def tokens_out(self, grid_h: int, grid_w: int | None = None) -> int:
+        k = self.downsample
+        grid_w = grid_h if grid_w is None else grid_w
+        return math.ceil(grid_h / k) * math.ceil(grid_w / k)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    architecture: str  # "LlamaForCausalLM" | "Qwen2ForCausalLM"
+    family: str  # "llama" | "qwen2"
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int  # trained rows of the LM head; logits at or beyond this index are masked
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_length: int
+    chat_format: str  # one of CHAT_FORMATS
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    media_token_ids: dict[str, int] = field(default_factory=dict)  # "image"/"video" -> id (HEAD splice)
+    end_token_ids: tuple[int, ...] = ()  # tokenizer("\n").input_ids, appended after media (HEAD splice)
+    extra_masked_ids: tuple[int, ...] = ()  # added special tokens below vocab_size that were never trained
+    rope_scaling: dict | None = None
+
+    @property
+    def kv_bytes_per_token_fp16(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+
+@dataclass(frozen=True)
+class VilaConfig:
+    family: str  # one of FAMILIES
+    generation: str  # "v15" (VILA1.5 code) | "nvila" (NVILA release and later)
+    splice: str  # "v15" | "head"
+    vision: VisionConfig
+    projector: ProjectorConfig
+    llm: LLMConfig
+    num_video_frames: int = 8
+    video_fps: float = 0.0
+    video_pool_sizes: tuple[tuple[int, int, int], ...] = ()  # TSPVideoEncoder pool_sizes; () = basic encoder
+
+    def with_overrides(self, *, token_order: str | None = None, splice: str | None = None) -> VilaConfig:
+        cfg = self
+        if token_order is not None:
+            if token_order not in ("row", "col"):
+                raise CheckpointError(f"token order {token_order!r} is not one of: row, col")
+            cfg = replace(cfg, projector=replace(cfg.projector, token_order=token_order))
+        if splice is not None:
+            if splice not in ("v15", "head"):
+                raise CheckpointError(f"splice layout {splice!r} is not one of: v15, head")
+            cfg = replace(cfg, splice=splice)
+        return cfg
+
+    # ---- token accounting (reference doc §2.4, §3.2, §4.2, §5.4) -------------------------------
+    def image_layout(self, width: int, height: int, n_images: int = 1) -> ImageLayout:
+        """How one image of this size becomes media items and LLM positions."""
+        from vila_edge.media.tiling import closest_aspect_ratio, dynamic_s2_block_size
+
+        v, p = self.vision, self.projector
+        end = len(self.llm.end_token_ids) if self.splice == "head" else 0
+        single = n_images == 1
+        if v.tiling == "dynamic_s2" and single:
+            rows, cols = dynamic_s2_block_size(width, height, v.s2_scales, v.max_tiles)
+            s0 = v.s2_scales[0]
+            n_tiles = sum((s // s0) ** 2 for s in v.s2_scales[:-1]) + rows * cols
+            feats = p.tokens_out(v.grid * rows, v.grid * cols) if p.downsample == 1 else (
+                p.tokens_out(v.grid) * rows * cols
+            )
+            return ImageLayout(n_tiles, 1, feats, end, 0, (rows, cols))
+        if v.tiling == "dynamic" and single:
+            cols, rows = closest_aspect_ratio(width, height, v.min_tiles, v.max_tiles, v.image_size)
+            n_tiles = rows * cols + (1 if rows * cols != 1 else 0)
+            # each tile is its own media item followed by the literal text "\n" of "<image>\n"
+            return ImageLayout(n_tiles, n_tiles, p.tokens_out(v.grid), end, 1, (rows, cols))
+        if v.tiling == "s2":
+            split = v.s2_max_split_size
+            n_tiles = sum(math.ceil(s / split) ** 2 for s in v.s2_scales)
+            idx = v.s2_output_scale_idx
+            out_grid = math.ceil(v.s2_scales[idx] / split) * v.grid
+            return ImageLayout(n_tiles, 1, p.tokens_out(out_grid), end, 1 if self.splice == "v15" else 0, None)
+        # resize / pad, and every multi-image prompt of the dynamic families: one plain tile per image
+        text_nl = 1 if self.splice == "v15" else 0
+        return ImageLayout(1, 1, p.tokens_out(v.grid), end, text_nl, None)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    n_tiles: int  # tiles the vision tower encodes
+    n_items: int  # media items (one <image> marker each)
+    feature_tokens: int  # projector rows per media item
+    end_tokens: int  # embed(tokenizer("\n")) rows appended per media item (HEAD splice)
+    text_tokens: int  # literal prompt-text "\n" positions per media item (V15 prompt / NVILA-Lite)
+    block_size: tuple[int, int] | None  # (rows, cols) of the last tile grid, when tiled
+
+    @property
+    def positions(self) -> int:
+        """LLM positions this image occupies (features + end tokens + the prompt's "\\n" after it)."""
+        return self.n_items * (self.feature_tokens + self.end_tokens + self.text_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction from raw JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(d: dict, key: str, where: str):
+    if key not in d:
+        raise CheckpointError(f"{where}: required key {key!r} is missing")
+    return d[key]
+
+
+def detect_family(top: dict, where: str) -> tuple[str, str]:
+    """(family, tiling) from the top-level config, refusing contradictions."""
+    aspect = top.get("image_aspect_ratio", "resize") or "resize"
+    s2 = bool(top.get("s2", False))
+    dyn_s2 = bool(top.get("dynamic_s2", False))
+    if dyn_s2 and s2:
+        raise CheckpointError(f"{where}: 's2' and 'dynamic_s2' are both true; a checkpoint uses at most one")
+    if dyn_s2:
+        if aspect != "dynamic_s2":
+            raise CheckpointError(
+                f"{where}: dynamic_s2=true but image_aspect_ratio={aspect!r}; NVILA checkpoints use 'dynamic_s2'"
+            )
+        return "nvila", "dynamic_s2"
+    if aspect == "dynamic_s2":
+        raise CheckpointError(f"{where}: image_aspect_ratio='dynamic_s2' needs dynamic_s2=true")
+    if aspect == "dynamic":
+        if s2:
+            raise CheckpointError(f"{where}: s2=true cannot be combined with image_aspect_ratio='dynamic'")
+        return "nvila-lite", "dynamic"
+    if aspect not in ("resize", "pad"):
+        raise CheckpointError(f"{where}: image_aspect_ratio={aspect!r} is not one of resize, pad, dynamic, dynamic_s2")
+    if s2:
+        return "vila1.5-s2", "s2"
+    return "vila1.5", aspect
+
+
+def _is_nvila_generation(top: dict, projector_cfg: dict, tiling: str) -> bool:
+    """Was this checkpoint trained with the NVILA-era code (row-major downsample, HEAD splice)?
+
+    Rule [UNVERIFIED heuristic from reference doc §4.3]: NVILA-era if it uses dynamic tiling, or has
+    `image_encoder`/`video_encoder` keys (added with NVILA), or a projector type that only exists since
+    NVILA (`*_fix`), or its projector config was written by transformers >= 4.46. Otherwise V15.
+    """
+    if tiling in ("dynamic", "dynamic_s2"):
+        return True
+    if "image_encoder" in top or "video_encoder" in top:
+        return True
+    if projector_cfg.get("mm_projector_type", "").endswith("_fix"):
+        return True
+    version = str(projector_cfg.get("transformers_version", "0"))
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (4, 46)
+
+
+def conv_mode_for(name: str, has_chat_template: bool) -> str:
+    low = name.lower()
+    for needle, mode in _CONV_MODE_BY_NAME:
+        if needle in low:
+            return mode
+    return "auto" if has_chat_template else "vicuna_v1"
+
+
+def _s2_scales(top: dict, where: str) -> tuple[int, ...]:
+    raw = top.get("s2_scales", "")
+    try:
+        scales = sorted(int(s) for s in str(raw).split(",") if s.strip())
+    except ValueError:
+        raise CheckpointError(f"{where}: s2_scales={raw!r} is not a comma-separated list of integers") from None
+    if not scales:
+        raise CheckpointError(f"{where}: S2 is enabled but s2_scales is empty")
+    return tuple(scales)
+
+
+def _video_pool_sizes(top: dict) -> tuple[tuple[int, int, int], ...]:
+    enc = top.get("video_encoder")
+    if isinstance(enc, str):
+        import json
+
+        try:
+            enc = json.loads(enc)
+        except ValueError:
+            return ()
+    if isinstance(enc, dict) and "TSPVideoEncoder" in str(enc.get("_target_", "")):
+        return tuple(tuple(int(x) for x in p) for p in enc.get("pool_sizes", [[8, 1, 1]]))
+    return ()
+
+
+def config_from_dicts(
+    *,
+    top: dict,
+    llm: dict,
+    vision: dict,
+    projector: dict,
+    preprocessor: dict | None,
+    name: str,
+    has_chat_template: bool,
+    where: str,
+    tokens: dict | None = None,
+    chat_format: str | None = None,
+) -> VilaConfig:
+    """Build the frozen config. `tokens` carries tokenizer-derived ids (see checkpoint.resolve_tokens)."""
+    tokens = tokens or {}
+    family, tiling = detect_family(top, where)
+
+    arch = vision.get("architectures", ["SiglipVisionModel"])[0]
+    if "siglip" not in arch.lower():
+        raise CheckpointError(
+            f"{where}: vision tower {arch!r} is not supported (only SigLIP towers: VILA1.5 and NVILA families)"
+        )
+    vw = f"{where} (vision_tower)"
+    image_size = int(_require(vision, "image_size", vw))
+    patch = int(_require(vision, "patch_size", vw))
+    v_hidden = int(_require(vision, "hidden_size", vw))
+    scales: tuple[int, ...] = ()
+    split = 0
+    out_idx = 0
+    if tiling in ("s2", "dynamic_s2"):
+        scales = _s2_scales(top, where)
+        split = int(top.get("s2_max_split_size", scales[0]))
+        out_idx = int(top.get("s2_resize_output_to_scale_idx", 0))
+        if not -len(scales) <= out_idx < len(scales):
+            raise CheckpointError(f"{where}: s2_resize_output_to_scale_idx={out_idx} but only {len(scales)} scales")
+        if tiling == "s2" and split != image_size:
+            raise CheckpointError(
+                f"{where}: s2_max_split_size={split} differs from the tower's image_size={image_size}"
+            )
+        if tiling == "dynamic_s2" and scales[0] != image_size:
+            raise CheckpointError(f"{where}: first S2 scale {scales[0]} differs from the tower's image_size={image_size}")
+        if any(s % scales[0] for s in scales):
+            raise CheckpointError(f"{where}: S2 scales {scales} must be multiples of the smallest")
+
+    pre = preprocessor or {}
+    mean = tuple(float(x) for x in pre.get("image_mean", (0.5, 0.5, 0.5)))
+    std = tuple(float(x) for x in pre.get("image_std", (0.5, 0.5, 0.5)))
+    vcfg = VisionConfig(
+        tower="siglip",
+        image_size=image_size,
+        patch_size=patch,
+        hidden_size=v_hidden,
+        num_layers=int(_require(vision, "num_hidden_layers", vw)),
+        num_heads=int(_require(vision, "num_attention_heads", vw)),
+        intermediate_size=int(_require(vision, "intermediate_size", vw)),
+        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+        select_layer=int(top.get("mm_vision_select_layer", -2)),
+        select_feature=str(top.get("mm_vision_select_feature", "cls_patch")),
+        tiling=tiling,
+        s2_scales=scales,
+        s2_max_split_size=split,
+        s2_output_scale_idx=out_idx,
+        min_tiles=int(top.get("min_tiles", 1) or 1),
+        max_tiles=int(top.get("max_tiles", 12) or 12),
+        video_max_tiles=int(top.get("video_max_tiles", 1) or 1),
+        image_mean=mean,  # type: ignore[arg-type]
+        image_std=std,  # type: ignore[arg-type]
+    )
+    if vcfg.select_feature not in ("cls_patch", "patch"):
+        raise CheckpointError(f"{where}: mm_vision_select_feature={vcfg.select_feature!r} is not cls_patch or patch")
+    vcfg.layers_used  # validates select_layer
+
+    lw = f"{where} (llm)"
+    l_arch = _require(llm, "architectures", lw)[0]
+    if l_arch == "LlamaForCausalLM":
+        l_family = "llama"
+    elif l_arch == "Qwen2ForCausalLM":
+        l_family = "qwen2"
+    else:
+        raise CheckpointError(f"{where}: LLM architecture {l_arch!r} is not supported (Llama and Qwen2 are)")
+    hidden = int(_require(llm, "hidden_size", lw))
+    heads = int(_require(llm, "num_attention_heads", lw))
+    max_len = int(llm.get("model_max_length") or llm.get("tokenizer_model_max_length") or llm.get("max_position_embeddings", 4096))
+    top_hidden = top.get("hidden_size")
+    if top_hidden is not None and int(top_hidden) != hidden:
+        raise CheckpointError(f"{where}: hidden_size={top_hidden} contradicts llm hidden_size={hidden}")
+
+    mm_hidden = int(top.get("mm_hidden_size", vcfg.feature_width))
+    if mm_hidden != vcfg.feature_width:
+        raise CheckpointError(
+            f"{where}: mm_hidden_size={mm_hidden} but the tower gives {v_hidden} x {vcfg.num_scales} scale(s) "
+            f"= {vcfg.feature_width}"
+        )
+    ptype = projector.get("mm_projector_type") or top.get("mm_projector_type")
+    if ptype is None:
+        raise CheckpointError(f"{where}: mm_projector_type is missing (mm_projector/config.json)")
+    if ptype not in PROJECTOR_TYPES:
+        raise CheckpointError(f"{where}: projector type {ptype!r} is not supported; supported: {', '.join(PROJECTOR_TYPES)}")
+    if tiling == "dynamic_s2" and ptype not in ("mlp_downsample", "mlp_downsample_2x2_fix"):
+        raise CheckpointError(f"{where}: dynamic_s2 needs a 2x2 mlp_downsample projector, not {ptype!r}")
+    nvila_gen = _is_nvila_generation(top, projector, tiling)
+    pcfg = ProjectorConfig(
+        type=ptype, in_features=mm_hidden, out_features=hidden, token_order="row" if nvila_gen else "col"
+    )
+
+    fmt = chat_format or conv_mode_for(name, has_chat_template)
+    if fmt not in CHAT_FORMATS:
+        raise CheckpointError(f"chat format {fmt!r} is not one of: {', '.join(CHAT_FORMATS)}")
+    vocab = int(_require(llm, "vocab_size", lw))
+    lcfg = LLMConfig(
+        architecture=l_arch,
+        family=l_family,
+        hidden_size=hidden,
+        intermediate_size=int(_require(llm, "intermediate_size", lw)),
+        num_layers=int(_require(llm, "num_hidden_layers", lw)),
+        num_heads=heads,
+        num_kv_heads=int(llm.get("num_key_value_heads") or heads),
+        head_dim=int(llm.get("head_dim") or hidden // heads),
+        vocab_size=int(tokens.get("trained_vocab", vocab)),
+        rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(llm.get("rope_theta", 10000.0)),
+        tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
+        max_length=max_len,
+        chat_format=fmt,
+        bos_token_id=tokens.get("bos_token_id", llm.get("bos_token_id")),
+        eos_token_id=tokens.get("eos_token_id", llm.get("eos_token_id")),
+        stop_token_ids=tuple(tokens.get("stop_token_ids", ())),
+        media_token_ids=dict(tokens.get("media_token_ids", {})),
+        end_token_ids=tuple(tokens.get("end_token_ids", ())),
+        extra_masked_ids=tuple(tokens.get("extra_masked_ids", ())),
+        rope_scaling=llm.get("rope_scaling"),
+    )
+    return VilaConfig(
+        family=family,
+        generation="nvila" if nvila_gen else "v15",
+        splice="head" if nvila_gen else "v15",
+        vision=vcfg,
+        projector=pcfg,
+        llm=lcfg,
+        num_video_frames=int(top.get("num_video_frames", 8) or 8),
+        video_fps=float(top.get("fps", 0.0) or 0.0),
+        video_pool_sizes=_video_pool_sizes(top),
+    )

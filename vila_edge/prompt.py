@@ -1,0 +1,129 @@
+"""Prompt text and token ids with media placeholders (reference doc §5.2-§5.5).
+
+Two layouts, chosen by `VilaConfig.splice`:
+- "v15" (VILA1.5 training code): the user text holds "<image>\\n" per image; the prompt string is split
+  on "<image>", each chunk tokenized on its own (only the first keeps its BOS), and the placeholder
+  id IMAGE_PLACEHOLDER (-200) is put between chunks.
+- "head" (NVILA and later): "<image>" / "<vila/video>" are real special tokens of the tokenizer; the
+  whole prompt is tokenized once.
+Either way the result is a list of ids where media positions are marked, ready for `splice`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vila_edge.config import VilaConfig
+from vila_edge.errors import PromptError
+from vila_edge.tokenizer import MEDIA_TOKENS, SENTINEL_TOKEN, Tokenizer
+
+IMAGE_PLACEHOLDER = -200  # llava.constants.IMAGE_TOKEN_INDEX (V15)
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAMA3_SYSTEM = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, and assist the user with a variety of "
+    "tasks using natural language."
+)
+HERMES_SYSTEM = "<|im_start|>system\nAnswer the questions."
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "user" | "assistant"
+    content: str  # may contain "<image>" / "<vila/video>" markers
+
+
+def render(chat_format: str, messages: list[Message], tokenizer: Tokenizer, *, add_generation_prompt: bool = True) -> str:
+    """The conversation as the model saw it in training (llava/conversation.py templates)."""
+    if chat_format == "vicuna_v1":
+        # SeparatorStyle.TWO: seps (" ", "</s>") alternate after user / assistant turns.
+        out = VICUNA_SYSTEM + " "
+        for m in messages:
+            role = "USER" if m.role == "user" else "ASSISTANT"
+            out += f"{role}: {m.content}" + (" " if m.role == "user" else "</s>")
+        return out + ("ASSISTANT:" if add_generation_prompt else "")
+    if chat_format == "llama_3":
+        out = LLAMA3_SYSTEM + "<|eot_id|>"
+        for m in messages:
+            out += f"<|start_header_id|>{m.role}<|end_header_id|>\n\n{m.content}<|eot_id|>"
+        return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+    if chat_format == "hermes-2":
+        out = HERMES_SYSTEM + "<|im_end|>"
+        for m in messages:
+            out += f"<|im_start|>{m.role}\n{m.content}<|im_end|>"
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    if chat_format == "auto":
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=add_generation_prompt
+        )
+    raise PromptError(f"unknown chat format {chat_format!r}; use vicuna_v1, llama_3, hermes-2 or auto")
+
+
+def user_content(cfg: VilaConfig, text: str, *, n_images: int = 0, n_tiles: int | None = None, video: bool = False,
+                 n_frames: int = 0) -> str:
+    """The user message with media markers placed as upstream does (media first, then the text).
+
+    - V15: "<image>\\n" per image (run_vila auto-prepends it); a video is "<image>\\n" per frame.
+    - NVILA: "<image>" per image; NVILA-Lite with one image: "<image>\\n" per tile (each tile is its own
+      media item); a video is one "<vila/video>".
+    Literal markers typed by the user are removed (HEAD `extract_media` does the same).
+    """
+    for marker in MEDIA_TOKENS.values():
+        text = text.replace(marker, "")
+    if cfg.splice == "v15":
+        media = "<image>\n" * (n_images + (n_frames if video else 0))
+    else:
+        if cfg.vision.tiling == "dynamic" and n_images == 1 and n_tiles:
+            media = "<image>\n" * n_tiles
+        else:
+            media = "<image>" * n_images
+        if video:
+            media += MEDIA_TOKENS["video"]
+    return media + text
+
+
+def tokenize(cfg: VilaConfig, tokenizer: Tokenizer, prompt: str, *, first: bool = True) -> list[int]:
+    """Prompt text -> ids with media positions marked (IMAGE_PLACEHOLDER for V15, media token ids for HEAD).
+
+    `first` is False when the text continues a conversation whose BOS was already emitted.
+    """
+    if cfg.splice == "v15":
+        ids: list[int] = []
+        chunks = prompt.split(MEDIA_TOKENS["image"])
+        bos = tokenizer.adds_bos
+        for k, chunk in enumerate(chunks):
+            if k:
+                ids.append(IMAGE_PLACEHOLDER)
+            piece = tokenizer.encode(chunk, add_special_tokens=True)
+            if bos and (k or not first):
+                piece = piece[1:]
+            ids += piece
+        return ids
+    add = first and not prompt.startswith(tokenizer.bos_token or "\0")
+    return tokenizer.encode(prompt, add_special_tokens=add)
+
+
+def media_positions(cfg: VilaConfig, ids: list[int]) -> list[int]:
+    marks = {IMAGE_PLACEHOLDER} if cfg.splice == "v15" else set(cfg.llm.media_token_ids.values())
+    return [i for i, t in enumerate(ids) if t in marks]
+
+
+def infer_stop_tokens(chat_format: str, tokenizer: Tokenizer) -> list[int]:
+    """`infer_stop_tokens`: eos plus the token that closes an assistant message in this template."""
+    stops = []
+    if tokenizer.eos_token and tokenizer.token_to_id(tokenizer.eos_token) is not None:
+        stops.append(tokenizer.token_to_id(tokenizer.eos_token))
+    text = render(chat_format, [Message("user", "hi"), Message("assistant", SENTINEL_TOKEN)], tokenizer,
+                  add_generation_prompt=False)
+    after = text.split(SENTINEL_TOKEN, 1)[1] if SENTINEL_TOKEN in text else ""
+    if after:
+        ids = tokenizer.encode(after, add_special_tokens=False)
+        if ids and ids[0] not in stops:
+            stops.append(ids[0])
+    if not stops:
+        raise PromptError(f"{tokenizer.source}: cannot tell the stop token (no eos_token in tokenizer_config.json)")
+    return stops

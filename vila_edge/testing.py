@@ -1,0 +1,234 @@
+"""Tiny checkpoints in the REAL on-disk formats, for tests and the offline default of the CLI.
+
+`make_tiny_checkpoint(family, path, seed)` writes a dev-layout checkpoint (config.json + llm/ +
+vision_tower/ + mm_projector/) or, with `layout="hf"`, the flat -hf layout. Weights are seeded and
+nonzero (biases included); the tokenizer is trained locally with `tokenizers` on CPython's own
+documentation text and carries the family's special and media tokens. No network. Needs torch and
+transformers (the `export` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+FAMILY_NAMES = {
+    # family -> checkpoint folder name (the conversation mode is derived from it, as upstream)
+    "vila1.5": "tiny-VILA1.5-3b",
+    "vila1.5-s2": "tiny-VILA1.5-3b-s2",
+    "nvila": "tiny-NVILA-8B",
+    "nvila-lite": "tiny-NVILA-Lite-2B",
+}
+
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=14,
+                   hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3)
+TINY_LLM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6)
+
+
+def corpus_text(max_chars: int = 400_000) -> str:
+    """English text that is on every machine: CPython's pydoc topics."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))[:max_chars]
+
+
+# ---- tokenizers ------------------------------------------------------------------------------
+
+
+def train_llama_tokenizer(vocab_size: int = 480):
+    """SentencePiece-style BPE (Metaspace "▁", byte fallback, BOS added) like Llama's tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.train_from_iterator([corpus_text(200_000)], trainer)
+    trained = json.loads(tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):  # byte-fallback pieces <0x00>..<0xFF> (Llama has them at ids 3..258)
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        if t not in vocab:
+            vocab[t] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    out = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    out.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    out.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    out.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    out.add_special_tokens(specials)
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+              "add_eos_token": False, "legacy": False, "model_max_length": 1024, "padding_side": "right",
+              "tokenizer_class": "LlamaTokenizer"}
+    return out, config
+
+
+def train_qwen2_tokenizer(vocab_size: int = 480, media_tokens: bool = True):
+    """Byte-level BPE with ChatML specials, like Qwen2's; NVILA's media tokens appended after."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([corpus_text(200_000)], trainer)
+    if media_tokens:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<vila/sentinel>", "<image>", "<vila/video>")])
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 1024,
+              "chat_template": QWEN2_CHAT_TEMPLATE, "tokenizer_class": "Qwen2Tokenizer"}
+    return tok, config
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+
+def _seeded_(module, seed: int, std: float = 0.08) -> None:
+    """Overwrite every parameter with seeded nonzero values (norm weights around 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            noise = torch.randn(p.shape, generator=g) * std
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + noise)
+            else:
+                p.copy_(noise)
+
+
+def _family_top(family: str, vision_size: int) -> dict:
+    if family == "vila1.5":
+        return {"image_aspect_ratio": "resize", "s2": False}
+    if family == "vila1.5-s2":
+        return {"image_aspect_ratio": "resize", "s2": True, "s2_scales": f"{vision_size},{2 * vision_size}",
+                "s2_max_split_size": vision_size, "s2_resize_output_to_scale_idx": 0}
+    if family == "nvila":
+        return {"image_aspect_ratio": "dynamic_s2", "dynamic_s2": True,
+                "s2_scales": f"{vision_size},{2 * vision_size},{3 * vision_size}", "s2_max_split_size": vision_size,
+                "s2_resize_output_to_scale_idx": -1, "max_tiles": 12, "num_video_frames": 8, "fps": 0.0}
+    if family == "nvila-lite":
+        return {"image_aspect_ratio": "dynamic", "min_tiles": 1, "max_tiles": 12, "num_video_frames": 8}
+    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
+
+
+def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev", overwrite: bool = False) -> Path:
+    """Write a tiny, seeded checkpoint of `family` to `path` (atomically). Returns the path."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from vila_edge.config import ProjectorConfig
+    from vila_edge.reference.projector import Projector
+    from vila_edge.reference.vision import siglip_state_dict_on_disk
+
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            return path
+        shutil.rmtree(path)
+    qwen = family in ("nvila", "nvila-lite")
+    vision_size = 70 if family.startswith("vila1.5") else 56  # grids 5x5 (odd: exercises padding) / 4x4
+    top_extra = _family_top(family, vision_size)
+
+    tok, tok_cfg = train_qwen2_tokenizer() if qwen else train_llama_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if qwen:
+        llm_cfg = Qwen2Config(vocab_size=vocab, bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"),
+                              rope_theta=1e6, tie_word_embeddings=family == "nvila-lite", **TINY_LLM)
+        llm = Qwen2ForCausalLM(llm_cfg)
+    else:
+        llm_cfg = LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, rope_theta=1e4,
+                              tie_word_embeddings=False, **TINY_LLM)
+        llm = LlamaForCausalLM(llm_cfg)
+    _seeded_(llm, seed)
+    # VILA1.5's tower file still holds the unused attention-pooling head; NVILA's does not (doc §1.3)
+    siglip_cfg = SiglipVisionConfig(image_size=vision_size, vision_use_head=not qwen, **TINY_VISION)
+    siglip = SiglipVisionModel(siglip_cfg)
+    _seeded_(siglip, seed + 1)
+
+    n_scales = len(top_extra["s2_scales"].split(",")) if "s2_scales" in top_extra else 1
+    ptype = "mlp_downsample_3x3_fix" if family == "nvila-lite" else "mlp_downsample"
+    pcfg = ProjectorConfig(type=ptype, in_features=TINY_VISION["hidden_size"] * n_scales,
+                           out_features=TINY_LLM["hidden_size"], token_order="row")
+    projector = Projector(pcfg)
+    _seeded_(projector, seed + 2)
+    proj_json = {"architectures": ["MultimodalProjector"], "mm_projector_type": ptype, "model_type": "v2l_projector",
+                 "torch_dtype": "float32",
+                 # V15-era projector configs were written by transformers 4.36-4.44 (§4.3 heuristic)
+                 "transformers_version": "4.47.0" if qwen else "4.38.2"}
+    pre_json = {"do_resize": True, "size": {"height": vision_size, "width": vision_size}, "resample": 3,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                "image_processor_type": "SiglipImageProcessor"}
+
+    llm_dict = llm_cfg.to_dict()
+    llm_dict["architectures"] = [type(llm).__name__]
+    llm_dict["model_max_length"] = 1024
+    vision_dict = siglip_cfg.to_dict()
+    vision_dict.update(architectures=["SiglipVisionModel"], model_type="siglip_vision_model")
+    top = {
+        "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama",
+        "_name_or_path": FAMILY_NAMES[family],
+        "hidden_size": TINY_LLM["hidden_size"], "mm_hidden_size": pcfg.in_features,
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch",
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "num_video_frames": 8, "model_dtype": "torch.float32", **top_extra,
+    }
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if layout == "dev":
+            top.update(llm_cfg=llm_dict, vision_tower_cfg=vision_dict, mm_projector_cfg=proj_json)
+            llm.save_pretrained(tmp / "llm", safe_serialization=True)
+            cfg_file = tmp / "llm" / "config.json"
+            saved = json.loads(cfg_file.read_text())
+            saved["model_max_length"] = 1024
+            cfg_file.write_text(json.dumps(saved, indent=2))
+            tok.save(str(tmp / "llm" / "tokenizer.json"))
+            (tmp / "llm" / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+            (tmp / "vision_tower").mkdir()
+            save_file(siglip_state_dict_on_disk(siglip), str(tmp / "vision_tower" / "model.safetensors"))
+            (tmp / "vision_tower" / "config.json").write_text(json.dumps(vision_dict, indent=2))
+            (tmp / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(pre_json, indent=2))
+            (tmp / "mm_projector").mkdir()
+            (tmp / "mm_projector" / "config.json").write_text(json.dumps(proj_json, indent=2))
+            save_file({k: v.contiguous() for k, v in projector.state_dict().items()},
+                      str(tmp / "mm_projector" / "model.safetensors"))
+        elif layout == "hf":
+            top.update(model_type="nvila_lite" if family == "nvila-lite" else "vila", architectures=["VILAForCausalLM"],
+                       text_config=llm_dict, vision_config=vision_dict, mm_projector_type=ptype)
+            tensors = {}
+            parts = (("llm.", llm.state_dict()), ("vision_tower.", siglip_state_dict_on_disk(siglip)),
+                     ("mm_projector.", projector.state_dict()))
+            for prefix, state in parts:
+                for k, v in state.items():
+                    if prefix == "llm." and k == "lm_head.weight" and llm_cfg.tie_word_embeddings:
+                        continue
+                    tensors[prefix + k] = v.contiguous().clone()
+            save_file(tensors, str(tmp / "model.safetensors"))
+            tok.save(str(tmp / "tokenizer.json"))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+            (tmp / "preprocessor_config.json").write_text(json.dumps(pre_json, indent=2))
+        else:
+            raise ValueError(f"layout must be 'dev' or 'hf', got {layout!r}")
+        (tmp / "config.json").write_text(json.dumps(top, indent=2))
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
