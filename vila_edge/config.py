@@ -450,3 +450,17 @@ def config_from_dicts(
         video_fps=float(top.get("fps", 0.0) or 0.0),
         video_pool_sizes=_video_pool_sizes(top),
     )
+
+
+def config_from_json(data: dict) -> VilaConfig:
+    """Inverse of `dataclasses.asdict(VilaConfig)`: engine manifests store the resolved config this way."""
+
+    def tup(x):
+        return tuple(tup(i) for i in x) if isinstance(x, list) else x
+
+    v = {k: tup(val) for k, val in data["vision"].items()}
+    llm = {k: tup(val) for k, val in data["llm"].items()}
+    llm["media_token_ids"] = dict(data["llm"].get("media_token_ids") or {})
+    llm["rope_scaling"] = data["llm"].get("rope_scaling")
+    rest = {k: tup(val) for k, val in data.items() if k not in ("vision", "projector", "llm")}
+    return VilaConfig(vision=VisionConfig(**v), projector=ProjectorConfig(**data["projector"]), llm=LLMConfig(**llm), **rest)
