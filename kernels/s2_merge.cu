@@ -62,7 +62,11 @@ VILA_DEVICE_INLINE void s2_merge_body(const u16* __restrict__ feat, u16* __restr
     const long long tile_elems = (long long)p.h * p.w * C;
     u16* out_row = out + row * (long long)(p.num_scales * C);
 
-    for (int s = 0; s < p.num_scales; ++s) {
+    // Unrolled over the maximum scale count so that p.tile_base[s] etc. are constant-indexed
+    // (a dynamically indexed kernel-parameter array would be copied to local memory).
+    VILA_UNROLL
+    for (int s = 0; s < VILA_S2_MAX_SCALES; ++s) {
+        if (s >= p.num_scales) break;
         const int in_h = p.grid_h[s] * p.h, in_w = p.grid_w[s] * p.w;
         int y0, y1, x0, x1;
         area_window(oy, in_h, p.out_h, y0, y1);

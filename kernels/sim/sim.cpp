@@ -275,3 +275,20 @@ extern "C" const char* sim_kernel_names() {
         for (const auto& kv : registry()) names += kv.first + "\n";
     return names.c_str();
 }
+
+// Element-wise access to the conversion helpers of common.cuh, for unit tests.
+extern "C" void sim_convert(int op, const void* in, void* out, long long n) {
+    for (long long i = 0; i < n; ++i) {
+        switch (op) {
+            case 0: ((unsigned char*)out)[i] = f32_to_e4m3_satfinite(((const float*)in)[i]); break;
+            case 1: ((unsigned short*)out)[i] = f2h(((const float*)in)[i]); break;
+            case 2: ((unsigned short*)out)[i] = f2bf(((const float*)in)[i]); break;
+            case 3: ((float*)out)[i] = h2f(((const unsigned short*)in)[i]); break;
+            case 4: {  // two e4m3 bytes -> fp16x2
+                ((unsigned*)out)[i] = e4m3x2_to_f16x2(((const unsigned short*)in)[i]);
+                break;
+            }
+            default: break;
+        }
+    }
+}
