@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import FAMILIES
 from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES
 from vila_edge.checkpoint import load_checkpoint
 from vila_edge.errors import CheckpointError
 from vila_edge.media.tiling import preprocess_image
@@ -48,8 +48,8 @@ def test_flat_hf_layout_equals_dev_layout(tiny_checkpoint):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_forward(tiny_checkpoint, family):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     ckpt = load_checkpoint(tiny_checkpoint(family))
     ref = ReferenceVILA(ckpt)

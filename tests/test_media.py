@@ -108,7 +108,7 @@ def test_exif_orientation_is_honoured(tmp_path):
 def test_modes_convert_to_rgb(tmp_path, mode):
     base = noise_image(16, 12)
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257))
+        img = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
     else:
         img = base.convert(mode)
     p = tmp_path / f"x.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"

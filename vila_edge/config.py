@@ -181,9 +181,8 @@ class VilaConfig:
             rows, cols = dynamic_s2_block_size(width, height, v.s2_scales, v.max_tiles)
             s0 = v.s2_scales[0]
             n_tiles = sum((s // s0) ** 2 for s in v.s2_scales[:-1]) + rows * cols
-            feats = p.tokens_out(v.grid * rows, v.grid * cols) if p.downsample == 1 else (
-                p.tokens_out(v.grid) * rows * cols
-            )
+            # the projector runs per 32x32 chunk, so 2x2 cells never straddle two tiles (§3.3)
+            feats = p.tokens_out(v.grid) * rows * cols
             return ImageLayout(n_tiles, 1, feats, end, 0, (rows, cols))
         if v.tiling == "dynamic" and single:
             cols, rows = closest_aspect_ratio(width, height, v.min_tiles, v.max_tiles, v.image_size)
@@ -377,7 +376,7 @@ def config_from_dicts(
     )
     if vcfg.select_feature not in ("cls_patch", "patch"):
         raise CheckpointError(f"{where}: mm_vision_select_feature={vcfg.select_feature!r} is not cls_patch or patch")
-    vcfg.layers_used  # validates select_layer
+    _ = vcfg.layers_used  # validates select_layer
 
     lw = f"{where} (llm)"
     l_arch = _require(llm, "architectures", lw)[0]

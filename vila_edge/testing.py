@@ -129,7 +129,14 @@ def _family_top(family: str, vision_size: int) -> dict:
 def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev", overwrite: bool = False) -> Path:
     """Write a tiny, seeded checkpoint of `family` to `path` (atomically). Returns the path."""
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     from vila_edge.config import ProjectorConfig
     from vila_edge.reference.projector import Projector

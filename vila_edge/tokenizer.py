@@ -10,7 +10,8 @@ import json
 from functools import cached_property
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
 
 from vila_edge.errors import CheckpointError
 
