@@ -1,0 +1,111 @@
+"""OpenAI-compatible HTTP server (`vila-edge serve`) and the live camera page.
+
+    from vila_edge.serve import create_app, ServeSettings, BackgroundServer
+    with BackgroundServer(create_app(engine)) as srv:   # uvicorn on 127.0.0.1, a free port, in a thread
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="-")...
+
+Needs the `serve` extra (fastapi, uvicorn, httpx).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+
+from vila_edge.errors import VilaEdgeError
+
+
+def create_app(*args, **kwargs):
+    from vila_edge.serve.app import create_app as _create
+
+    return _create(*args, **kwargs)
+
+
+def __getattr__(name):
+    if name == "ServeSettings":
+        from vila_edge.serve.app import ServeSettings
+
+        return ServeSettings
+    if name == "Limits":
+        from vila_edge.serve.openai_schema import Limits
+
+        return Limits
+    raise AttributeError(name)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before uvicorn starts, so a busy port is a clear one-line error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise VilaEdgeError(f"--host {host!r}: cannot resolve ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise VilaEdgeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_server(app, log_level: str):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
+                            lifespan="on", http="h11", ws="none", loop="asyncio")
+    return uvicorn.Server(config)
+
+
+def run(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+    """Serve `app` until Ctrl-C."""
+    sock = bind_socket(host, port)
+    server = _uvicorn_server(app, log_level)
+    server.run(sockets=[sock])
+
+
+class BackgroundServer:
+    """uvicorn serving `app` in a daemon thread on 127.0.0.1 and a free port (tests, benchmarks, notebooks)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
+        self.app = app
+        self.sock = bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.server = _uvicorn_server(app, log_level)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="vila-edge-uvicorn", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

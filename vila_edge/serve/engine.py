@@ -1,0 +1,179 @@
+"""What the server needs from a model: the small `Engine` protocol, and adapters onto it.
+
+The server never calls the runtime directly; it calls an `Engine`:
+
+- `model_id`: the name clients pass as `model`;
+- `max_context`: prompt positions + generated tokens the engine can hold;
+- `count_tokens(messages, images)`: prompt positions the request would take (image positions included);
+- `generate_stream(messages, images, params)`: an iterator that yields ONE item per generated token (the
+  text that token adds; "" while a multi-byte character is incomplete). The server counts tokens by
+  counting items, enforces `max_tokens` and stop strings itself, and closes the iterator to stop early
+  (client gone, timeout), so an adapter must stop generating when its iterator is closed.
+
+`PipelineEngine` adapts `vila_edge.load(engine_dir)`; `StandInEngine` is a deterministic, model-free
+stand-in for tests of the HTTP layer only (it is never used by `vila-edge serve`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    n_images: int = 0  # images attached to this message; they come first, in the order of `images`
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sampling settings of one request; None means "the engine's default"."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model_id: str
+    max_context: int
+
+    def count_tokens(self, messages: Sequence[ChatMessage], images: Sequence[Image.Image]) -> int: ...
+
+    def generate_stream(self, messages: Sequence[ChatMessage], images: Sequence[Image.Image],
+                        params: GenParams) -> Iterator[str]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-in (tests of the HTTP layer only)
+# ---------------------------------------------------------------------------------------------
+
+_WORDS = ("the", "camera", "shows", "a", "red", "square", "on", "blue", "ground", "and", "small", "white", "text",
+          "near", "left", "edge", "of", "frame", "with", "light")
+
+
+class StandInEngine:
+    """STAND-IN, not a model: a deterministic word generator for testing the server's HTTP layer.
+
+    The answer is a pure function of (messages, image sizes and pixels, seed): the same request always gets
+    the same answer, so concurrency tests can check that every answer arrived complete. Each token takes
+    `token_delay` seconds of wall time (sleep), which releases the GIL like a real engine's kernels do.
+    """
+
+    def __init__(self, model_id: str = "stand-in", *, max_context: int = 2048, answer_tokens: int = 24,
+                 token_delay: float = 0.002, image_tokens: int = 64, eos: bool = True):
+        self.model_id = model_id
+        self.max_context = max_context
+        self.answer_tokens = answer_tokens
+        self.token_delay = token_delay
+        self.image_tokens = image_tokens
+        self.eos = eos  # stop by itself after answer_tokens (else run until closed / max_tokens)
+        self.calls = 0
+        self.running = 0  # generations in flight; the server must keep this <= 1
+        self.max_running = 0
+
+    def count_tokens(self, messages, images) -> int:
+        return sum(len(m.text.split()) + 4 for m in messages) + self.image_tokens * len(images)
+
+    def _digest(self, messages, images, params) -> bytes:
+        h = hashlib.sha256()
+        for m in messages:
+            h.update(f"{m.role}\0{m.text}\0{m.n_images}\0".encode())
+        for im in images:
+            h.update(f"{im.size}".encode())
+            h.update(im.resize((8, 8)).tobytes())
+        h.update(str(params.seed).encode())
+        return h.digest()
+
+    def answer(self, messages, images, params, n: int | None = None) -> str:
+        """The full answer a request gets when nothing cuts it short."""
+        return "".join(self._pieces(messages, images, params, n or self.answer_tokens))
+
+    def _pieces(self, messages, images, params, n):
+        d = self._digest(messages, images, params)
+        out = []
+        for i in range(n):
+            w = _WORDS[(d[i % len(d)] + 7 * (i // len(d))) % len(_WORDS)]
+            out.append(w if i == 0 else " " + w)
+        if out and not out[-1].endswith("."):
+            out[-1] += "."
+        return out
+
+    def generate_stream(self, messages, images, params):
+        self.calls += 1
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            n = self.answer_tokens if self.eos else 10**9
+            pieces = self._pieces(messages, images, params, self.answer_tokens)
+            for i in range(n):
+                if self.token_delay:
+                    time.sleep(self.token_delay)
+                yield pieces[i] if i < len(pieces) else " more"
+        finally:
+            self.running -= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The real runtime
+# ---------------------------------------------------------------------------------------------
+
+
+class PipelineEngine:
+    """`Engine` over `vila_edge.load(engine_dir)` (the runtime's Pipeline)."""
+
+    def __init__(self, pipeline, model_id: str):
+        self.pipeline = pipeline
+        self.model_id = model_id
+        self.max_context = int(pipeline_max_context(pipeline))
+
+    @classmethod
+    def load(cls, engine_dir, model_id: str | None = None) -> PipelineEngine:
+        from pathlib import Path
+
+        import vila_edge
+
+        engine_dir = Path(engine_dir)
+        return cls(vila_edge.load(engine_dir), model_id or engine_dir.name)
+
+    def count_tokens(self, messages, images) -> int:
+        raise NotImplementedError("filled in when the runtime lands")
+
+    def generate_stream(self, messages, images, params):
+        raise NotImplementedError("filled in when the runtime lands")
+
+
+def pipeline_max_context(pipeline) -> int:
+    for attr in ("max_context", "max_seq_len", "max_length"):
+        v = getattr(pipeline, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    cfg = getattr(pipeline, "config", None)
+    return int(cfg.llm.max_length) if cfg is not None else 2048
+
+
+def load_engines(paths) -> list[Engine]:
+    """`vila-edge serve ENGINES`: one PipelineEngine per engine folder; names must be unique."""
+    from vila_edge.errors import EngineError
+
+    engines: list[Engine] = []
+    seen: set[str] = set()
+    for p in paths:
+        eng = PipelineEngine.load(p)
+        if eng.model_id in seen:
+            raise EngineError(f"{p}: two engines are named {eng.model_id!r}; rename one folder")
+        seen.add(eng.model_id)
+        engines.append(eng)
+    return engines

@@ -1,0 +1,262 @@
+"""The live camera page: newest frame as MJPEG, and captions of the newest frame as server-sent events.
+
+A `LiveCaptioner` loops: take the newest frame, ask the engine about it (through the same scheduler as
+API requests, so it never runs beside another generation), broadcast the answer token by token to every
+`/captions` subscriber, wait `interval` seconds, repeat. Frames are never queued: a caption is always about
+the newest frame at the time it starts, and `/stream.mjpg` always shows the newest frame.
+
+A frame source is anything with `read_latest() -> (seq, frame)` (frame: HxWx3 BGR uint8, or None before
+the first one; seq grows with every new frame) plus optional `start()` / `close()`. `open_camera(src)`
+picks the runtime's camera class when it has one, else `VideoSource` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+
+from vila_edge.errors import MediaError
+from vila_edge.serve.engine import ChatMessage, GenParams
+from vila_edge.serve.scheduler import Job
+
+log = logging.getLogger("vila_edge.serve")
+
+
+class VideoSource:
+    """Newest-frame capture thread over OpenCV (a camera index, a device path, a video file or a stream URL).
+
+    Video files are played at their own frame rate and looped, so a file can stand in for a camera.
+    """
+
+    def __init__(self, src: str | int, *, loop_file: bool = True):
+        self.src = int(src) if isinstance(src, str) and src.isdigit() else src
+        self.loop_file = loop_file
+        self._lock = threading.Lock()
+        self._frame = None
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.fps = 0.0
+
+    def start(self) -> None:
+        import cv2
+
+        cap = cv2.VideoCapture(self.src)
+        if not cap.isOpened():
+            raise MediaError(f"camera {self.src!r}: cannot open (not a camera index, device, video file or stream)")
+        ok, frame = cap.read()
+        if not ok or frame is None:
+            cap.release()
+            raise MediaError(f"camera {self.src!r}: opened but gave no frame")
+        self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        n_frames = cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0
+        self._is_file = isinstance(self.src, str) and n_frames > 0
+        self._publish(frame)
+        self._thread = threading.Thread(target=self._run, args=(cap,), name="vila-edge-camera", daemon=True)
+        self._thread.start()
+
+    def _publish(self, frame) -> None:
+        with self._lock:
+            self._frame = frame
+            self._seq += 1
+
+    def _run(self, cap) -> None:
+        import cv2
+
+        period = 1.0 / self.fps if self._is_file and 0 < self.fps <= 240 else 0.0
+        next_t = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                ok, frame = cap.read()
+                if not ok or frame is None:
+                    if self._is_file and self.loop_file:
+                        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                        ok, frame = cap.read()
+                    if not ok or frame is None:
+                        self.error = "the camera stopped giving frames"
+                        return
+                self._publish(frame)
+                if period:
+                    next_t += period
+                    delay = next_t - time.monotonic()
+                    if delay > 0:
+                        self._stop.wait(delay)
+                    else:
+                        next_t = time.monotonic()
+        finally:
+            cap.release()
+
+    def read_latest(self):
+        with self._lock:
+            return self._seq, self._frame
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
+def open_camera(src: str):
+    """A started frame source for `--camera SRC`."""
+    source = VideoSource(src)
+    source.start()
+    return source
+
+
+class LiveCaptioner:
+    BOUNDARY = "vilaedgeframe"
+
+    def __init__(self, source, engine, scheduler, settings):
+        self.source = source
+        self.engine = engine
+        self.scheduler = scheduler
+        self.settings = settings
+        self._subscribers: set[asyncio.Queue] = set()
+        self._task: asyncio.Task | None = None
+        self._latest: dict = {"id": 0, "text": "", "done": False, "waiting": True}
+        self._jpeg_seq = -1
+        self._jpeg = b""
+        self._jpeg_lock = asyncio.Lock()
+        self._running = False
+        self.captions_done = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._running = True
+        self._task = asyncio.create_task(self._loop(), name="vila-edge-captions")
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
+        for q in list(self._subscribers):
+            q.put_nowait(None)
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+    def state(self) -> dict:
+        seq, frame = self.source.read_latest()
+        shape = None if frame is None else list(frame.shape)
+        return {"frame_seq": seq, "frame_shape": shape, "caption": self._latest, "captions_done": self.captions_done,
+                "prompt": self.settings.camera_prompt, "interval": self.settings.camera_interval,
+                "model": self.engine.model_id}
+
+    # ---- captions -------------------------------------------------------------------------------
+    def _broadcast(self, event: dict) -> None:
+        self._latest = event
+        for q in list(self._subscribers):
+            if q.qsize() > 200:  # a stalled viewer: drop its backlog, keep the newest
+                while not q.empty():
+                    q.get_nowait()
+            q.put_nowait(event)
+
+    async def _loop(self) -> None:
+        from vila_edge.media.image import bgr_to_pil
+
+        s = self.settings
+        n = 0
+        while self._running:
+            seq, frame = self.source.read_latest()
+            if frame is None:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                image = await asyncio.to_thread(bgr_to_pil, frame.copy(), "camera frame")
+                messages = [ChatMessage("user", s.camera_prompt, 1)]
+                tokens = await asyncio.to_thread(self.engine.count_tokens, messages, [image])
+                room = self.engine.max_context - tokens
+                if room < 1:
+                    raise MediaError(f"the camera prompt needs {tokens} positions; the model holds "
+                                     f"{self.engine.max_context}")
+                job = Job(engine=self.engine, messages=messages, images=[image],
+                          params=GenParams(max_tokens=min(s.camera_max_tokens, room)),
+                          timeout=s.request_timeout, prompt_tokens=tokens)
+                if not self.scheduler.submit(job):  # API traffic fills the queue: try again later
+                    await asyncio.sleep(max(0.2, s.camera_interval))
+                    continue
+                n += 1
+                t0 = time.monotonic()
+                text = ""
+                try:
+                    while True:
+                        ev = await job.events.get()
+                        if ev[0] == "text":
+                            text += ev[1]
+                            self._broadcast({"id": n, "text": text, "done": False, "frame": seq})
+                        elif ev[0] in ("end", "error"):
+                            done = {"id": n, "text": text, "done": True, "frame": seq,
+                                    "finish_reason": ev[1] if ev[0] == "end" else "error",
+                                    "seconds": round(time.monotonic() - t0, 3)}
+                            if ev[0] == "error":
+                                done["error"] = ev[1]
+                            self._broadcast(done)
+                            self.captions_done += 1
+                            break
+                finally:
+                    if not job.done:
+                        self.scheduler.cancel(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep captioning; show the problem on the page
+                log.warning("camera caption failed: %s", exc)
+                self._broadcast({"id": n, "text": "", "done": True, "error": str(exc)})
+            await asyncio.sleep(s.camera_interval)
+
+    async def captions(self):
+        q: asyncio.Queue = asyncio.Queue()
+        self._subscribers.add(q)
+        try:
+            yield "retry: 2000\n\n"
+            yield "data: " + json.dumps(self._latest) + "\n\n"
+            while True:
+                try:
+                    ev = await asyncio.wait_for(q.get(), 15.0)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if ev is None:
+                    return
+                yield "data: " + json.dumps(ev) + "\n\n"
+        finally:
+            self._subscribers.discard(q)
+
+    # ---- MJPEG ----------------------------------------------------------------------------------
+    async def _jpeg_of_newest(self) -> tuple[int, bytes]:
+        seq, frame = self.source.read_latest()
+        if frame is None:
+            return 0, b""
+        async with self._jpeg_lock:  # one encode per new frame, shared by all viewers
+            if seq != self._jpeg_seq:
+                self._jpeg = await asyncio.to_thread(_encode_jpeg, frame)
+                self._jpeg_seq = seq
+            return self._jpeg_seq, self._jpeg
+
+    async def mjpeg(self):
+        period = 1.0 / max(0.5, self.settings.camera_fps)
+        last = -1
+        while True:
+            seq, jpeg = await self._jpeg_of_newest()
+            if jpeg and seq != last:
+                last = seq
+                yield (f"--{self.BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+                       .encode() + jpeg + b"\r\n")
+            await asyncio.sleep(period)
+
+
+def _encode_jpeg(frame) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    if not ok:
+        raise MediaError("cannot encode the camera frame as JPEG")
+    return buf.tobytes()
