@@ -7,8 +7,9 @@
 //      thread. This lets CI run the real kernel code (index math, tiling, fragment layouts, edge
 //      masks) against the numpy references without a GPU.
 // Because of (2) this header includes no CUDA headers at all (NVRTC would need include paths),
-// and uses only plain integer types. Conversions that nvcc would take from cuda_fp16.h are written
-// as one-line PTX on the device and as bit-exact software on the host simulator.
+// and uses only plain integer types; even the intrinsics (bit casts, shuffles, address-space
+// conversion) are one-line PTX, so the source compiles with no include path and no implicit
+// header. On the host simulator the same helpers are bit-exact software.
 #pragma once
 
 typedef unsigned char u8;
@@ -75,7 +76,9 @@ VILA_DEVICE_INLINE u32 f32_bits(float x) {
     __builtin_memcpy(&u, &x, 4);
     return u;
 #else
-    return __float_as_uint(x);
+    u32 u;
+    asm("mov.b32 %0, %1;" : "=r"(u) : "f"(x));
+    return u;
 #endif
 }
 
@@ -85,7 +88,9 @@ VILA_DEVICE_INLINE float bits_f32(u32 u) {
     __builtin_memcpy(&x, &u, 4);
     return x;
 #else
-    return __uint_as_float(u);
+    float x;
+    asm("mov.b32 %0, %1;" : "=f"(x) : "r"(u));
+    return x;
 #endif
 }
 
@@ -188,7 +193,8 @@ VILA_DEVICE_INLINE void cp_async_16(void* smem_dst, const void* gmem_src, bool v
     else __builtin_memset(smem_dst, 0, 16);
 #else
     // src-size 0 makes the hardware zero-fill the 16 destination bytes without reading gmem.
-    const u32 dst = (u32)__cvta_generic_to_shared(smem_dst);
+    u32 dst;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(dst) : "l"(smem_dst));
     const int src_size = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
                  "r"(src_size)
@@ -239,7 +245,7 @@ VILA_DEVICE_INLINE void mma_e4m3_16832(float d[4], const u32 a[4], const u32 b[2
     (void)d;
     (void)a;
     (void)b;
-    __trap();
+    asm volatile("trap;");
 #endif
 }
 
@@ -249,7 +255,8 @@ VILA_DEVICE_INLINE float warp_max(float v) {
 #if defined(VILA_HOST_SIM)
         const float o = sim_shfl_xor(v, off);
 #else
-        const float o = __shfl_xor_sync(0xFFFFFFFFu, v, off);
+        float o;
+        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=f"(o) : "f"(v), "r"(off));
 #endif
         v = v > o ? v : o;
     }

@@ -116,12 +116,14 @@ def s2_merge_ref(
         raise ValueError(f"features: expected [n_tiles, {h * w}, C], got {list(feats.shape)}")
     grids = [(int(a), int(b)) for a, b in tile_grids]
     offsets = list(tile_offsets) if tile_offsets is not None else s2_default_tile_offsets(grids, batch)
+    if len(offsets) != len(grids):
+        raise ValueError(f"tile_offsets: expected {len(grids)} entries, got {len(offsets)}")
     out_h, out_w, ch, cw, _ = s2_output_geometry(grids, h, w, output_scale_idx, chunk)
     C = feats.shape[2]
     outs = []
     for b in range(batch):
         maps = []
-        for (nh, nw), base in zip(grids, offsets):
+        for (nh, nw), base in zip(grids, offsets, strict=True):
             idx = base + (np.arange(nh * nw) * batch) + b
             tiles = feats[idx].reshape(nh, nw, h, w, C)
             merged = tiles.transpose(0, 2, 1, 3, 4).reshape(nh * h, nw * w, C)  # merge_chessboard
