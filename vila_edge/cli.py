@@ -65,6 +65,33 @@ def fixture(
     typer.echo(str(path))
 
 
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="Checkpoint folder, or a preset name: vila1.5-3b | nvila-lite-2b | nvila-8b."),
+    device: str = typer.Option(..., "--device", "-d", help="Device profile (build/profiles/*.toml), e.g. orin-nano-8gb."),
+    max_context: int | None = typer.Option(None, help="KV cache positions (default: the model's max length)."),
+    max_tiles: int | None = typer.Option(None, help="Largest tile count of one image (default: the model's max_tiles)."),
+    llm_precision: str = typer.Option("int4", help="LLM weights: int4 | int8 | fp8 | fp16."),
+    vision_precision: str = typer.Option("fp16", help="Vision tower weights: fp16 | fp8 | int8."),
+    single_scale: bool = typer.Option(False, "--single-scale", help="Run the vision tower at one scale instead of S2."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Memory budget and predicted speed of a model on a device; exits 2 with one line if it does not fit."""
+    from vila_edge.plan import plan as make_plan
+    from vila_edge.plan import print_plan
+
+    p = make_plan(model, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision,
+                  vision_precision=vision_precision, single_scale=single_scale)
+    if as_json:
+        typer.echo(json.dumps(p.to_dict(), indent=2, default=str))
+        if not p.fits:
+            raise typer.Exit(2)
+        return
+    if not p.fits:
+        raise VilaEdgeError(p.refusal())
+    print_plan(p)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,557 @@
+"""Device planner: will this model fit on that device, and how fast will it be?
+
+`plan(model, device, ...)` returns a `Plan`: the memory budget (LLM weights at the chosen precision,
+vision engine, KV cache at the maximum context, activations/workspace, runtime overhead) against the
+device's usable memory, and predictions (vision latency per tile from FLOPs / (TFLOPS x efficiency);
+decode tokens/s from the bandwidth roofline x efficiency). `check_plan_fits(...)` is the build-time
+guard: it raises `VilaEdgeError` with one line naming the knob to turn.
+
+Device profiles are TOML files in `build/profiles/` (or the folder named by $VILA_EDGE_PROFILES);
+their figures come from shared docs/targets.md, and the estimates in them say so.
+
+Arithmetic (all sizes in bytes; L layers, h hidden, q = heads x head_dim, kv = kv_heads x head_dim,
+i intermediate, V vocab rows):
+- LLM linear params  = L x (h(q + 2kv) + q h + 3 h i), stored at `bits` per weight (int4: 4.25 =
+  4-bit codes + fp16 scale and zero per 128-group; int8: 8.25; fp8: 8; fp16: 16).
+- Embedding / LM head: fp16 models store V x h once (tied) or twice. Quantized models store the LM head
+  at `bits`; a tied table is stored quantized once (the builder's GatherBlockQuantized), an untied
+  embedding stays fp16 (one row is read per token).
+- Qwen2 q/k/v biases and RMSNorm weights: fp16.
+- Decode reads per token: all linear + LM head + norms/biases + one embedding row, plus the KV cache
+  of the context: 2 x L x kv x 2 bytes per position.
+- Vision engine: fp16 weights of the layers that run (select_layer), patch/position embeddings and
+  the projector. FLOPs per tile (N = patches): 2N(3p^2)h + layers x (8Nh^2 + 4Nhi + 4N^2 h).
+- Activations: vision batch of all tiles, per tile N x (2h + max(3h + S, i)) values (S = heads x N
+  attention scores when the backend has no fused attention), plus the LLM prefill of the whole max
+  context at once: T x (2h + q + 2kv + 2i) values + heads x T x T fp32 scores (unfused) + V fp32
+  logits. Values are 2 bytes on GPUs, 4 on CPUs (fp32 compute). Engines keep both arenas: summed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vila_edge.config import VilaConfig
+from vila_edge.errors import VilaEdgeError
+
+GIB = 1 << 30
+MIB = 1 << 20
+PRECISION_BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.25, "int4": 4.25}
+DEFAULT_CONTEXT_FOR_DECODE = 1024  # context at which decode tok/s is quoted (as targets.md's table)
+MIN_TEXT_TOKENS = 64  # prompt text + answer room the context must leave beside one image
+
+
+# ---------------------------------------------------------------------------------------------
+# Device profiles
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    kind: str  # "jetson" (unified memory) | "gpu" (discrete: VRAM) | "cpu"
+    memory_gib: float
+    usable_fraction: float
+    bandwidth_gbs: float
+    sm: str
+    fp16_tflops: float
+    fp8: bool
+    runtime_overhead_mib: float
+    decode_efficiency: float
+    vision_efficiency: float
+    fused_attention: bool
+    fp32_tflops: float = 0.0
+    source: str = ""
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.memory_gib * self.usable_fraction * GIB)
+
+    @property
+    def compute_tflops(self) -> float:
+        """Dense throughput the vision engine runs at: FP16 tensor cores on GPUs, FP32 FMA on CPUs."""
+        return self.fp32_tflops if self.kind == "cpu" else self.fp16_tflops
+
+    @property
+    def activation_bytes(self) -> int:
+        return 4 if self.kind == "cpu" else 2
+
+
+def profiles_dir() -> Path:
+    env = os.environ.get("VILA_EDGE_PROFILES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "build" / "profiles"
+
+
+def list_profiles() -> list[str]:
+    d = profiles_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def load_profile(name_or_path) -> DeviceProfile:
+    import tomllib
+
+    if isinstance(name_or_path, DeviceProfile):
+        return name_or_path
+    p = Path(str(name_or_path))
+    if not (p.suffix == ".toml" and p.is_file()):
+        p = profiles_dir() / f"{name_or_path}.toml"
+    if not p.is_file():
+        known = ", ".join(list_profiles()) or f"none found in {profiles_dir()}"
+        raise VilaEdgeError(f"device {name_or_path!r} is not a known profile (known: {known})")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise VilaEdgeError(f"{p}: cannot read device profile ({exc})") from None
+    fields = {f.name for f in dataclasses.fields(DeviceProfile)}
+    unknown = set(data) - fields
+    if unknown:
+        raise VilaEdgeError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}")
+    try:
+        return DeviceProfile(**data, source=str(p.name))
+    except TypeError as exc:
+        raise VilaEdgeError(f"{p}: incomplete device profile ({exc})") from None
+
+
+def host_profile(bandwidth_gbs: float, fp32_tflops: float, *, memory_gib: float | None = None,
+                 name: str = "this-machine", decode_efficiency: float = 0.60,
+                 vision_efficiency: float = 0.35) -> DeviceProfile:
+    """A CPU profile for the machine the bench runs on, from its measured bandwidth and matmul rate."""
+    if memory_gib is None:
+        import psutil
+
+        memory_gib = psutil.virtual_memory().total / GIB
+    return DeviceProfile(name=name, description="this machine (measured bandwidth and matmul throughput)", kind="cpu",
+                         memory_gib=memory_gib, usable_fraction=0.9, bandwidth_gbs=bandwidth_gbs, sm="",
+                         fp16_tflops=0.0, fp32_tflops=fp32_tflops, fp8=False, runtime_overhead_mib=400,
+                         decode_efficiency=decode_efficiency, vision_efficiency=vision_efficiency,
+                         fused_attention=False, source="measured")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model arithmetic
+# ---------------------------------------------------------------------------------------------
+
+
+def llm_linear_params(cfg: VilaConfig) -> int:
+    m = cfg.llm
+    q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    return m.num_layers * (m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * m.intermediate_size)
+
+
+def llm_small_bytes(cfg: VilaConfig) -> int:
+    """fp16 RMSNorm weights (+ Qwen2 q/k/v biases)."""
+    m = cfg.llm
+    q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    n = (2 * m.num_layers + 1) * m.hidden_size
+    if m.family == "qwen2":
+        n += m.num_layers * (q + 2 * kv)
+    return 2 * n
+
+
+def llm_weight_bytes(cfg: VilaConfig, precision: str) -> dict[str, int]:
+    """Resident LLM bytes by piece, and what one decode step reads (`decode_read`)."""
+    bits = _bits(precision)
+    m = cfg.llm
+    table = m.vocab_size * m.hidden_size
+    linear = math.ceil(llm_linear_params(cfg) * bits / 8)
+    small = llm_small_bytes(cfg)
+    quantized = precision not in ("fp16", "bf16", "fp32")
+    dense = 4 if precision == "fp32" else 2
+    if not quantized:
+        lm_head = table * dense
+        embed = 0 if m.tie_word_embeddings else table * dense
+    else:
+        lm_head = math.ceil(table * bits / 8)
+        embed = 0 if m.tie_word_embeddings else table * 2
+    total = linear + small + lm_head + embed
+    row = m.hidden_size * 2
+    return {"linear": linear, "lm_head": lm_head, "embed": embed, "small": small, "total": total,
+            "decode_read": linear + small + lm_head + row}
+
+
+def vision_params(cfg: VilaConfig) -> dict[str, int]:
+    """Parameters of the vision engine: the tower layers that run, and the projector."""
+    v = cfg.vision
+    h, i, p = v.hidden_size, v.intermediate_size, v.patch_size
+    per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h  # attention, MLP, two LayerNorms
+    embed = h * 3 * p * p + h + v.grid * v.grid * h
+    post = 2 * h if v.layers_used == v.num_layers else 0  # post_layernorm only when the last layer is used
+    tower = embed + v.layers_used * per_layer + post
+    return {"tower": tower, "projector": projector_params(cfg)}
+
+
+def projector_params(cfg: VilaConfig) -> int:
+    from vila_edge.checkpoint import expected_projector
+
+    return sum(math.prod(s) for s in expected_projector(cfg).values())
+
+
+def projector_flops_per_row(cfg: VilaConfig) -> int:
+    from vila_edge.checkpoint import expected_projector
+
+    return sum(2 * s[0] * s[1] for s in expected_projector(cfg).values() if len(s) == 2)
+
+
+def vision_flops_per_tile(cfg: VilaConfig) -> int:
+    """FLOPs (multiply-add = 2) of one tile through the tower layers that run, plus its projector rows."""
+    v = cfg.vision
+    n, h, i = v.grid * v.grid, v.hidden_size, v.intermediate_size
+    patch = 2 * n * 3 * v.patch_size ** 2 * h
+    layer = 8 * n * h * h + 4 * n * h * i + 4 * n * n * h
+    proj = cfg.projector.tokens_out(v.grid) * projector_flops_per_row(cfg)
+    if v.num_scales > 1:  # multi-scale: the projector sees the concatenated output grid, count it once per tile
+        proj = proj // v.num_scales
+    return patch + v.layers_used * layer + proj
+
+
+def max_image(cfg: VilaConfig, max_tiles: int, single_scale: bool) -> tuple[int, int]:
+    """(tiles encoded, LLM positions) of the largest single image the knobs allow."""
+    v, p = cfg.vision, cfg.projector
+    end = (len(cfg.llm.end_token_ids) or 1) if cfg.splice == "head" else 0
+    text_nl = 1 if cfg.splice == "v15" else 0
+    if single_scale or v.tiling in ("resize", "pad"):
+        return 1, p.tokens_out(v.grid) + end + text_nl
+    if v.tiling == "s2":
+        tiles = sum(math.ceil(s / v.s2_max_split_size) ** 2 for s in v.s2_scales)
+        out_grid = math.ceil(v.s2_scales[v.s2_output_scale_idx] / v.s2_max_split_size) * v.grid
+        return tiles, p.tokens_out(out_grid) + end + text_nl
+    if v.tiling == "dynamic":
+        grid = max(1, max_tiles)
+        items = grid + (1 if grid > 1 else 0)
+        return items, items * (p.tokens_out(v.grid) + end + 1)
+    # dynamic_s2: fixed lower scales + the last scale's aspect grid (at least (s_last/s0)^2 cells)
+    s0 = v.s2_scales[0]
+    fixed = sum((s // s0) ** 2 for s in v.s2_scales[:-1])
+    cells = max(max_tiles, (v.s2_scales[-1] // s0) ** 2)
+    return fixed + cells, p.tokens_out(v.grid) * cells + end
+
+
+def _bits(precision: str) -> float:
+    try:
+        return PRECISION_BITS[precision]
+    except KeyError:
+        raise VilaEdgeError(f"precision {precision!r} is not one of: {', '.join(PRECISION_BITS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    model: str
+    device: DeviceProfile
+    llm_precision: str
+    vision_precision: str
+    max_context: int
+    max_tiles: int
+    single_scale: bool
+    tiles: int  # tiles of the largest image the knobs allow
+    image_positions: int  # its LLM positions
+    memory: dict[str, int]  # llm_weights, vision_engine, kv_cache, activations, runtime_overhead, total, usable
+    detail: dict[str, int]  # finer pieces behind the memory lines
+    predicted: dict[str, float]
+    efficiency: dict[str, float]
+    problems: list[str] = field(default_factory=list)  # why it does not fit (empty: fits)
+    fixes: list[str] = field(default_factory=list)  # knob settings that would make it fit
+    bigger_devices: list[str] = field(default_factory=list)  # profiles it fits on when no knob helps
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fits"] = self.fits
+        return d
+
+    def refusal(self) -> str:
+        """One line: what does not fit and which knob to turn."""
+        m = self.memory
+        what = "; ".join(self.problems)
+        fix = " or ".join(self.fixes) if self.fixes else (
+            "no knob setting fits: choose a device with more memory"
+            + (f" (with --llm-precision int4 it fits on {', '.join(self.bigger_devices)})"
+               if self.bigger_devices else ""))
+        return (f"{self.model} does not fit {self.device.name}: {what} "
+                f"(LLM {self.llm_precision} {m['llm_weights'] / GIB:.2f} GiB, vision {m['vision_engine'] / GIB:.2f}, "
+                f"KV@{self.max_context} {m['kv_cache'] / GIB:.2f}, activations {m['activations'] / GIB:.2f}, "
+                f"runtime {m['runtime_overhead'] / GIB:.2f}); fix: {fix}")
+
+
+def _resolve_model(model) -> tuple[str, VilaConfig]:
+    """A VilaConfig, Checkpoint, preset name or checkpoint path -> (label, config)."""
+    from vila_edge.checkpoint import Checkpoint
+
+    if isinstance(model, VilaConfig):
+        return "model", model
+    if isinstance(model, Checkpoint):
+        return model.name, model.config
+    from vila_edge.presets import PRESETS, preset_config
+
+    s = str(model)
+    if s in PRESETS and not Path(s).is_dir():
+        return s, preset_config(s)
+    from vila_edge.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(s, validate=False)
+    return ckpt.name, ckpt.config
+
+
+def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_precision: str, max_context: int,
+            max_tiles: int, single_scale: bool) -> tuple[dict, dict, int, int]:
+    m, v = cfg.llm, cfg.vision
+    w = llm_weight_bytes(cfg, llm_precision)
+    vp = vision_params(cfg)
+    vbytes = _bits(vision_precision) / 8
+    vision_engine = math.ceil(vp["tower"] * vbytes) + 2 * vp["projector"]
+    kv = m.kv_bytes_per_token_fp16 * max_context
+    tiles, positions = max_image(cfg, max_tiles, single_scale)
+    a = dev.activation_bytes
+    n, h = v.grid * v.grid, v.hidden_size
+    scores = 0 if dev.fused_attention else v.num_heads * n
+    vision_act = tiles * n * (2 * h + max(3 * h + scores, v.intermediate_size)) * a
+    q, kvw = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    t = max_context
+    llm_act = t * (2 * m.hidden_size + q + 2 * kvw + 2 * m.intermediate_size) * a + m.vocab_size * 4
+    if not dev.fused_attention:
+        llm_act += m.num_heads * t * t * 4
+    overhead = int(dev.runtime_overhead_mib * MIB)
+    memory = {"llm_weights": w["total"], "vision_engine": vision_engine, "kv_cache": kv,
+              "activations": vision_act + llm_act, "runtime_overhead": overhead}
+    memory["total"] = sum(memory.values())
+    memory["usable"] = dev.usable_bytes
+    detail = {"llm_linear": w["linear"], "llm_lm_head": w["lm_head"], "llm_embed": w["embed"], "llm_small": w["small"],
+              "llm_decode_read_per_token": w["decode_read"], "vision_tower": math.ceil(vp["tower"] * vbytes),
+              "projector": 2 * vp["projector"], "vision_activations": vision_act, "llm_activations": llm_act,
+              "kv_bytes_per_position": m.kv_bytes_per_token_fp16}
+    return memory, detail, tiles, positions
+
+
+def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int, positions: int,
+            max_context: int) -> tuple[dict, dict]:
+    """Predicted speeds (and the efficiency factors they assume)."""
+    m = cfg.llm
+    w = llm_weight_bytes(cfg, llm_precision)
+    bw = dev.bandwidth_gbs * 1e9
+    kvp = m.kv_bytes_per_token_fp16
+
+    def roofline(ctx: int) -> float:
+        return bw / (w["decode_read"] + kvp * ctx)
+
+    flops_tile = vision_flops_per_tile(cfg)
+    rate = dev.compute_tflops * 1e12 * dev.vision_efficiency
+    tile_s = flops_tile / rate if rate > 0 else float("nan")
+    prompt = positions + MIN_TEXT_TOKENS
+    q = m.num_heads * m.head_dim
+    prefill_flops = 2 * llm_linear_params(cfg) * prompt + 2 * m.num_layers * prompt * prompt * q \
+        + 2 * m.vocab_size * m.hidden_size
+    prefill_s = prefill_flops / rate if rate > 0 else float("nan")
+    ctx1k = min(DEFAULT_CONTEXT_FOR_DECODE, max_context)
+    pred = {
+        "vision_gflops_per_tile": flops_tile / 1e9,
+        "vision_ms_per_tile": 1e3 * tile_s,
+        "vision_ms_largest_image": 1e3 * tile_s * tiles,
+        "prefill_ms_largest_image": 1e3 * prefill_s,
+        "ttft_ms_largest_image": 1e3 * (tile_s * tiles + prefill_s),
+        "decode_bytes_per_token_ctx1k": w["decode_read"] + kvp * ctx1k,
+        "decode_roofline_tok_s_ctx1k": roofline(ctx1k),
+        "decode_tok_s_ctx1k": dev.decode_efficiency * roofline(ctx1k),
+        "decode_tok_s_max_context": dev.decode_efficiency * roofline(max_context),
+    }
+    eff = {"decode_efficiency": dev.decode_efficiency, "vision_efficiency": dev.vision_efficiency,
+           "compute_tflops": dev.compute_tflops, "bandwidth_gbs": dev.bandwidth_gbs}
+    return pred, eff
+
+
+def plan(model, device, *, max_context: int | None = None, max_tiles: int | None = None,
+         llm_precision: str = "int4", vision_precision: str = "fp16", single_scale: bool = False,
+         suggest: bool = True) -> Plan:
+    """Memory budget and speed predictions for `model` (preset name, checkpoint path, Checkpoint or
+    VilaConfig) on `device` (profile name, TOML path or DeviceProfile). Defaults: the checkpoint's own
+    max length and max tiles."""
+    label, cfg = _resolve_model(model)
+    dev = load_profile(device)
+    _bits(llm_precision)
+    if vision_precision not in ("fp16", "bf16", "fp32", "fp8", "int8"):
+        raise VilaEdgeError(f"vision precision {vision_precision!r} is not one of: fp16, fp32, fp8, int8")
+    if llm_precision == "fp8" and dev.kind == "cpu":
+        raise VilaEdgeError(f"--llm-precision fp8 is not available on {dev.name} (CPU): use int4, int8 or fp16")
+    max_context = int(max_context or cfg.llm.max_length)
+    max_tiles = int(max_tiles or cfg.vision.max_tiles)
+    if max_context < 1 or max_tiles < 1:
+        raise VilaEdgeError("--max-context and --max-tiles must be positive")
+    memory, detail, tiles, positions = _budget(cfg, dev, llm_precision, vision_precision, max_context, max_tiles,
+                                               single_scale)
+    pred, eff = predict(cfg, dev, llm_precision, tiles, positions, max_context)
+    p = Plan(model=label, device=dev, llm_precision=llm_precision, vision_precision=vision_precision,
+             max_context=max_context, max_tiles=max_tiles, single_scale=single_scale, tiles=tiles,
+             image_positions=positions, memory=memory, detail=detail, predicted=pred, efficiency=eff)
+    p.problems = _problems(p)
+    if p.problems and suggest:
+        p.fixes = _fixes(cfg, label, dev, p)
+        if not p.fixes:
+            p.bigger_devices = _bigger_devices(cfg, p)
+    return p
+
+
+def _problems(p: Plan) -> list[str]:
+    out = []
+    if p.memory["total"] > p.memory["usable"]:
+        out.append(f"needs {p.memory['total'] / GIB:.2f} GiB, {p.memory['usable'] / GIB:.2f} GiB usable")
+    if p.image_positions + MIN_TEXT_TOKENS > p.max_context:
+        out.append(f"one image at {p.tiles} tiles takes {p.image_positions} positions, more than max context "
+                   f"{p.max_context} minus {MIN_TEXT_TOKENS} for text")
+    return out
+
+
+def _fixes(cfg: VilaConfig, label: str, dev: DeviceProfile, p: Plan) -> list[str]:
+    """Knob settings that make the plan fit: single knobs first; else the cheapest combination."""
+    v = cfg.vision
+    s2 = v.tiling in ("s2", "dynamic_s2") and not p.single_scale
+    min_tiles = (v.s2_scales[-1] // v.s2_scales[0]) ** 2 if v.tiling == "dynamic_s2" else 1
+    tiled = v.tiling in ("dynamic", "dynamic_s2") and not p.single_scale and p.max_tiles > min_tiles
+
+    def fits(**kw) -> bool:
+        args = dict(max_context=p.max_context, max_tiles=p.max_tiles, llm_precision=p.llm_precision,
+                    vision_precision=p.vision_precision, single_scale=p.single_scale)
+        args.update(kw)
+        return plan(cfg, dev, suggest=False, **args).fits
+
+    def best_context(**kw) -> int | None:
+        """Largest max context (multiple of 256) that fits with the other knobs as given."""
+        lo, hi = 0, p.max_context // 256
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(max_context=mid * 256, **kw):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * 256 if lo and lo * 256 < p.max_context else None
+
+    def best_tiles(**kw) -> int | None:
+        for t in range(p.max_tiles - 1, min_tiles - 1, -1):
+            if fits(max_tiles=t, **kw):
+                return t
+        return None
+
+    def flags(kw: dict) -> str:
+        parts = []
+        if "llm_precision" in kw:
+            parts.append(f"--llm-precision {kw['llm_precision']}")
+        if kw.get("single_scale"):
+            parts.append("--single-scale (instead of S2)")
+        if "max_tiles" in kw:
+            parts.append(f"--max-tiles {kw['max_tiles']}")
+        if "max_context" in kw:
+            parts.append(f"--max-context {kw['max_context']}")
+        return " ".join(parts)
+
+    cands: list[dict] = []
+    if p.llm_precision != "int4":
+        cands.append({"llm_precision": "int4"})
+    if s2:
+        cands.append({"single_scale": True})
+    singles = [flags(kw) for kw in cands if fits(**kw)]
+    if tiled and (t := best_tiles()) is not None:
+        singles.append(flags({"max_tiles": t}))
+    if (c := best_context()) is not None:
+        singles.append(flags({"max_context": c}))
+    if singles:
+        return singles
+    # combine: int4, then single-scale, then the largest context, then fewer tiles with the largest context
+    kw: dict = {}
+    for step in cands:
+        kw.update(step)
+        if fits(**kw):
+            return [flags(kw)]
+    c = best_context(**kw)
+    if c is not None:
+        return [flags({**kw, "max_context": c})]
+    if tiled and not kw.get("single_scale"):
+        for t in range(p.max_tiles - 1, min_tiles - 1, -1):
+            if fits(max_tiles=t, **kw):
+                return [flags({**kw, "max_tiles": t})]
+            c = best_context(max_tiles=t, **kw)
+            if c is not None:
+                return [flags({**kw, "max_tiles": t, "max_context": c})]
+    return []
+
+
+def _bigger_devices(cfg: VilaConfig, p: Plan) -> list[str]:
+    """Known profiles on which this model fits at int4 with the same context and tiles."""
+    out = []
+    for name in list_profiles():
+        try:
+            q = plan(cfg, name, max_context=p.max_context, max_tiles=p.max_tiles, llm_precision="int4",
+                     single_scale=p.single_scale, suggest=False)
+        except VilaEdgeError:
+            continue
+        if q.fits:
+            out.append((q.device.memory_gib * q.device.usable_fraction, name))
+    return [n for _, n in sorted(out)[:3]]
+
+
+def check_plan_fits(ckpt_or_config, device, max_context: int | None = None, max_tiles: int | None = None, *,
+                    llm_precision: str = "int4", vision_precision: str = "fp16", single_scale: bool = False) -> Plan:
+    """Build-time guard (`vila-edge build --device`): the Plan if it fits, else VilaEdgeError naming the knob."""
+    p = plan(ckpt_or_config, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision,
+             vision_precision=vision_precision, single_scale=single_scale)
+    if not p.fits:
+        raise VilaEdgeError(p.refusal())
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+# ---------------------------------------------------------------------------------------------
+
+
+def print_plan(p: Plan, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console()
+    d, m, pr = p.device, p.memory, p.predicted
+    t = Table(title=f"{p.model} on {d.name}: {d.description}", show_header=True)
+    t.add_column("memory")
+    t.add_column("GiB", justify="right")
+    t.add_column("how", style="dim")
+    t.add_row("LLM weights", f"{m['llm_weights'] / GIB:.2f}",
+              f"{p.llm_precision} ({PRECISION_BITS[p.llm_precision]} bits/weight linear"
+              f"{', tied table once' if p.detail['llm_embed'] == 0 else ', fp16 embedding table'})")
+    t.add_row("vision engine", f"{m['vision_engine'] / GIB:.2f}", f"{p.vision_precision} tower + fp16 projector")
+    t.add_row("KV cache", f"{m['kv_cache'] / GIB:.2f}",
+              f"{p.detail['kv_bytes_per_position']} B/position x max context {p.max_context}")
+    t.add_row("activations / workspace", f"{m['activations'] / GIB:.2f}",
+              f"vision {p.tiles} tiles batched {p.detail['vision_activations'] / GIB:.2f} + LLM prefill "
+              f"{p.detail['llm_activations'] / GIB:.2f}")
+    t.add_row("runtime overhead", f"{m['runtime_overhead'] / GIB:.2f}", "CUDA/ORT libraries, context, process")
+    t.add_row("[bold]total[/bold]", f"[bold]{m['total'] / GIB:.2f}[/bold]",
+              f"usable {m['usable'] / GIB:.2f} GiB = {d.memory_gib:g} GiB x {d.usable_fraction:g}")
+    con.print(t)
+    s = Table(title="predicted", show_header=True)
+    s.add_column("figure")
+    s.add_column("value", justify="right")
+    s.add_column("assumes", style="dim")
+    tfl = f"{d.compute_tflops:g} TFLOPS x {d.vision_efficiency:g}"
+    s.add_row("vision per tile", f"{pr['vision_ms_per_tile']:.1f} ms", f"{pr['vision_gflops_per_tile']:.0f} GFLOP / ({tfl})")
+    s.add_row(f"vision, largest image ({p.tiles} tiles)", f"{pr['vision_ms_largest_image']:.0f} ms", "")
+    s.add_row(f"prefill, {p.image_positions} + {MIN_TEXT_TOKENS} positions", f"{pr['prefill_ms_largest_image']:.0f} ms", tfl)
+    s.add_row("decode @ 1k context", f"{pr['decode_tok_s_ctx1k']:.1f} tok/s",
+              f"roofline {pr['decode_roofline_tok_s_ctx1k']:.1f} = {d.bandwidth_gbs:g} GB/s / "
+              f"{pr['decode_bytes_per_token_ctx1k'] / 1e9:.3f} GB, x {d.decode_efficiency:g}")
+    s.add_row(f"decode @ {p.max_context} context", f"{pr['decode_tok_s_max_context']:.1f} tok/s", "")
+    con.print(s)
+    if p.fits:
+        con.print(f"[green]fits[/green]: {(m['usable'] - m['total']) / GIB:.2f} GiB to spare")
+    else:
+        con.print(f"[red]does not fit[/red]: {p.refusal()}")
