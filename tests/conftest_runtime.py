@@ -1,0 +1,99 @@
+"""Session fixtures for the runtime tests: engine directories for the tiny checkpoints, built once.
+
+`runtime_engine(family, precision)` builds through the REAL builder (`vila_edge.builder.build`) when it
+is importable. Until it lands, a stand-in (`_standin_engine_dir`, test-only) writes the same engine
+directory contract: vision tower / projector exported from the PyTorch reference with torch.onnx, the
+LLM decoder by onnxruntime-genai's model builder with `exclude_embeds` + `prune_lm_head`, the
+embedding table as embed_tokens.npy, the tokenizer, and a manifest with the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _real_builder():
+    try:
+        from vila_edge.builder import build as build_mod  # noqa: F401
+    except ImportError:
+        return None
+    fn = getattr(build_mod, "build_engine_dir", None) or getattr(build_mod, "build", None)
+    return fn if callable(fn) else None
+
+
+def _export(module, example, path: Path, in_name: str, out_name: str) -> None:
+    import torch
+
+    with torch.no_grad():
+        torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
+                          dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+
+
+def _standin_engine_dir(ckpt_path: Path, out: Path, precision: str) -> Path:
+    """TEST-ONLY stand-in for `vila-edge build` (same directory contract; see module docstring)."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import torch
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    from vila_edge.checkpoint import load_checkpoint
+    from vila_edge.reference.model import ReferenceVILA
+
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.config
+    ref = ReferenceVILA(ckpt, llm=False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "vision").mkdir(parents=True)
+    v = cfg.vision
+    _export(ref.tower, torch.zeros(2, 3, v.image_size, v.image_size), tmp / "vision" / "tower.fp32.onnx",
+            "pixel_values", "features")
+    g = v.grid
+    _export(ref.projector, torch.zeros(2, g * g, v.feature_width), tmp / "vision" / "projector.fp32.onnx",
+            "features", "embeds")
+    llm_dir = tmp / "llm"
+    src = str(ckpt.part_dir("llm"))
+    args = (None, src, str(llm_dir), precision, "cpu", str(tmp / "cache"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        eo = parse_extra_options(*args, ["exclude_embeds=true", "prune_lm_head=true", "filename=decoder.onnx"])
+        create_model(*args, **eo)
+    shutil.rmtree(tmp / "cache", ignore_errors=True)
+    emb = ckpt.state_dict("llm")["model.embed_tokens.weight"].float().numpy()
+    np.save(llm_dir / "embed_tokens.npy", emb.astype(np.float32))
+    ckpt.tokenizer.save(tmp / "tokenizer")
+    manifest = {"vila_edge": "stand-in", "checkpoint": str(ckpt_path.name), "config": dataclasses.asdict(cfg),
+                "vision": {"tower": "tower.fp32.onnx", "projector": "projector.fp32.onnx"},
+                "llm": {"decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy", "precision": precision}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=list))
+    tmp.rename(out)
+    return out
+
+
+def build_engine(ckpt_path: Path, out: Path, precision: str) -> Path:
+    builder = _real_builder()
+    if builder is not None:
+        return Path(builder(ckpt_path, out, precision=precision) or out)
+    return _standin_engine_dir(ckpt_path, out, precision)
+
+
+@pytest.fixture(scope="session")
+def runtime_engine(tiny_checkpoint, tmp_path_factory):
+    """runtime_engine(family, precision="fp32") -> engine directory of the tiny checkpoint (cached)."""
+    root = tmp_path_factory.mktemp("engines")
+    cache: dict = {}
+
+    def make(family: str, precision: str = "fp32") -> Path:
+        key = (family, precision)
+        if key not in cache:
+            cache[key] = build_engine(tiny_checkpoint(family), root / f"{family}-{precision}", precision)
+        return cache[key]
+
+    return make

@@ -1,0 +1,80 @@
+"""Engine backends behind two small interfaces (`base.VisionEngine`, `base.LLMEngine`).
+
+| backend        | vision                         | LLM                                   | needs                         |
+|----------------|--------------------------------|---------------------------------------|-------------------------------|
+| onnxruntime    | `ort_vision.OrtVisionEngine`   | `ort_llm.OrtLLMEngine`                | onnxruntime(-gpu)             |
+| tensorrt       | `tensorrt_vision.TensorRTVisionEngine` | -                             | tensorrt, cuda-python         |
+| tensorrt-llm   | -                              | `trtllm_llm.TensorRTLLMEngine`        | tensorrt_llm                  |
+
+"auto" picks the native NVIDIA engine when the engine directory holds one (vision/*.plan|*.engine,
+llm/trtllm/) and its package imports, else ONNX Runtime (with the CUDA / TensorRT execution providers
+when onnxruntime-gpu is installed and `device` allows). The NVIDIA backends are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from vila_edge.backends.base import ContextOverflow, LLMEngine, VisionEngine
+from vila_edge.errors import EngineError
+
+__all__ = ["ContextOverflow", "LLMEngine", "VisionEngine", "make_llm_engine", "make_vision_engine"]
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _trt_vision_files(engine_dir: Path) -> bool:
+    v = engine_dir / "vision"
+    return any(v.glob("tower*.plan")) or any(v.glob("tower*.engine"))
+
+
+def _trtllm_dir(engine_dir: Path) -> Path | None:
+    for cand in (engine_dir / "llm" / "trtllm", engine_dir / "trtllm"):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def make_vision_engine(kind: str, engine_dir, manifest: dict, *, device: str = "auto",
+                       threads: int | None = None) -> VisionEngine:
+    engine_dir = Path(engine_dir)
+    info = manifest.get("vision") if isinstance(manifest.get("vision"), dict) else {}
+    if kind == "auto":
+        kind = "tensorrt" if (device != "cpu" and _trt_vision_files(engine_dir) and _have("tensorrt")) else "onnxruntime"
+    if kind == "onnxruntime":
+        from vila_edge.backends.ort_vision import OrtVisionEngine
+
+        return OrtVisionEngine(engine_dir / "vision", info, device=device if device != "auto" else "auto",
+                               threads=threads)
+    if kind == "tensorrt":
+        from vila_edge.backends.tensorrt_vision import TensorRTVisionEngine
+
+        return TensorRTVisionEngine(engine_dir / "vision", info)
+    raise EngineError(f"vision backend {kind!r} is not one of: auto, onnxruntime, tensorrt")
+
+
+def make_llm_engine(kind: str, engine_dir, manifest: dict, *, device: str = "auto", threads: int | None = None,
+                    max_context: int | None = None) -> LLMEngine:
+    engine_dir = Path(engine_dir)
+    info = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
+    trt_dir = _trtllm_dir(engine_dir)
+    if kind == "auto":
+        kind = "tensorrt-llm" if (device != "cpu" and trt_dir is not None and _have("tensorrt_llm")) else "onnxruntime"
+    if kind == "onnxruntime":
+        from vila_edge.backends.ort_llm import OrtLLMEngine
+
+        return OrtLLMEngine(engine_dir / "llm", info, device=device, threads=threads, max_context=max_context)
+    if kind == "tensorrt-llm":
+        from vila_edge.backends.trtllm_llm import TensorRTLLMEngine
+
+        if trt_dir is None:
+            raise EngineError(f"{engine_dir}: no TensorRT-LLM engine (llm/trtllm/config.json); build one with "
+                              f"`vila-edge build --llm-backend tensorrt-llm`")
+        return TensorRTLLMEngine(trt_dir, engine_dir / "llm" / "embed_tokens.npy", max_context=max_context)
+    raise EngineError(f"LLM backend {kind!r} is not one of: auto, onnxruntime, tensorrt-llm")

@@ -1,0 +1,680 @@
+"""The inference pipeline: media -> preprocess -> vision engine -> merge -> projector -> splice -> LLM.
+
+    pipe = vila_edge.load("engines/NVILA-Lite-2B")
+    for text in pipe.generate("Describe the image.", images=["cat.jpg"], stream=True):
+        print(text, end="", flush=True)
+    result = pipe.generate("What is in the video?", video="clip.mp4")   # -> GenerationResult
+    chat = pipe.chat(); chat.ask("Hi", images=["a.png"]); chat.ask("And now?")   # KV cache kept
+
+Media layout per family follows the PyTorch reference (`vila_edge.reference.model`) exactly:
+- one image of a `dynamic` (NVILA-Lite) checkpoint: one media item per tile;
+- one image of a `dynamic_s2` (NVILA) checkpoint: per-scale tile features merged (numpy, or the CUDA
+  kernel of `vila_edge.kernels` when the vision engine runs on a GPU), projected per 32x32 chunk, then
+  re-merged row-major over the global grid;
+- several images in one message of a dynamic family: one plain tile per image;
+- static S2: scales merged into one chunk; otherwise one item per image;
+- video: `num_video_frames` frames (vila_edge.media.video); VILA1.5: each frame an image; NVILA:
+  one `<vila/video>` item of per-frame features each followed by the end token, TSP-pooled when the
+  checkpoint's video encoder sets pool sizes.
+The splice (V15 `-200` placeholder vs HEAD media tokens + end tokens) follows `config.splice`.
+
+Each call yields text as it is generated (incremental detokenization, never half a UTF-8 character)
+and records per-stage timings: preprocess, vision, merge+projector, prefill, decode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vila_edge.backends.base import ContextOverflow, LLMEngine, VisionEngine
+from vila_edge.config import VilaConfig
+from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
+from vila_edge.generate import IncrementalDetokenizer, Sampler, SamplingParams, StopStrings
+from vila_edge.media.image import load_image
+from vila_edge.media.tiling import Tiles, preprocess_image
+from vila_edge.prompt import IMAGE_PLACEHOLDER, Message, render, tokenize, user_content
+from vila_edge.splice import splice, spliced_length
+from vila_edge.tokenizer import SENTINEL_TOKEN, Tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    preprocess: float = 0.0  # decode + tile + normalize (s)
+    vision: float = 0.0  # vision tower
+    merge_projector: float = 0.0  # S2 merge + projector + re-merge + TSP pooling
+    prefill: float = 0.0
+    decode: float = 0.0
+    ttft: float = 0.0  # call start -> first token chosen
+    prompt_positions: int = 0  # positions of the conversation in the cache after the prefill
+    prefill_positions: int = 0  # positions this call prefilled (less than prompt_positions with KV reuse)
+    generated_tokens: int = 0
+    media_items: int = 0
+    tiles: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(0, self.generated_tokens - 1)
+        return steps / self.decode if self.decode > 0 and steps else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_positions / self.prefill if self.prefill > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 3)
+        d["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 3)
+        return d
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, the stop token included when one ended the answer
+    finish_reason: str  # "stop" (stop token / string), "length" (max_new_tokens), "context" (cache full), "interrupted"
+    timings: Timings
+    notices: list[str] = field(default_factory=list)  # e.g. "context full: dropped the 2 oldest turns"
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "timings": self.timings.as_dict(), "notices": self.notices}
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it adds ("" while a character or a possible stop string is
+    incomplete). A final event with token_id None carries text released at the end."""
+
+    token_id: int | None
+    text: str
+
+
+class TextStream:
+    """Iterator over the text pieces of one answer; `.result` is set once it is exhausted."""
+
+    def __init__(self, events: Iterator[TokenEvent]):
+        self._events = events
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        gen = self._events
+        try:
+            while True:
+                ev = next(gen)
+                if ev.text:
+                    yield ev.text
+        except StopIteration as stop:
+            self.result = stop.value
+
+    def close(self) -> None:
+        self._events.close()
+
+
+@dataclass
+class Turn:
+    """A message of a conversation given to `Pipeline.generate` as history."""
+
+    role: str  # "user" | "assistant"
+    text: str
+    images: Sequence = ()
+    video: object = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Media
+# ---------------------------------------------------------------------------------------------
+
+
+def tsp_pool(frames: np.ndarray, pool_sizes) -> list[np.ndarray]:
+    """TSPVideoEncoder on projected features [T, N, D] -> per pool size [T/pt, (nl/ph)(nl/pw), D]."""
+    t, n, d = frames.shape
+    nl = math.isqrt(n)
+    if nl * nl != n:
+        raise MediaError(f"temporal pooling needs a square token grid per frame, got {n} tokens")
+    out = []
+    for pt, ph, pw in pool_sizes:
+        if t % pt or nl % ph or nl % pw:
+            raise MediaError(f"temporal pooling {pt}x{ph}x{pw} needs frames ({t}) divisible by {pt} and a "
+                             f"{nl}x{nl} grid divisible by {ph}x{pw}; set num_video_frames to a multiple of {pt}")
+        x = frames.reshape(t, nl, nl, d)
+        x = x.reshape(t // pt, pt, nl, nl, d).mean(1)
+        x = x.reshape(t // pt, nl // ph, ph, nl, d).mean(2)
+        x = x.reshape(t // pt, nl // ph, nl // pw, pw, d).mean(3)
+        out.append(x.reshape(t // pt, -1, d).astype(np.float32))
+    return out
+
+
+def _to_frame_images(video, cfg: VilaConfig, *, max_frames: int | None = None) -> list:
+    from PIL import Image
+
+    if isinstance(video, (str, Path)):
+        from vila_edge.media.video import load_video
+
+        return load_video(video, cfg, num_frames=max_frames)
+    frames = list(video)
+    out = []
+    for k, f in enumerate(frames):
+        out.append(f if isinstance(f, Image.Image) else load_image(f, name=f"video frame {k}"))
+    if not out:
+        raise MediaError("video: no frames")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    def __init__(self, config: VilaConfig, tokenizer: Tokenizer, vision: VisionEngine, llm: LLMEngine, *,
+                 engine_dir: Path | None = None, manifest: dict | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.llm = llm
+        self.engine_dir = engine_dir
+        self.manifest = manifest or {}
+        self.max_context = min(llm.max_context, config.llm.max_length)
+        self._kv_owner: object | None = None  # the Conversation whose tokens are in the LLM's cache
+        self._gpu_merge = None
+        if getattr(vision, "on_gpu", False):
+            try:
+                from vila_edge import kernels
+
+                self._gpu_merge = kernels
+            except Exception:  # noqa: BLE001 - no CUDA toolchain / cuda-python: numpy merge
+                self._gpu_merge = None
+
+    # ---- media ids -------------------------------------------------------------------------
+    @property
+    def media_ids(self) -> set[int]:
+        if self.config.splice == "v15":
+            return {IMAGE_PLACEHOLDER}
+        return set(self.config.llm.media_token_ids.values())
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        return tuple(self.config.llm.end_token_ids) if self.config.splice == "head" else ()
+
+    def embed(self, ids) -> np.ndarray:
+        return self.llm.embed(ids)
+
+    def positions(self, ids: Sequence[int], items: Sequence[np.ndarray]) -> int:
+        return spliced_length(ids, [len(x) for x in items], media_ids=self.media_ids, n_end=len(self.end_ids))
+
+    # ---- vision path -----------------------------------------------------------------------
+    def _merge(self, feats: np.ndarray, tiles: Tiles) -> np.ndarray:
+        """Tower features of one image -> projector input [chunks, T, C*S]."""
+        v = self.config.vision
+        if v.tiling not in ("s2", "dynamic_s2"):
+            return feats
+        if v.tiling == "dynamic_s2" and tiles.block_size is None:
+            return np.concatenate([feats[:1]] * len(v.s2_scales), axis=-1)
+        g = math.isqrt(feats.shape[1])
+        if v.tiling == "s2":
+            per_side = [-(-s // v.s2_max_split_size) for s in v.s2_scales]
+            grids = [(n, n) for n in per_side]
+            n_out = per_side[v.s2_output_scale_idx]
+            chunk = (n_out * g, n_out * g)
+        else:
+            s0 = v.s2_scales[0]
+            grids = [(s // s0, s // s0) for s in v.s2_scales[:-1]] + [tuple(tiles.block_size)]
+            chunk = (g, g)
+        kw = dict(tile_grids=grids, h=g, w=g, output_scale_idx=v.s2_output_scale_idx, batch=1, chunk=chunk)
+        if self._gpu_merge is not None:
+            try:
+                return np.asarray(self._gpu_merge.s2_merge(np.ascontiguousarray(feats, dtype=np.float16), **kw),
+                                  dtype=np.float32)
+            except Exception:  # noqa: BLE001 - kernel unavailable for this device/layout: numpy path
+                self._gpu_merge = None
+        from vila_edge.kernels_ref import s2_merge_ref
+
+        return s2_merge_ref(feats, **kw)
+
+    def _after_projector(self, y: np.ndarray, tiles: Tiles) -> list[np.ndarray]:
+        v = self.config.vision
+        if v.tiling == "dynamic_s2":
+            if tiles.block_size is None:
+                return [y[0]]
+            rows, cols = tiles.block_size
+            t = math.isqrt(y.shape[1])
+            # merge_chessboard + rearrange: global row-major over the (rows*t) x (cols*t) grid
+            return [y.reshape(rows, cols, t, t, -1).transpose(0, 2, 1, 3, 4).reshape(-1, y.shape[-1])]
+        if tiles.n_items == y.shape[0]:
+            return list(y)
+        return [y.reshape(-1, y.shape[-1])]
+
+    def image_items(self, image, *, single: bool = True, timings: Timings | None = None) -> list[np.ndarray]:
+        """Media items ([n_i, D] float32) of one image, as the reference's `image_items`."""
+        t = timings or Timings()
+        t0 = time.perf_counter()
+        pil = load_image(image)
+        tiles = preprocess_image(pil, self.config.vision, single=single)
+        t1 = time.perf_counter()
+        feats = self.vision.encode(tiles.pixels)
+        t2 = time.perf_counter()
+        items = self._after_projector(self.vision.project(self._merge(feats, tiles)), tiles)
+        t3 = time.perf_counter()
+        t.preprocess += t1 - t0
+        t.vision += t2 - t1
+        t.merge_projector += t3 - t2
+        t.tiles += tiles.pixels.shape[0]
+        t.media_items += len(items)
+        return items
+
+    def video_items(self, video, *, timings: Timings | None = None) -> tuple[list[np.ndarray], int]:
+        """(media items, number of frames) of a video (path, frame folder, or a list of frames)."""
+        cfg = self.config
+        t = timings or Timings()
+        t0 = time.perf_counter()
+        frames = _to_frame_images(video, cfg)
+        t.preprocess += time.perf_counter() - t0
+        if cfg.splice == "v15":  # VILA1.5: every frame is an ordinary image
+            items = []
+            for f in frames:
+                items += self.image_items(f, single=False, timings=t)
+            return items, len(frames)
+        if cfg.vision.video_max_tiles > 1:
+            raise MediaError(f"video_max_tiles={cfg.vision.video_max_tiles}: tiled video frames are not supported; "
+                             f"set video_max_tiles to 1 in the checkpoint's config.json")
+        t0 = time.perf_counter()
+        tiles = [preprocess_image(f, cfg.vision, single=False) for f in frames]
+        pixels = np.concatenate([x.pixels for x in tiles], axis=0)
+        t1 = time.perf_counter()
+        feats = self.vision.encode(pixels)
+        t2 = time.perf_counter()
+        per = feats.shape[0] // len(frames)
+        x = np.concatenate([self._merge(feats[k * per:(k + 1) * per], tiles[k]) for k in range(len(frames))], axis=0)
+        y = self.vision.project(x)  # [T, n, D]
+        groups = tsp_pool(y, cfg.video_pool_sizes) if cfg.video_pool_sizes else [y]
+        end = self.embed(self.end_ids) if self.end_ids else np.zeros((0, y.shape[-1]), np.float32)
+        parts = []
+        for g in groups:
+            for f in g:
+                parts += [f, end]
+        item = np.concatenate(parts[:-1], axis=0)  # the splice appends the last end token
+        t3 = time.perf_counter()
+        t.preprocess += t1 - t0
+        t.vision += t2 - t1
+        t.merge_projector += t3 - t2
+        t.tiles += pixels.shape[0]
+        t.media_items += 1
+        return [item], len(frames)
+
+    def user_message(self, text: str, images: Sequence = (), video=None,
+                     timings: Timings | None = None) -> tuple[Message, list[np.ndarray]]:
+        """A user message with its media markers, and its media items in marker order."""
+        t = timings if timings is not None else Timings()
+        images = list(images or ())
+        single = len(images) == 1
+        items: list[np.ndarray] = []
+        n_tiles = None
+        for im in images:
+            its = self.image_items(im, single=single, timings=t)
+            if single:
+                n_tiles = len(its)
+            items += its
+        n_frames = 0
+        if video is not None:
+            vitems, n_frames = self.video_items(video, timings=t)
+            items += vitems
+        content = user_content(self.config, text, n_images=len(images), n_tiles=n_tiles,
+                               video=video is not None, n_frames=n_frames)
+        return Message("user", content), items
+
+    # ---- API -------------------------------------------------------------------------------
+    def chat(self, *, reuse_kv: bool = True, on_notice: Callable[[str], None] | None = None) -> Conversation:
+        return Conversation(self, reuse_kv=reuse_kv, on_notice=on_notice)
+
+    def generate(self, prompt: str | Sequence[Turn], images: Sequence | None = None, video=None, *,
+                 stream: bool = False, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | str = ()) -> GenerationResult | TextStream:
+        """Answer one prompt (or the last user turn of a conversation given as a list of Turns)."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed,
+                                stop=(stop,) if isinstance(stop, str) else tuple(stop))
+        conv = Conversation(self)
+        if isinstance(prompt, str):
+            text, imgs, vid = prompt, images or (), video
+        else:
+            turns = list(prompt)
+            if not turns or turns[-1].role != "user":
+                raise PromptError("the conversation must end with a user turn")
+            conv.add_history(turns[:-1])
+            text, imgs, vid = turns[-1].text, list(turns[-1].images or ()) + list(images or ()), (
+                turns[-1].video if turns[-1].video is not None else video)
+        events = conv.ask_events(text, images=imgs, video=vid, params=params)
+        if stream:
+            return TextStream(events)
+        s = TextStream(events)
+        for _ in s:
+            pass
+        return s.result
+
+    def generate_events(self, prompt: str | Sequence[Turn], images: Sequence | None = None, video=None, *,
+                        params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """One TokenEvent per generated token (what servers count); returns the GenerationResult."""
+        conv = Conversation(self)
+        if isinstance(prompt, str):
+            return conv.ask_events(prompt, images=images or (), video=video, params=params or SamplingParams())
+        turns = list(prompt)
+        conv.add_history(turns[:-1])
+        last = turns[-1]
+        return conv.ask_events(last.text, images=last.images, video=last.video, params=params or SamplingParams())
+
+    def count_positions(self, prompt: str | Sequence[Turn], images: Sequence | None = None, video=None) -> int:
+        """LLM positions the prompt occupies (media included); runs the vision path."""
+        conv = Conversation(self)
+        if isinstance(prompt, str):
+            turns = [Turn("user", prompt, images or (), video)]
+        else:
+            turns = list(prompt)
+        conv.add_history(turns)
+        ids, items = conv._full_prompt(conv.messages, [it for its in conv.turn_items for it in its],
+                                       add_generation_prompt=True)
+        return self.positions(ids, items)
+
+    def describe(self) -> dict:
+        d = {"family": self.config.family, "max_context": self.max_context,
+             "vision": getattr(self.vision, "describe", lambda: {"backend": self.vision.name})(),
+             "llm": getattr(self.llm, "describe", lambda: {"backend": self.llm.name})(),
+             "merge": "cuda kernel" if self._gpu_merge is not None else "numpy"}
+        if self.engine_dir is not None:
+            d["engine_dir"] = str(self.engine_dir)
+        return d
+
+    def close(self) -> None:
+        self.vision.close()
+        self.llm.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversation (multi-turn, KV cache kept between turns)
+# ---------------------------------------------------------------------------------------------
+
+
+class Conversation:
+    """A chat whose KV cache stays in the LLM engine between turns.
+
+    The cache holds exactly `segments` (token ids with media markers + their media items): the first
+    prompt, each answer's tokens, and each later turn's continuation (the text that closes the previous
+    answer and opens the new turn, tokenized as it would be inside the whole conversation). A new turn
+    prefills only its continuation. `reuse_kv=False` re-prefills all segments every turn (same tokens,
+    used to check the reuse). When a turn does not fit, the oldest turns are dropped, the remaining
+    conversation is re-rendered and re-prefilled, and a notice says so.
+    """
+
+    def __init__(self, pipeline: Pipeline, *, reuse_kv: bool = True, on_notice: Callable[[str], None] | None = None):
+        self.pipe = pipeline
+        self.reuse_kv = reuse_kv
+        self.on_notice = on_notice
+        self.messages: list[Message] = []
+        self.turn_items: list[list[np.ndarray]] = []  # media items of each user message
+        self.segments: list[tuple[list[int], list[np.ndarray]]] = []
+        self.pending: int | None = None  # last generated token (not yet in the cache)
+        self.cache_positions = 0
+        self.last: GenerationResult | None = None
+        self.turns = 0
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def reset(self) -> None:
+        self.messages.clear()
+        self.turn_items.clear()
+        self.segments.clear()
+        self.pending = None
+        self.cache_positions = 0
+        if self.pipe._kv_owner is self:
+            self.pipe.llm.reset()
+            self.pipe._kv_owner = None
+
+    def add_history(self, turns: Sequence[Turn]) -> None:
+        """Earlier turns (user / assistant, alternating) prefilled together with the next question."""
+        if self.segments:
+            raise PromptError("history can only be added before the first question")
+        for t in turns:
+            if t.role == "user":
+                msg, items = self.pipe.user_message(t.text, t.images, t.video)
+                self.messages.append(msg)
+                self.turn_items.append(items)
+            elif t.role == "assistant":
+                self.messages.append(Message("assistant", t.text))
+            else:
+                raise PromptError(f"turn role {t.role!r}: only 'user' and 'assistant' turns are supported")
+
+    def _notice(self, msg: str, notices: list[str]) -> None:
+        notices.append(msg)
+        if self.on_notice is not None:
+            self.on_notice(msg)
+
+    def _full_prompt(self, messages, items, *, add_generation_prompt=True) -> tuple[list[int], list[np.ndarray]]:
+        cfg, tok = self.pipe.config, self.pipe.tokenizer
+        text = render(cfg.llm.chat_format, messages, tok, add_generation_prompt=add_generation_prompt)
+        return tokenize(cfg, tok, text, first=True), list(items)
+
+    def _continuation(self, user: Message) -> list[int] | None:
+        """Ids that follow the cached tokens for a new user turn, or None if the template does not allow
+        extending the conversation as a pure suffix."""
+        cfg, tok = self.pipe.config, self.pipe.tokenizer
+        fmt = cfg.llm.chat_format
+        if not self.messages or self.messages[-1].role != "assistant":
+            return None
+        hist = self.messages[:-1] + [Message("assistant", SENTINEL_TOKEN)]
+        prev = render(fmt, hist, tok, add_generation_prompt=False)
+        full = render(fmt, hist + [user], tok, add_generation_prompt=True)
+        if SENTINEL_TOKEN not in prev or not full.startswith(prev):
+            return None
+        closing = prev.split(SENTINEL_TOKEN, 1)[1]
+        ids = tokenize(cfg, tok, closing + full[len(prev):], first=False)
+        if self.pending is not None and not (ids and ids[0] == self.pending):
+            ids = [self.pending] + ids
+        return ids
+
+    # ---- one turn --------------------------------------------------------------------------
+    def ask(self, text: str, images: Sequence = (), video=None, *, stream: bool = False,
+            params: SamplingParams | None = None, **sampling) -> GenerationResult | TextStream:
+        params = params or SamplingParams(**sampling)
+        s = TextStream(self.ask_events(text, images=images, video=video, params=params))
+        if stream:
+            return s
+        for _ in s:
+            pass
+        return s.result
+
+    def ask_events(self, text: str, *, images: Sequence = (), video=None,
+                   params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        params = params or SamplingParams()
+        pipe = self.pipe
+        t = Timings()
+        start = time.perf_counter()
+        user, items = pipe.user_message(text, images, video, timings=t)
+        notices: list[str] = []
+        llm = pipe.llm
+        limit = pipe.max_context
+
+        new_ids = self._continuation(user) if self.segments else None
+        reuse = (new_ids is not None and self.reuse_kv and pipe._kv_owner is self
+                 and llm.length == self.cache_positions)
+        fits = False
+        if new_ids is not None:
+            if reuse:
+                prefill_ids, prefill_items = new_ids, items
+                total = self.cache_positions + pipe.positions(new_ids, items)
+            else:
+                prefill_ids = [i for s in self.segments for i in s[0]] + new_ids
+                prefill_items = [x for s in self.segments for x in s[1]] + items
+                total = pipe.positions(prefill_ids, prefill_items)
+            fits = total + 1 <= limit and (total + params.max_new_tokens <= limit or len(self.messages) < 2)
+        if not fits:
+            # (re-)render the whole conversation, dropping the oldest turns while it does not fit
+            msgs, turn_items = list(self.messages), list(self.turn_items)
+            dropped = 0
+            while True:
+                flat = [x for its in turn_items for x in its] + items
+                prefill_ids, prefill_items = self._full_prompt(msgs + [user], flat)
+                total = pipe.positions(prefill_ids, prefill_items)
+                if (total + params.max_new_tokens <= limit) or len(msgs) < 2:
+                    break
+                msgs, turn_items = msgs[2:], turn_items[1:]
+                dropped += 1
+            if total + 1 > limit:
+                raise ContextOverflow(total + 1, limit)
+            if dropped:
+                self._notice(f"context full ({limit} positions): dropped the {dropped} oldest turn(s) and "
+                             f"re-prefilled the remaining conversation ({total} positions)", notices)
+            self.messages, self.turn_items = msgs, turn_items
+            reuse = False
+
+        # prefill
+        t0 = time.perf_counter()
+        if not reuse:
+            llm.reset()
+            self.segments = []
+        base = llm.length
+        embeds = splice(prefill_ids, pipe.embed, prefill_items, media_ids=pipe.media_ids, end_ids=pipe.end_ids)
+        pipe._kv_owner = self
+        logits = llm.forward(embeds)
+        t.prefill = time.perf_counter() - t0
+        t.prefill_positions = embeds.shape[0]
+        t.prompt_positions = llm.length
+        self.segments.append((list(prefill_ids), list(prefill_items)))
+        self.messages.append(user)
+        self.turn_items.append(items)
+        self.cache_positions = llm.length
+        self.pending = None
+
+        cfg = pipe.config
+        sampler = Sampler(params, cfg.llm.vocab_size, cfg.llm.extra_masked_ids)
+        stops = set(cfg.llm.stop_token_ids)
+        detok = IncrementalDetokenizer(pipe.tokenizer)
+        stopper = StopStrings(params.stop)
+        generated: list[int] = []
+        finish = "interrupted"
+        t_dec = 0.0
+        try:
+            while True:
+                td = time.perf_counter()
+                tok_id = sampler(logits, generated)
+                if not generated:
+                    t.ttft = time.perf_counter() - start
+                generated.append(tok_id)
+                if tok_id in stops:
+                    t_dec += time.perf_counter() - td
+                    finish = "stop"
+                    break
+                piece = stopper.feed(detok.push(tok_id))
+                t_dec += time.perf_counter() - td
+                yield TokenEvent(tok_id, piece)
+                if stopper.hit is not None:
+                    finish = "stop"
+                    break
+                if len(generated) >= params.max_new_tokens:
+                    finish = "length"
+                    break
+                if llm.length + 1 > limit:
+                    finish = "context"
+                    self._notice(f"context full ({limit} positions): answer cut; /reset or ask again to drop "
+                                 f"old turns", notices)
+                    break
+                td = time.perf_counter()
+                logits = llm.forward(llm.embed([tok_id]))
+                t_dec += time.perf_counter() - td
+            tail = stopper.feed(detok.flush(), final=True)
+            if tail:
+                yield TokenEvent(None, tail)
+        finally:
+            t.decode = t_dec
+            t.generated_tokens = len(generated)
+            answer = stopper.text if stopper.hit is not None else detok.text
+            if generated:
+                # the cache holds every generated token but the last one
+                self.segments.append((generated[:-1], []))
+                self.pending = generated[-1]
+                self.messages.append(Message("assistant", answer.strip() if cfg.splice == "v15" else answer))
+            else:  # interrupted before the first token: forget the turn
+                self.segments.pop()
+                self.messages.pop()
+                self.turn_items.pop()
+                llm.truncate(base)
+            self.cache_positions = llm.length
+            self.turns += 1
+            self.last = GenerationResult(answer, list(generated), finish, t, notices)
+        return self.last
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(engine_dir: Path) -> dict:
+    """manifest.json of an engine directory (through the builder's checks when available)."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise EngineError(f"{engine_dir}: engine directory not found; build one with `vila-edge build CKPT -o DIR`")
+    try:
+        from vila_edge.builder.engine_dir import load_manifest  # the builder's reader, when present
+    except ImportError:
+        load_manifest = None
+    if load_manifest is not None:
+        m = load_manifest(engine_dir)
+        return m if isinstance(m, dict) else dict(getattr(m, "__dict__", {}))
+    path = engine_dir / "manifest.json"
+    if not path.is_file():
+        raise EngineError(f"{path}: missing; {engine_dir} is not an engine directory (build one with `vila-edge build`)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise EngineError(f"{path}: invalid JSON ({exc}); rebuild the engine directory") from None
+
+
+def manifest_config(manifest: dict, where: str) -> VilaConfig:
+    from vila_edge.config import config_from_json
+
+    data = manifest.get("config") or manifest.get("resolved_config")
+    if not isinstance(data, dict):
+        raise EngineError(f"{where}: manifest.json has no resolved 'config'; rebuild the engine directory")
+    try:
+        return config_from_json(data)
+    except (TypeError, KeyError) as exc:
+        raise EngineError(f"{where}: manifest.json config does not match this vila-edge ({exc}); rebuild") from None
+
+
+def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_context: int | None = None,
+         vision_backend: str = "auto", llm_backend: str = "auto") -> Pipeline:
+    """Open an engine directory. Backends: "onnxruntime", "tensorrt" (vision), "tensorrt-llm" (LLM), or
+    "auto" (the native NVIDIA engines when the directory has them and they import, else ONNX Runtime)."""
+    from vila_edge.backends import make_llm_engine, make_vision_engine
+
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    cfg = manifest_config(manifest, str(engine_dir / "manifest.json"))
+    tok_dir = engine_dir / "tokenizer"
+    tokenizer = Tokenizer.from_dir(tok_dir if tok_dir.is_dir() else engine_dir)
+    if cfg.splice == "head":
+        # the media tokens must resolve to the ids the config recorded
+        for name, idx in cfg.llm.media_token_ids.items():
+            from vila_edge.tokenizer import MEDIA_TOKENS
+
+            got = tokenizer.token_to_id(MEDIA_TOKENS[name])
+            if got != idx:
+                raise EngineError(f"{tok_dir}: {MEDIA_TOKENS[name]} has id {got}, the manifest says {idx}; rebuild")
+    vision = make_vision_engine(vision_backend, engine_dir, manifest, device=device, threads=threads)
+    llm = make_llm_engine(llm_backend, engine_dir, manifest, device=device, threads=threads,
+                          max_context=max_context or cfg.llm.max_length)
+    return Pipeline(cfg, tokenizer, vision, llm, engine_dir=engine_dir, manifest=manifest)
+
+
+__all__ = ["Conversation", "GenerationResult", "Pipeline", "TextStream", "Timings", "TokenEvent", "Turn", "load",
+           "VilaEdgeError"]
