@@ -71,9 +71,13 @@ def _uvicorn_server(app, log_level: str):
     return uvicorn.Server(config)
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
-    """Serve `app` until Ctrl-C."""
-    sock = bind_socket(host, port)
+def run(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", on_listen=None,
+        sock: socket.socket | None = None) -> None:
+    """Serve `app` until Ctrl-C / SIGTERM. `on_listen(url)` is called once the port is bound (port 0: a free one)."""
+    sock = sock or bind_socket(host, port)
+    h, p = sock.getsockname()[:2]
+    if on_listen is not None:
+        on_listen(f"http://{'[' + h + ']' if ':' in h else h}:{p}")
     server = _uvicorn_server(app, log_level)
     server.run(sockets=[sock])
 

@@ -369,7 +369,9 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
                 if ev[0] == "text":
                     parts.append(ev[1])
                 elif ev[0] == "error":
-                    raise oa.APIError(500, ev[1] or "generation failed", type="server_error", code="engine_error")
+                    raise oa.APIError(job.error_status, ev[1] or "generation failed",
+                                      type="invalid_request_error" if job.error_status < 500 else "server_error",
+                                      code=job.error_code)
                 elif ev[0] == "end":
                     reason = ev[1]
                     if reason == "timeout":
@@ -400,7 +402,8 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
                 if ev[0] == "text":
                     yield _sse(oa.chunk(cid, model_name, created_at, {"content": ev[1]}))
                 elif ev[0] == "error":
-                    yield _sse(oa.error_body(ev[1] or "generation failed", type="server_error", code="engine_error"))
+                    yield _sse(oa.error_body(ev[1] or "generation failed", code=job.error_code,
+                                             type="invalid_request_error" if job.error_status < 500 else "server_error"))
                     yield "data: [DONE]\n\n"
                     return
                 elif ev[0] == "end":

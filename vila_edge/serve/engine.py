@@ -131,8 +131,19 @@ class StandInEngine:
 # ---------------------------------------------------------------------------------------------
 
 
+class Tail(str):
+    """Text an engine releases after its last token (held-back characters): yielded, but not a token."""
+
+
 class PipelineEngine:
-    """`Engine` over `vila_edge.load(engine_dir)` (the runtime's Pipeline)."""
+    """`Engine` over the runtime's Pipeline (`vila_edge.load(engine_dir)`).
+
+    The conversation goes to `Pipeline.generate_events` as `Turn`s (one TokenEvent per generated token; the
+    closing event without a token id becomes a `Tail`). System / developer messages have no slot in the
+    VILA chat templates (their system prompts are fixed), so their text is put before the first user
+    message's text. `count_tokens` works out positions from the config's image layout and the tokenizer,
+    without running the vision tower (the engine may be busy with another request).
+    """
 
     def __init__(self, pipeline, model_id: str):
         self.pipeline = pipeline
@@ -140,19 +151,74 @@ class PipelineEngine:
         self.max_context = int(pipeline_max_context(pipeline))
 
     @classmethod
-    def load(cls, engine_dir, model_id: str | None = None) -> PipelineEngine:
+    def load(cls, engine_dir, model_id: str | None = None, **load_kwargs) -> PipelineEngine:
         from pathlib import Path
 
-        import vila_edge
+        from vila_edge.errors import EngineError
 
+        try:
+            from vila_edge.runtime import load
+        except ImportError as exc:
+            raise EngineError(f"cannot load engines: the runtime did not import ({exc})") from None
         engine_dir = Path(engine_dir)
-        return cls(vila_edge.load(engine_dir), model_id or engine_dir.name)
+        return cls(load(engine_dir, **load_kwargs), model_id or engine_dir.name)
+
+    def _turns(self, messages: Sequence[ChatMessage], images: Sequence[Image.Image]):
+        from vila_edge.runtime import Turn
+
+        system = "\n\n".join(m.text for m in messages if m.role == "system" and m.text)
+        turns, k = [], 0
+        for m in messages:
+            if m.role == "system":
+                continue
+            imgs = list(images[k:k + m.n_images])
+            k += m.n_images
+            text = m.text
+            if system and m.role == "user":
+                text, system = (system + "\n\n" + text) if text else system, ""
+            if turns and turns[-1].role == m.role:  # two user (or assistant) messages in a row: one turn
+                prev = turns[-1]
+                turns[-1] = Turn(m.role, "\n".join(x for x in (prev.text, text) if x), list(prev.images) + imgs)
+            else:
+                turns.append(Turn(m.role, text, imgs))
+        return turns
 
     def count_tokens(self, messages, images) -> int:
-        raise NotImplementedError("filled in when the runtime lands")
+        from vila_edge.prompt import Message, render, tokenize, user_content
+        from vila_edge.splice import spliced_length
 
-    def generate_stream(self, messages, images, params):
-        raise NotImplementedError("filled in when the runtime lands")
+        pipe = self.pipeline
+        cfg, tok = pipe.config, pipe.tokenizer
+        msgs, lengths = [], []
+        for t in self._turns(messages, images):
+            if t.role != "user":
+                msgs.append(Message("assistant", t.text))
+                continue
+            n = len(t.images)
+            n_tiles = None
+            for im in t.images:
+                lay = cfg.image_layout(im.width, im.height, n)
+                if n == 1:
+                    n_tiles = lay.n_items
+                lengths += [lay.feature_tokens] * lay.n_items
+            msgs.append(Message("user", user_content(cfg, t.text, n_images=n, n_tiles=n_tiles)))
+        ids = tokenize(cfg, tok, render(cfg.llm.chat_format, msgs, tok, add_generation_prompt=True), first=True)
+        return spliced_length(ids, lengths, media_ids=pipe.media_ids, n_end=len(pipe.end_ids))
+
+    def generate_stream(self, messages, images, params: GenParams):
+        from vila_edge.generate import SamplingParams
+
+        sp = {"max_new_tokens": params.max_tokens, "stop": tuple(params.stop)}
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            v = getattr(params, name)
+            if v is not None:
+                sp[name] = v
+        events = self.pipeline.generate_events(self._turns(messages, images), params=SamplingParams(**sp))
+        try:
+            for ev in events:
+                yield ev.text if ev.token_id is not None else Tail(ev.text)
+        finally:
+            events.close()  # stops the runtime at once (it rolls its KV cache back itself)
 
 
 def pipeline_max_context(pipeline) -> int:
@@ -164,14 +230,14 @@ def pipeline_max_context(pipeline) -> int:
     return int(cfg.llm.max_length) if cfg is not None else 2048
 
 
-def load_engines(paths) -> list[Engine]:
+def load_engines(paths, **load_kwargs) -> list[Engine]:
     """`vila-edge serve ENGINES`: one PipelineEngine per engine folder; names must be unique."""
     from vila_edge.errors import EngineError
 
     engines: list[Engine] = []
     seen: set[str] = set()
     for p in paths:
-        eng = PipelineEngine.load(p)
+        eng = PipelineEngine.load(p, **{k: v for k, v in load_kwargs.items() if v is not None})
         if eng.model_id in seen:
             raise EngineError(f"{p}: two engines are named {eng.model_id!r}; rename one folder")
         seen.add(eng.model_id)

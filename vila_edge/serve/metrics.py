@@ -27,7 +27,7 @@ def _fmt(v: float) -> str:
 def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
     if not names:
         return ""
-    inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values))
+    inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
     return "{" + inner + "}"
 
 
@@ -116,7 +116,7 @@ class Histogram(_Metric):
     def render(self) -> list[str]:
         out = self.header()
         acc = 0
-        for b, c in zip(self.buckets, self._counts):
+        for b, c in zip(self.buckets, self._counts, strict=True):
             acc += c
             out.append(f'{self.name}_bucket{{le="{_fmt(b)}"}} {acc}')
         out.append(f"{self.name}_sum {_fmt(self._sum)}")

@@ -22,7 +22,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from vila_edge.serve.engine import ChatMessage, Engine, GenParams
+from vila_edge.errors import VilaEdgeError
+from vila_edge.serve.engine import ChatMessage, Engine, GenParams, Tail
 
 log = logging.getLogger("vila_edge.serve")
 
@@ -49,6 +50,8 @@ class Job:
     finished_at: float | None = None
     completion_tokens: int = 0
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+    error_status: int = 500  # for finish_reason "error": 400 when the engine refused the input itself
+    error_code: str = "engine_error"
     cancel_event: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -178,6 +181,11 @@ class Scheduler:
                 self._running = job
             try:
                 self._run(job)
+            except VilaEdgeError as exc:  # the engine refused this input (context, media, prompt)
+                job.error_status = 400
+                job.error_code = "context_length_exceeded" if "ContextOverflow" in type(exc).__name__ else (
+                    "invalid_input")
+                self._finish(job, "error", str(exc))
             except BaseException as exc:  # never let one job kill the worker
                 log.exception("generation %s failed", job.id)
                 self._finish(job, "error", f"generation failed: {type(exc).__name__}: {exc}")
@@ -208,11 +216,12 @@ class Scheduler:
         it = job.engine.generate_stream(job.messages, job.images, params)
         try:
             for piece in it:
-                if job.first_token_at is None:
-                    job.first_token_at = time.monotonic()
-                    if self.metrics is not None:
-                        self.metrics.ttft.observe(job.first_token_at - job.accepted_at)
-                job.completion_tokens += 1
+                if not isinstance(piece, Tail):
+                    if job.first_token_at is None:
+                        job.first_token_at = time.monotonic()
+                        if self.metrics is not None:
+                            self.metrics.ttft.observe(job.first_token_at - job.accepted_at)
+                    job.completion_tokens += 1
                 text += piece
                 if stops:
                     hit = min((i for i in (text.find(s, max(0, sent - longest)) for s in stops) if i >= 0),
