@@ -92,6 +92,61 @@ def plan(
     print_plan(p)
 
 
+@app.command()
+def serve(
+    engines: list[Path] = typer.Argument(..., help="Engine directories (vila-edge build output); each is a model, "
+                                         "named after its folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, help="Port (0: a free one, printed at start)."),
+    api_key: str | None = typer.Option(None, envvar="VILA_EDGE_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' (env VILA_EDGE_API_KEY)."),
+    allow_remote_images: bool = typer.Option(False, help="Also fetch http(s) image URLs (default: data URLs only)."),
+    max_queue: int = typer.Option(8, min=0, help="Requests that may wait for the engine; beyond: HTTP 429."),
+    request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds from acceptance to the last token."),
+    max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for (and the default)."),
+    max_images: int = typer.Option(4, min=0, help="Images per request."),
+    max_image_mb: float = typer.Option(10.0, min=0.001, help="Bytes per image, in MiB (encoded)."),
+    max_image_pixels: int = typer.Option(4096 * 4096, min=1, help="Pixels per image (width x height)."),
+    max_body_mb: float = typer.Option(20.0, min=0.001, help="Request body size, in MiB."),
+    camera: str | None = typer.Option(None, help="Live page: camera index, device, video file or stream URL."),
+    prompt: str = typer.Option("Describe what you see in one sentence.", help="Live page: question about each frame."),
+    interval: float = typer.Option(2.0, min=0.0, help="Live page: seconds between one caption and the next."),
+    caption_tokens: int = typer.Option(48, min=1, help="Live page: max tokens per caption."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
+    threads: int | None = typer.Option(None, help="Engine threads (default: physical cores)."),
+    log_level: str = typer.Option("info", help="critical | error | warning | info | debug"),
+):
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health, /metrics) and a live camera page."""
+    from vila_edge.serve import bind_socket, is_loopback, run
+    from vila_edge.serve.app import ServeSettings, create_app
+    from vila_edge.serve.engine import load_engines
+    from vila_edge.serve.openai_schema import Limits
+
+    mib = 1024 * 1024
+    settings = ServeSettings(
+        limits=Limits(max_body_bytes=int(max_body_mb * mib), max_image_bytes=int(max_image_mb * mib),
+                      max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens),
+        max_queue=max_queue, request_timeout=request_timeout, allow_remote_images=allow_remote_images,
+        api_key=api_key or None, camera_prompt=prompt, camera_interval=interval, camera_max_tokens=caption_tokens)
+    sock = bind_socket(host, port)  # before loading engines: a busy port fails fast
+    models = load_engines(engines, device=device, threads=threads)
+    cam = None
+    if camera is not None:
+        from vila_edge.serve.live import open_camera
+
+        cam = open_camera(camera)
+    if not is_loopback(host) and not api_key:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
+              f"models" + (" and see the camera" if cam else ""), file=sys.stderr)
+
+    def ready(url: str) -> None:
+        names = ", ".join(m.model_id for m in models)
+        print(f"vila-edge: serving {names} at {url}/v1" + (f"; camera page {url}/" if cam else ""),
+              file=sys.stderr, flush=True)
+
+    run(create_app(models, settings, camera=cam), log_level=log_level, on_listen=ready, sock=sock)
+
+
 def main() -> None:
     try:
         app()
