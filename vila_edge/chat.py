@@ -1,0 +1,347 @@
+"""`vila-edge chat`: interactive, one-shot (`--prompt`) and live-camera (`--interval`) use of a Pipeline.
+
+Interactive commands: `/image PATH` (attach to the next question), `/reset`, `/stats`, `/quit`.
+Answers stream to stdout; notices (context trimming, camera reconnects) go to stderr as `note: ...`.
+Ctrl-C stops the current answer (interactive) or the whole session (one-shot, live) cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from vila_edge.errors import EngineError, MediaError, VilaEdgeError
+from vila_edge.generate import SamplingParams
+
+HELP = "commands: /image PATH (attach to your next message), /reset, /stats, /quit"
+
+
+@dataclass
+class ChatOptions:
+    images: list[str] = field(default_factory=list)
+    video: str | None = None
+    camera: str | None = None
+    prompt: str | None = None
+    as_json: bool = False
+    interval: float | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_cycles: int | None = None  # live mode: stop after this many answers (tests, scripts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine directory: open it, or build it from a checkpoint first
+# ---------------------------------------------------------------------------------------------
+
+
+def is_engine_dir(path: Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and not is_engine_dir(p)
+
+
+def default_engine_dir(ckpt: Path) -> Path:
+    """Where `chat CKPT` keeps the engines it builds: ./engines/<checkpoint name>."""
+    return Path("engines") / Path(ckpt).resolve().name
+
+
+def _builder():
+    """The builder's Python entry point (vila_edge.builder.build), or None while it is not installed."""
+    try:
+        from vila_edge.builder import build as mod
+    except ImportError:
+        return None
+    for name in ("build_engine_dir", "build_engines", "build"):
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def ensure_engine(path: Path, *, engine_dir: Path | None = None, precision: str | None = None,
+                  say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """`path` if it is an engine directory; for a checkpoint, its engine directory (built on first use)."""
+    path = Path(path)
+    if is_engine_dir(path):
+        return path
+    if not path.exists():
+        raise EngineError(f"{path}: no such engine directory or checkpoint")
+    if not is_checkpoint_dir(path):
+        raise EngineError(f"{path}: neither an engine directory (manifest.json) nor a checkpoint (config.json)")
+    out = Path(engine_dir) if engine_dir else default_engine_dir(path)
+    if is_engine_dir(out):
+        try:
+            from vila_edge.builder.engine_dir import check_engine_dir
+        except ImportError:
+            check_engine_dir = None
+        if check_engine_dir is None:
+            return out
+        try:
+            check_engine_dir(out, path)
+            return out
+        except VilaEdgeError as exc:
+            say(f"note: {out} is stale ({exc}); rebuilding")
+    build = _builder()
+    if build is None:
+        raise EngineError(f"{path} is a checkpoint and the engine builder (vila_edge.builder.build) is not available "
+                          f"in this installation; build engines elsewhere with `vila-edge build {path} -o {out}`")
+    say(f"building engines for {path.name} into {out} (first use; later runs reuse them)")
+    t0 = time.perf_counter()
+    kwargs = {}
+    if precision:
+        kwargs["precision"] = precision
+    try:
+        result = build(path, out, progress=lambda msg: say(f"  {msg}"), **kwargs)
+    except TypeError:  # a builder without a progress callback
+        result = build(path, out, **kwargs)
+    out = Path(result) if isinstance(result, (str, Path)) else out
+    say(f"engines ready in {time.perf_counter() - t0:.1f} s: {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class Console:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def note(self, msg: str) -> None:
+        self.err.write(f"note: {msg}\n")
+        self.err.flush()
+
+
+def format_stats(result, pipe) -> str:
+    if result is None:
+        return "no answer yet"
+    t = result.timings
+    return (f"preprocess {t.preprocess * 1e3:.1f} ms | vision {t.vision * 1e3:.1f} ms ({t.tiles} tiles) | "
+            f"merge+projector {t.merge_projector * 1e3:.1f} ms | prefill {t.prefill * 1e3:.1f} ms "
+            f"({t.prefill_positions} positions, {t.prefill_tokens_per_s:.0f}/s) | time to first token "
+            f"{t.ttft * 1e3:.1f} ms | decode {t.generated_tokens} tokens {t.decode_tokens_per_s:.1f} tok/s | "
+            f"context {pipe.llm.length}/{pipe.max_context}")
+
+
+def _stream_answer(stream, con: Console, *, echo: bool = True):
+    """Print a TextStream; Ctrl-C stops it (the partial answer is kept). Returns the result."""
+    try:
+        for piece in stream:
+            if echo:
+                con.write(piece)
+    except KeyboardInterrupt:
+        stream.close()
+        if echo:
+            con.write(" [stopped]")
+    if echo:
+        con.write("\n")
+    return stream.result
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_camera(src: str, con: Console):
+    from vila_edge.media.camera import FrameGrabber
+
+    grabber = FrameGrabber(src, on_notice=con.note)
+    grabber.start()  # MediaError: one line naming the source and how to choose cameras
+    return grabber
+
+
+def _frame_image(frame):
+    from vila_edge.media.image import bgr_to_pil
+
+    return bgr_to_pil(frame.image, f"frame {frame.seq}")
+
+
+def run_once(pipe, opts: ChatOptions, con: Console) -> int:
+    images: list = list(opts.images)
+    grabber = None
+    try:
+        if opts.camera:
+            grabber = _open_camera(opts.camera, con)
+            images.append(_frame_image(grabber.first_frame()))
+        conv = pipe.chat(on_notice=con.note)
+        stream = conv.ask(opts.prompt, images=images, video=opts.video, stream=True, params=opts.params)
+        if opts.as_json:
+            result = _stream_answer(stream, con, echo=False)
+            con.write(json.dumps(result.as_dict(), indent=2) + "\n")
+        else:
+            result = _stream_answer(stream, con)
+        return 0 if result is not None and result.finish_reason != "interrupted" else 130
+    finally:
+        if grabber is not None:
+            grabber.close()
+
+
+def run_live(pipe, opts: ChatOptions, con: Console) -> int:
+    """Every `interval` seconds: ask the prompt about the newest frame; stream the answer."""
+    if not opts.camera:
+        raise MediaError("--interval needs --camera SRC (a video file path works as a stand-in camera)")
+    prompt = opts.prompt or "Describe what you see."
+    grabber = _open_camera(opts.camera, con)
+    cycles = 0
+    try:
+        frame = grabber.first_frame()
+        while True:
+            t0 = time.monotonic()
+            conv = pipe.chat(on_notice=con.note)  # each frame is a fresh question
+            stream = conv.ask(prompt, images=[_frame_image(frame)], stream=True, params=opts.params)
+            if opts.as_json:
+                result = _stream_answer(stream, con, echo=False)
+                d = result.as_dict()
+                d["frame"] = frame.seq
+                con.write(json.dumps(d) + "\n")
+            else:
+                con.write(f"[frame {frame.seq}] ")
+                _stream_answer(stream, con)
+            cycles += 1
+            if opts.max_cycles and cycles >= opts.max_cycles:
+                return 0
+            wait = max(0.0, opts.interval - (time.monotonic() - t0))
+            time.sleep(wait)
+            nxt = grabber.wait_newer(frame.seq, timeout=max(5.0, opts.interval * 2))
+            if nxt is None:
+                if grabber.error:
+                    raise MediaError(grabber.error)
+                if grabber.finished:
+                    con.note(f"{grabber.label}: no more frames; stopping")
+                    return 0
+                con.note(f"{grabber.label}: no new frame; asking about the last one again")
+                continue
+            frame = nxt
+    except KeyboardInterrupt:
+        con.note("stopped")
+        return 0
+    finally:
+        grabber.close()
+
+
+def run_interactive(pipe, opts: ChatOptions, con: Console, read_line: Callable[[str], str] = input) -> int:
+    conv = pipe.chat(on_notice=con.note)
+    pending_images: list = list(opts.images)
+    pending_video = opts.video
+    grabber = _open_camera(opts.camera, con) if opts.camera else None
+    con.note(f"{pipe.config.family} | {pipe.describe()['llm'].get('backend', '?')} | context {pipe.max_context}. {HELP}")
+    try:
+        while True:
+            try:
+                line = read_line("you> ")
+            except EOFError:
+                return 0
+            except KeyboardInterrupt:
+                con.write("\n")
+                return 0
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                if cmd in ("/quit", "/exit", "/q"):
+                    return 0
+                if cmd == "/reset":
+                    conv.reset()
+                    pending_images, pending_video = [], None
+                    con.note("conversation cleared")
+                elif cmd == "/stats":
+                    con.note(format_stats(conv.last, pipe))
+                elif cmd == "/image":
+                    path = arg.strip().strip("'\"")
+                    if not path:
+                        con.note("usage: /image PATH")
+                        continue
+                    from vila_edge.media.image import load_image
+
+                    try:
+                        load_image(path)
+                    except MediaError as exc:
+                        con.note(str(exc))
+                        continue
+                    pending_images.append(path)
+                    con.note(f"attached {path} to your next message")
+                else:
+                    con.note(f"unknown command {cmd}; {HELP}")
+                continue
+            images = pending_images
+            if grabber is not None:
+                frame = grabber.latest()
+                if frame is None:
+                    frame = grabber.first_frame()
+                images = images + [_frame_image(frame)]
+            con.write("vila> ")
+            try:
+                stream = conv.ask(line, images=images, video=pending_video, stream=True, params=opts.params)
+            except MediaError as exc:
+                con.write("\n")
+                con.note(str(exc))
+                continue
+            pending_images, pending_video = [], None
+            _stream_answer(stream, con)
+    finally:
+        if grabber is not None:
+            grabber.close()
+
+
+def run_chat(pipe, opts: ChatOptions, con: Console | None = None) -> int:
+    con = con or Console()
+    if opts.interval is not None:
+        if opts.interval <= 0:
+            raise VilaEdgeError(f"--interval {opts.interval}: must be > 0 seconds")
+        return run_live(pipe, opts, con)
+    if opts.prompt is not None:
+        try:
+            return run_once(pipe, opts, con)
+        except KeyboardInterrupt:
+            con.note("stopped")
+            return 130
+    if opts.as_json:
+        raise VilaEdgeError("--json needs --prompt (or --interval)")
+    return run_interactive(pipe, opts, con)
+
+
+def check_inputs(images: Sequence[str], video: str | None) -> None:
+    """Fail fast, before loading engines, on media that cannot be read (one line each)."""
+    from vila_edge.media.image import load_image
+
+    for p in images:
+        load_image(p)
+    if video is not None and not Path(video).exists():
+        raise MediaError(f"{video}: video file not found")
+
+
+def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | None = None, camera: str | None = None,
+                 prompt: str | None = None, as_json: bool = False, interval: float | None = None,
+                 params: SamplingParams | None = None, device: str = "auto", threads: int | None = None,
+                 max_context: int | None = None, engine_dir: Path | None = None,
+                 precision: str | None = None) -> int:
+    """The `vila-edge chat` command (the CLI only parses options)."""
+    con = Console()
+    imgs = [str(p) for p in images or ()]
+    check_inputs(imgs, str(video) if video else None)
+    say = con.note if not as_json else (lambda m: print(m, file=sys.stderr))
+    path = ensure_engine(Path(engines), engine_dir=engine_dir, precision=precision, say=say)
+    from vila_edge.runtime import load
+
+    pipe = load(path, device=device, threads=threads, max_context=max_context)
+    opts = ChatOptions(images=imgs, video=str(video) if video else None, camera=camera, prompt=prompt,
+                       as_json=as_json, interval=interval, params=params or SamplingParams())
+    try:
+        return run_chat(pipe, opts, con)
+    finally:
+        pipe.close()
