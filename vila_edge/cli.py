@@ -147,6 +147,44 @@ def serve(
     run(create_app(models, settings, camera=cam), log_level=log_level, on_listen=ready, sock=sock)
 
 
+@app.command()
+def chat(
+    engines: Path = typer.Argument(..., help="Engine directory, or a checkpoint (its engines are built on first use)."),
+    image: list[Path] = typer.Option(None, "--image", help="Image file (repeatable)."),
+    video: Path | None = typer.Option(None, "--video", help="Video file (frames sampled per the checkpoint)."),
+    camera: str | None = typer.Option(None, "--camera", help="Camera: index (0), device path, rtsp/http URL, "
+                                      "GStreamer pipeline (contains '!'), or a video file as a stand-in."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Answer this and exit (non-interactive)."),
+    as_json: bool = typer.Option(False, "--json", help="With --prompt/--interval: print JSON with timings."),
+    interval: float | None = typer.Option(None, "--interval", help="Live mode: ask about the newest camera frame "
+                                          "every S seconds."),
+    max_new_tokens: int = typer.Option(256, help="Maximum tokens per answer."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="HF-style repetition penalty (1 = off)."),
+    seed: int | None = typer.Option(None, help="Sampling seed."),
+    stop: list[str] = typer.Option(None, "--stop", help="Extra stop string (repeatable)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
+    threads: int | None = typer.Option(None, help="CPU threads (default: physical cores)."),
+    max_context: int | None = typer.Option(None, help="Cap the KV cache (positions)."),
+    engine_dir: Path | None = typer.Option(None, "--engine-dir", help="Where to build engines when ENGINES is a "
+                                           "checkpoint (default ./engines/<name>)."),
+    precision: str | None = typer.Option(None, help="LLM precision when building (builder default otherwise)."),
+):
+    """Chat with a model about images, a video or a live camera (interactive, --prompt, or --interval)."""
+    from vila_edge.chat import run_chat_cli
+    from vila_edge.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+    code = run_chat_cli(engines, images=image or (), video=video, camera=camera, prompt=prompt, as_json=as_json,
+                        interval=interval, params=params, device=device, threads=threads, max_context=max_context,
+                        engine_dir=engine_dir, precision=precision)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         app()
