@@ -70,7 +70,8 @@ def _standin_engine_dir(ckpt_path: Path, out: Path, precision: str) -> Path:
     np.save(llm_dir / "embed_tokens.npy", emb.astype(np.float32))
     ckpt.tokenizer.save(tmp / "tokenizer")
     manifest = {"vila_edge": "stand-in", "checkpoint": str(ckpt_path.name), "config": dataclasses.asdict(cfg),
-                "vision": {"tower": "tower.fp32.onnx", "projector": "projector.fp32.onnx"},
+                "vision": {"files": {"tower": {"fp32": "vision/tower.fp32.onnx"},
+                                     "projector": {"fp32": "vision/projector.fp32.onnx"}}},
                 "llm": {"decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy", "precision": precision}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=list))
     tmp.rename(out)

@@ -221,7 +221,14 @@ class Pipeline:
             return feats
         if v.tiling == "dynamic_s2" and tiles.block_size is None:
             return np.concatenate([feats[:1]] * len(v.s2_scales), axis=-1)
-        g = math.isqrt(feats.shape[1])
+        kw = self._merge_args(feats.shape[1], tiles)
+        from vila_edge.kernels_ref import s2_merge_ref
+
+        return s2_merge_ref(feats, **kw)
+
+    def _merge_args(self, tokens: int, tiles: Tiles) -> dict:
+        v = self.config.vision
+        g = math.isqrt(tokens)
         if v.tiling == "s2":
             per_side = [-(-s // v.s2_max_split_size) for s in v.s2_scales]
             grids = [(n, n) for n in per_side]
@@ -231,16 +238,19 @@ class Pipeline:
             s0 = v.s2_scales[0]
             grids = [(s // s0, s // s0) for s in v.s2_scales[:-1]] + [tuple(tiles.block_size)]
             chunk = (g, g)
-        kw = dict(tile_grids=grids, h=g, w=g, output_scale_idx=v.s2_output_scale_idx, batch=1, chunk=chunk)
-        if self._gpu_merge is not None:
-            try:
-                return np.asarray(self._gpu_merge.s2_merge(np.ascontiguousarray(feats, dtype=np.float16), **kw),
-                                  dtype=np.float32)
-            except Exception:  # noqa: BLE001 - kernel unavailable for this device/layout: numpy path
-                self._gpu_merge = None
-        from vila_edge.kernels_ref import s2_merge_ref
+        return dict(tile_grids=grids, h=g, w=g, output_scale_idx=v.s2_output_scale_idx, batch=1, chunk=chunk)
 
-        return s2_merge_ref(feats, **kw)
+    def _device_merge(self, tiles: Tiles) -> np.ndarray | None:
+        v = self.config.vision
+        fn = getattr(self.vision, "merge_on_device", None)
+        if self._gpu_merge is None or fn is None or v.tiling not in ("s2", "dynamic_s2") or tiles.block_size is None \
+                and v.tiling == "dynamic_s2":
+            return None
+        try:
+            return fn(tiles.pixels, self._gpu_merge, self._merge_args(v.tokens_per_tile, tiles))
+        except Exception:  # noqa: BLE001 - no usable kernel on this GPU: numpy merge from now on
+            self._gpu_merge = None
+            return None
 
     def _after_projector(self, y: np.ndarray, tiles: Tiles) -> list[np.ndarray]:
         v = self.config.vision
@@ -262,9 +272,14 @@ class Pipeline:
         pil = load_image(image)
         tiles = preprocess_image(pil, self.config.vision, single=single)
         t1 = time.perf_counter()
-        feats = self.vision.encode(tiles.pixels)
-        t2 = time.perf_counter()
-        items = self._after_projector(self.vision.project(self._merge(feats, tiles)), tiles)
+        y = self._device_merge(tiles)
+        if y is not None:  # tower + CUDA merge + projector on the GPU: reported under "vision"
+            t2 = time.perf_counter()
+            items = self._after_projector(y, tiles)
+        else:
+            feats = self.vision.encode(tiles.pixels)
+            t2 = time.perf_counter()
+            items = self._after_projector(self.vision.project(self._merge(feats, tiles)), tiles)
         t3 = time.perf_counter()
         t.preprocess += t1 - t0
         t.vision += t2 - t1
@@ -373,6 +388,25 @@ class Pipeline:
         conv.add_history(turns[:-1])
         last = turns[-1]
         return conv.ask_events(last.text, images=last.images, video=last.video, params=params or SamplingParams())
+
+    def prompt_embeds(self, prompt: str, images: Sequence | None = None, video=None) -> np.ndarray:
+        """The spliced input embeddings [L, D] of a one-turn prompt (what the LLM is prefilled with)."""
+        conv = Conversation(self)
+        user, items = self.user_message(prompt, images or (), video)
+        ids, items = conv._full_prompt([user], items)
+        return splice(ids, self.embed, items, media_ids=self.media_ids, end_ids=self.end_ids)
+
+    def first_token_logits(self, prompt: str, images: Sequence | None = None, video=None) -> np.ndarray:
+        """Logits of the first answer token, masked like the sampler sees them (debugging, parity checks).
+        Resets the LLM's cache."""
+        from vila_edge.generate import mask_logits
+
+        embeds = self.prompt_embeds(prompt, images, video)
+        self.llm.reset()
+        self._kv_owner = None
+        logits = self.llm.forward(embeds)
+        self.llm.reset()
+        return mask_logits(logits, self.config.llm.vocab_size, self.config.llm.extra_masked_ids)
 
     def count_positions(self, prompt: str | Sequence[Turn], images: Sequence | None = None, video=None) -> int:
         """LLM positions the prompt occupies (media included); runs the vision path."""

@@ -18,26 +18,41 @@ from vila_edge.backends.ort_llm import _NP_DTYPES, ort_providers, session_option
 from vila_edge.errors import EngineError
 
 
-def _find(vision_dir: Path, info: dict, key: str, stem: str, precision: str | None) -> Path:
-    named = info.get(key) or info.get(f"{key}_file")
-    if isinstance(named, dict):
-        named = named.get("file") or named.get("filename")
-    if named:
-        path = vision_dir / Path(str(named)).name
-        if not path.is_file():
-            raise EngineError(f"{path}: listed in manifest.json but missing; rebuild with `vila-edge build`")
-        return path
+def _find(vision_dir: Path, info: dict, key: str, stem: str, precision: str | None, on_gpu: bool = False) -> Path:
+    """The ONNX file of `key` ("tower" / "projector"). Manifest format 1: info["files"][key] = {prec: relpath};
+    without an explicit precision: fp32 on the CPU (fp16 only runs fast on GPUs), fp16 on a GPU."""
+    files = info.get("files") if isinstance(info.get("files"), dict) else {}
+    by_prec = files.get(key) if isinstance(files.get(key), dict) else {}
+    if not by_prec:  # other layouts: {"tower": "tower.fp32.onnx"} or nothing (glob)
+        named = info.get(key)
+        if isinstance(named, str):
+            by_prec = {"given": named}
+    if by_prec:
+        order = [precision] if precision else (["fp16", "fp32", "int8"] if on_gpu else ["fp32", "int8", "fp16"])
+        choice = next((by_prec[p] for p in order if p in by_prec), None)
+        if choice is None:
+            if precision:
+                raise EngineError(f"{vision_dir}: no {stem} engine in precision {precision!r} "
+                                  f"(has {', '.join(sorted(by_prec))})")
+            choice = next(iter(by_prec.values()))
+        for base in (vision_dir.parent, vision_dir):
+            path = base / str(choice)
+            if path.is_file():
+                return path
+        raise EngineError(f"{vision_dir.parent / str(choice)}: listed in manifest.json but missing; "
+                          f"rebuild with `vila-edge build`")
     if precision:
         path = vision_dir / f"{stem}.{precision}.onnx"
         if path.is_file():
             return path
     found = sorted(vision_dir.glob(f"{stem}.*.onnx"))
-    if len(found) == 1:
-        return found[0]
     if not found:
         raise EngineError(f"{vision_dir}: no {stem}.<precision>.onnx; rebuild with `vila-edge build`")
-    raise EngineError(f"{vision_dir}: several {stem} engines ({', '.join(p.name for p in found)}); "
-                      f"choose one with --vision-precision")
+    for pref in (("fp16", "fp32") if on_gpu else ("fp32", "int8", "fp16")):
+        for f in found:
+            if f.name == f"{stem}.{pref}.onnx":
+                return f
+    return found[0]
 
 
 class _Runner:
@@ -79,17 +94,41 @@ class OrtVisionEngine(VisionEngine):
         self.providers = ort_providers(device)
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
         so = session_options(threads)
-        self.tower = _Runner(_find(vision_dir, info, "tower", "tower", precision), self.providers, so,
+        self.tower = _Runner(_find(vision_dir, info, "tower", "tower", precision, self.on_gpu), self.providers, so,
                              "pixel_values", "features")
-        self.projector = _Runner(_find(vision_dir, info, "projector", "projector", precision), self.providers, so,
+        self.projector = _Runner(_find(vision_dir, info, "projector", "projector", precision, self.on_gpu),
+                                 self.providers, so,
                                  "features", "embeds")
-        self.max_batch = int(info.get("max_batch", 0) or 0)
+        self.max_batch = int(info.get("max_batch", 0) or 0)  # 0: all tiles in one run (dynamic batch axis)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return self.tower(pixels, self.max_batch)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         return self.projector(features, self.max_batch)
+
+    def merge_on_device(self, pixels: np.ndarray, kernels, merge: dict) -> np.ndarray | None:
+        """Tower -> CUDA S2 merge (vila_edge.kernels.s2_merge) -> projector without leaving the GPU.
+
+        Only for fp16 engines on the CUDA EP; returns None when that does not apply (numpy path)."""
+        import onnxruntime as ort
+
+        if not self.on_gpu or self.tower.dtype != np.float16 or self.projector.dtype != np.float16:
+            return None
+        io = self.tower.session.io_binding()
+        io.bind_cpu_input(self.tower.in_name, np.ascontiguousarray(pixels, dtype=np.float16))
+        io.bind_output(self.tower.out_name, "cuda")
+        self.tower.session.run_with_iobinding(io)
+        feats = io.get_outputs()[0]
+        n_tiles, hw, c = feats.shape()
+        shape = kernels.s2_output_shape(channels=c, **{k: v for k, v in merge.items() if k != "tile_offsets"})
+        merged = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float16, "cuda", 0)
+        kernels.s2_merge(feats.data_ptr(), merged.data_ptr(), channels=c, **merge)
+        io2 = self.projector.session.io_binding()
+        io2.bind_ortvalue_input(self.projector.in_name, merged)
+        io2.bind_output(self.projector.out_name, "cpu")
+        self.projector.session.run_with_iobinding(io2)
+        return io2.get_outputs()[0].numpy().astype(np.float32)
 
     def describe(self) -> dict:
         return {"backend": self.name, "providers": self.providers, "tower": self.tower.path.name,
