@@ -20,6 +20,12 @@
 // same product, and this one lets every lane fetch its A/B registers with single 64-bit loads.
 #include "common.cuh"
 
+// 1 in the code for an arch whose W8A8 kernel really uses FP8 MMA (sm_89+ built by CUDA >= 12.4),
+// 0 where it is a trap stub. The host reads it from the loaded module before launching W8A8.
+#if !defined(VILA_HOST_SIM)
+extern "C" __device__ int vila_fp8_mma_available = VILA_ARCH_HAS_FP8_MMA;
+#endif
+
 // ------------------------------------------------------------------------------------------
 // Activation quantization: one warp per (row, 128-wide K block), 4 elements per lane.
 // ------------------------------------------------------------------------------------------

@@ -228,7 +228,10 @@ def as_device_array(obj: Any, name: str = "array", *, shape: Sequence[int] | Non
         try:
             capsule = obj.__dlpack__(stream=-1)  # -1: the caller orders the work on `stream` itself
         except (TypeError, ValueError, BufferError, RuntimeError):
-            capsule = obj.__dlpack__()
+            try:
+                capsule = obj.__dlpack__()
+            except (TypeError, ValueError, BufferError, RuntimeError) as e:
+                raise ValueError(f"{name}: DLPack export failed ({type(e).__name__}: {e})") from e
         arr, dev_type = _from_dlpack_capsule(obj, name, capsule)
         if dev_type not in (_DL_CUDA, _DL_CUDA_MANAGED):
             raise ValueError(f"{name}: must be a CUDA device array (DLPack device type {dev_type})")
@@ -321,6 +324,8 @@ class _CudaBackend:
         self._functions: dict[tuple[int, str], Any] = {}
         self._contexts: dict[int, Any] = {}
         self._smem_configured: set[tuple[int, str]] = set()
+        self._cc: dict[int, tuple[int, int]] = {}
+        self._fp8_ok: dict[int, bool] = {}
         try:
             self._check(self.driver.cuInit(0), "cuInit")
         except RuntimeError as e:
@@ -369,15 +374,33 @@ class _CudaBackend:
         return ctx
 
     def compute_capability(self, device: int) -> tuple[int, int]:
+        if device in self._cc:
+            return self._cc[device]
         d = self.driver
         dev = self._check(d.cuDeviceGet(device), "cuDeviceGet")
         a = d.CUdevice_attribute
         major = self._check(d.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "attr")
         minor = self._check(d.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "attr")
-        return int(major), int(minor)
+        self._cc[device] = (int(major), int(minor))
+        return self._cc[device]
 
     def fp8_mma_supported(self, device: int) -> bool:
-        return self.compute_capability(device) >= (8, 9)
+        """sm_89+ and the loaded fp8_gemm module was compiled with FP8 MMA (not the trap stub an
+        older toolkit leaves), read from its ``vila_fp8_mma_available`` device variable."""
+        if device in self._fp8_ok:
+            return self._fp8_ok[device]
+        ok = self.compute_capability(device) >= (8, 9)
+        if ok:
+            with self._lock:
+                self._context(device)
+                mod = self._module(device, "fp8_gemm")
+                ptr, size = self._check(self.driver.cuModuleGetGlobal(mod, b"vila_fp8_mma_available"),
+                                        "cuModuleGetGlobal")
+                flag = np.zeros(1, np.int32)
+                self._check(self.driver.cuMemcpyDtoH(flag.ctypes.data, ptr, 4), "cuMemcpyDtoH")
+                ok = bool(flag[0])
+        self._fp8_ok[device] = ok
+        return ok
 
     # -- modules --------------------------------------------------------------------------
     def _nvrtc_check(self, result: Any, what: str, prog: Any = None) -> Any:
@@ -424,13 +447,14 @@ class _CudaBackend:
                 errors.append(str(e))
         if has_sass:
             try:
-                mod = self._check(self.driver.cuModuleLoadData(fatbin.read_bytes()), f"cuModuleLoadData({fatbin.name})")
+                image = np.frombuffer(fatbin.read_bytes(), np.uint8)
+                mod = self._check(self.driver.cuModuleLoadData(image.ctypes.data), f"cuModuleLoadData({fatbin.name})")
             except RuntimeError as e:  # e.g. fatbin from a newer CUDA than the driver
                 errors.append(str(e))
         if mod is None:
             try:
-                cubin = self._compile_nvrtc(module, cc)
-                mod = self._check(self.driver.cuModuleLoadData(cubin), "cuModuleLoadData(NVRTC cubin)")
+                image = np.frombuffer(self._compile_nvrtc(module, cc), np.uint8)
+                mod = self._check(self.driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData(NVRTC cubin)")
             except Exception as e:  # noqa: BLE001 - report both attempts
                 errors.append(str(e))
                 raise KernelsUnavailableError(
