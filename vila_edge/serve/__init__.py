@@ -63,22 +63,30 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app, log_level: str):
+def _uvicorn_server(app, log_level: str, on_stop=None):
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets=sockets)
+            if on_stop is not None:
+                on_stop()
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
                             lifespan="on", http="h11", ws="none", loop="asyncio")
-    return uvicorn.Server(config)
+    return Server(config)
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", on_listen=None,
+def run(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", on_listen=None, on_stop=None,
         sock: socket.socket | None = None) -> None:
-    """Serve `app` until Ctrl-C / SIGTERM. `on_listen(url)` is called once the port is bound (port 0: a free one)."""
+    """Serve `app` until Ctrl-C / SIGTERM. `on_listen(url)` is called once the port is bound (port 0: a free one),
+    `on_stop()` after a graceful shutdown. As uvicorn does, a SIGTERM is re-raised after the graceful shutdown,
+    so the process ends with the usual "terminated by SIGTERM" status."""
     sock = sock or bind_socket(host, port)
     h, p = sock.getsockname()[:2]
     if on_listen is not None:
         on_listen(f"http://{'[' + h + ']' if ':' in h else h}:{p}")
-    server = _uvicorn_server(app, log_level)
+    server = _uvicorn_server(app, log_level, on_stop)
     server.run(sockets=[sock])
 
 

@@ -356,16 +356,18 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
         return req.max_tokens
 
     async def _collect(job: Job, request: Request, cid, created_at, model_name):
+        async def watch_disconnect():  # the body is read: the next ASGI message is the client hanging up
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    scheduler.cancel(job)
+                    return
+
+        watcher = asyncio.create_task(watch_disconnect())
         parts: list[str] = []
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(job.events.get(), 0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        scheduler.cancel(job)
-                        return Response(status_code=499)
-                    continue
+                ev = await job.events.get()
                 if ev[0] == "text":
                     parts.append(ev[1])
                 elif ev[0] == "error":
@@ -377,11 +379,13 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
                     if reason == "timeout":
                         raise oa.APIError(504, f"the request did not finish within {settings.request_timeout:g} s",
                                           type="timeout_error", code="timeout")
-                    if reason == "cancelled":
-                        raise oa.APIError(503, "the server is shutting down", type="server_error", code="shutdown")
+                    if reason == "cancelled":  # client gone (nobody reads this) or server shutting down
+                        raise oa.APIError(503, "the request was cancelled (client gone or server shutting down)",
+                                          type="server_error", code="cancelled")
                     return oa.completion(cid, model_name, created_at, "".join(parts), reason, job.prompt_tokens,
                                          job.completion_tokens)
         finally:
+            watcher.cancel()
             if not job.done:
                 scheduler.cancel(job)
 

@@ -6,8 +6,8 @@ API requests, so it never runs beside another generation), broadcast the answer 
 the newest frame at the time it starts, and `/stream.mjpg` always shows the newest frame.
 
 A frame source is anything with `read_latest() -> (seq, frame)` (frame: HxWx3 BGR uint8, or None before
-the first one; seq grows with every new frame) plus optional `start()` / `close()`. `open_camera(src)`
-picks the runtime's camera class when it has one, else `VideoSource` below.
+the first one; seq grows with every new frame) plus optional `close()`; `open_camera(src)` opens the
+runtime's `vila_edge.media.camera.FrameGrabber`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 
 from vila_edge.errors import MediaError
@@ -25,87 +24,19 @@ from vila_edge.serve.scheduler import Job
 log = logging.getLogger("vila_edge.serve")
 
 
-class VideoSource:
-    """Newest-frame capture thread over OpenCV (a camera index, a device path, a video file or a stream URL).
-
-    Video files are played at their own frame rate and looped, so a file can stand in for a camera.
-    """
-
-    def __init__(self, src: str | int, *, loop_file: bool = True):
-        self.src = int(src) if isinstance(src, str) and src.isdigit() else src
-        self.loop_file = loop_file
-        self._lock = threading.Lock()
-        self._frame = None
-        self._seq = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: str | None = None
-        self.fps = 0.0
-
-    def start(self) -> None:
-        import cv2
-
-        cap = cv2.VideoCapture(self.src)
-        if not cap.isOpened():
-            raise MediaError(f"camera {self.src!r}: cannot open (not a camera index, device, video file or stream)")
-        ok, frame = cap.read()
-        if not ok or frame is None:
-            cap.release()
-            raise MediaError(f"camera {self.src!r}: opened but gave no frame")
-        self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        n_frames = cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0
-        self._is_file = isinstance(self.src, str) and n_frames > 0
-        self._publish(frame)
-        self._thread = threading.Thread(target=self._run, args=(cap,), name="vila-edge-camera", daemon=True)
-        self._thread.start()
-
-    def _publish(self, frame) -> None:
-        with self._lock:
-            self._frame = frame
-            self._seq += 1
-
-    def _run(self, cap) -> None:
-        import cv2
-
-        period = 1.0 / self.fps if self._is_file and 0 < self.fps <= 240 else 0.0
-        next_t = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                ok, frame = cap.read()
-                if not ok or frame is None:
-                    if self._is_file and self.loop_file:
-                        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                        ok, frame = cap.read()
-                    if not ok or frame is None:
-                        self.error = "the camera stopped giving frames"
-                        return
-                self._publish(frame)
-                if period:
-                    next_t += period
-                    delay = next_t - time.monotonic()
-                    if delay > 0:
-                        self._stop.wait(delay)
-                    else:
-                        next_t = time.monotonic()
-        finally:
-            cap.release()
-
-    def read_latest(self):
-        with self._lock:
-            return self._seq, self._frame
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-
 def open_camera(src: str):
-    """A started frame source for `--camera SRC`."""
-    source = VideoSource(src)
-    source.start()
-    return source
+    """A started frame source for `--camera SRC`: the runtime's `FrameGrabber` (newest-frame capture thread with
+    reconnect backoff; a video file plays once at its own frame rate, then its last frame stays on the page)."""
+    from vila_edge.media.camera import FrameGrabber
+
+    grabber = FrameGrabber(src, on_notice=lambda msg: log.warning("%s", msg))
+    grabber.start()
+    try:
+        grabber.first_frame()
+    except BaseException:
+        grabber.close()
+        raise
+    return grabber
 
 
 class LiveCaptioner:
@@ -148,6 +79,7 @@ class LiveCaptioner:
         seq, frame = self.source.read_latest()
         shape = None if frame is None else list(frame.shape)
         return {"frame_seq": seq, "frame_shape": shape, "caption": self._latest, "captions_done": self.captions_done,
+                "source_error": getattr(self.source, "error", None),
                 "prompt": self.settings.camera_prompt, "interval": self.settings.camera_interval,
                 "model": self.engine.model_id}
 
@@ -242,12 +174,15 @@ class LiveCaptioner:
             return self._jpeg_seq, self._jpeg
 
     async def mjpeg(self):
+        """multipart/x-mixed-replace of JPEGs: each new frame (at most camera_fps a second), and the current one
+        again every second while the source is still (keeps the connection and late viewers fed)."""
         period = 1.0 / max(0.5, self.settings.camera_fps)
-        last = -1
+        last, last_sent = -1, 0.0
         while True:
             seq, jpeg = await self._jpeg_of_newest()
-            if jpeg and seq != last:
-                last = seq
+            now = time.monotonic()
+            if jpeg and (seq != last or now - last_sent >= 1.0):
+                last, last_sent = seq, now
                 yield (f"--{self.BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
                        .encode() + jpeg + b"\r\n")
             await asyncio.sleep(period)

@@ -216,7 +216,10 @@ class Scheduler:
         it = job.engine.generate_stream(job.messages, job.images, params)
         try:
             for piece in it:
-                if not isinstance(piece, Tail):
+                tail = isinstance(piece, Tail)
+                if not tail:
+                    if reason == "length":  # a token past max_tokens: the engine does not stop by itself
+                        break
                     if job.first_token_at is None:
                         job.first_token_at = time.monotonic()
                         if self.metrics is not None:
@@ -238,17 +241,17 @@ class Scheduler:
                 if safe > sent:
                     self._emit(job, ("text", text[sent:safe]))
                     sent = safe
-                if job.completion_tokens >= params.max_tokens:
-                    reason = "length"
-                    break
                 if job.cancel_event.is_set():
                     reason = "cancelled"
                     break
                 if time.monotonic() >= job.deadline:
                     reason = "timeout"
                     break
+                if job.completion_tokens >= params.max_tokens:
+                    # keep reading only for the engine's closing text (a Tail); it ends there by itself
+                    reason = "length"
             else:
-                reason = "stop"
+                reason = reason or "stop"
         finally:
             close = getattr(it, "close", None)
             if close is not None:
