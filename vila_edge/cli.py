@@ -144,7 +144,10 @@ def serve(
         print(f"vila-edge: serving {names} at {url}/v1" + (f"; camera page {url}/" if cam else ""),
               file=sys.stderr, flush=True)
 
-    run(create_app(models, settings, camera=cam), log_level=log_level, on_listen=ready, sock=sock)
+    def stopped() -> None:
+        print("vila-edge: stopped", file=sys.stderr, flush=True)
+
+    run(create_app(models, settings, camera=cam), log_level=log_level, on_listen=ready, on_stop=stopped, sock=sock)
 
 
 @app.command()
@@ -183,6 +186,40 @@ def chat(
                         engine_dir=engine_dir, precision=precision)
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def build(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder; with --stage engines also an exported engine directory."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Engine directory to write (default engines/<checkpoint name>)."),
+    precision: str = typer.Option("fp32", "--precision", help="Vision ONNX graphs: fp32 | fp16."),
+    int8_vision: bool = typer.Option(False, "--int8-vision", help="Also write an int8 vision tower for CPUs (ONNX Runtime)."),
+    combined_vision: bool = typer.Option(False, "--combined-vision", help="Non-S2 families: also one tower+projector graph/engine with TensorRT-LLM naming (input -> encoder_output)."),
+    llm_precision: str = typer.Option("int4", "--llm-precision", help="LLM weights: int4 | int8 | fp16 | fp32."),
+    llm_quant: str = typer.Option("awq", "--llm-quant", help="int4/int8 LLM quantization: awq | rtn."),
+    group_size: int = typer.Option(128, "--group-size", help="LLM quantization group size."),
+    skip_llm: bool = typer.Option(False, "--skip-llm", help="Build the vision part only."),
+    stage: str = typer.Option("all", "--stage", help="all | export (portable ONNX, any machine) | engines (TensorRT, on the target)."),
+    trt_precision: str = typer.Option("fp16", "--trt-precision", help="TensorRT engines: fp16 | fp32 (int8 | fp8 need QDQ graphs)."),
+    trt_workspace_gb: float = typer.Option(2.0, "--trt-workspace-gb", help="TensorRT builder workspace limit (GiB)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan with estimated disk and memory; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if up to date; replace a non-engine directory."),
+    token_order: str | None = typer.Option(None, help="Override the mlp_downsample token order: row | col."),
+    splice: str | None = typer.Option(None, help="Override the splice layout: v15 | head."),
+    chat_format: str | None = typer.Option(None, help="Override the chat format: vicuna_v1 | llama_3 | hermes-2 | auto."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for export, quantization and checks."),
+):
+    """Build an engine directory: vision ONNX (+ int8 CPU tower), LLM ONNX, TensorRT engines on GPUs."""
+    from vila_edge.builder.build import BuildOptions
+    from vila_edge.builder.build import build as run_build
+
+    opts = BuildOptions(precision=precision, int8_vision=int8_vision, combined_vision=combined_vision,
+                        llm_precision=llm_precision, llm_quant=llm_quant, group_size=group_size, skip_llm=skip_llm,
+                        token_order=token_order, splice=splice, chat_format=chat_format, trt_precision=trt_precision,
+                        trt_workspace_gb=trt_workspace_gb)
+    result = run_build(checkpoint, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
+    if result.status != "planned":
+        typer.echo(str(result.path))
 
 
 def main() -> None:
