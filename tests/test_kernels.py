@@ -501,3 +501,131 @@ def test_make_builds_all_fatbins():
     for name in ("s2_merge", "fp8_gemm"):
         entries = set(K.fatbin_entries(KERNELS / "build" / f"{name}.fatbin"))
         assert {("sass", 87), ("sass", 89), ("sass", 90), ("ptx", 87)} <= entries, (name, entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cuda-python backend's control flow, against a fake driver (no GPU, no cuda-python needed)
+# ---------------------------------------------------------------------------------------------
+class _Ns:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class FakeDriver:
+    CUresult = _Ns(CUDA_SUCCESS=0)
+    CUdevice_attribute = _Ns(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR=75,
+                             CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR=76)
+    CUfunction_attribute = _Ns(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
+    CUpointer_attribute = _Ns(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL=9)
+
+    def __init__(self, cc, launch_result=0):
+        self.cc, self.launch_result, self.calls = cc, launch_result, []
+
+    def cuInit(self, flags):
+        return (0,)
+
+    def cuCtxGetCurrent(self):
+        return (0, 0x1000)
+
+    def cuCtxGetDevice(self):
+        return (0, 0)
+
+    def cuDeviceGet(self, i):
+        return (0, i)
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        return (0, 0x1000)
+
+    def cuCtxSetCurrent(self, ctx):
+        self.calls.append(("set_ctx", ctx))
+        return (0,)
+
+    def cuDeviceGetAttribute(self, attr, dev):
+        return (0, self.cc[0] if attr == 75 else self.cc[1])
+
+    def cuModuleLoadData(self, image):
+        self.calls.append(("load", image))
+        return (0, "module")
+
+    def cuModuleGetFunction(self, mod, name):
+        return (0, ("fn", name.decode()))
+
+    def cuFuncSetAttribute(self, fn, attr, value):
+        self.calls.append(("smem", fn[1], value))
+        return (0,)
+
+    def cuModuleGetGlobal(self, mod, name):
+        assert name == b"vila_fp8_mma_available"
+        self._flag = ctypes.c_int(1)
+        return (0, ctypes.addressof(self._flag), 4)
+
+    def cuMemcpyDtoH(self, dst, src, nbytes):
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def CUstream(self, handle):
+        return ("stream", handle)
+
+    def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        args = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        first_ptr = ctypes.c_uint64.from_address(args[0]).value
+        self.calls.append(("launch", fn[1], (gx, gy, gz), (bx, by, bz), smem, stream, first_ptr))
+        return (self.launch_result,)
+
+    def cuGetErrorName(self, err):
+        return (0, b"CUDA_ERROR_FAKE")
+
+
+class FakeNvrtc:
+    nvrtcResult = _Ns(NVRTC_SUCCESS=0)
+
+    def __init__(self):
+        self.options = None
+
+    def nvrtcCreateProgram(self, src, name, n, headers, names):
+        assert names == [b"common.cuh"] and b'#include "common.cuh"' in src
+        return (0, "prog")
+
+    def nvrtcCompileProgram(self, prog, n, opts):
+        self.options = opts
+        return (0,)
+
+    def nvrtcGetCUBINSize(self, prog):
+        return (0, 8)
+
+    def nvrtcGetCUBIN(self, prog, buf):
+        return (0,)
+
+    def nvrtcDestroyProgram(self, prog):
+        return (0,)
+
+
+@pytest.mark.parametrize("cc", [(8, 9), (12, 0)])
+def test_cuda_backend_flow_with_fake_driver(monkeypatch, cc):
+    drv, nvrtc = FakeDriver(cc), FakeNvrtc()
+    monkeypatch.setattr(K, "_import_cuda", lambda: (drv, nvrtc))
+    backend = K._CudaBackend()
+    old = K._set_backend(backend)
+    try:
+        f = np.zeros((5, 9, 8), np.float16)
+        K.s2_merge(HostCAI(f), HostCAI(np.zeros((1, 9, 16), np.float16)), tile_grids=[(1, 1), (2, 2)], h=3, w=3,
+                   output_scale_idx=0, stream=77)
+        launch = [c for c in drv.calls if c[0] == "launch"][-1]
+        assert launch[1:6] == ("s2_merge_f16_v8", (9, 1, 1), (32, 1, 1), 0, ("stream", 77))
+        assert launch[6] == f.ctypes.data  # kernelParams[0] points at the features pointer
+        fatbin = KERNELS / "build" / "s2_merge.fatbin"
+        has_sass = fatbin.exists() and ("sass", cc[0] * 10 + cc[1]) in K.fatbin_entries(fatbin)
+        assert (nvrtc.options is None) == has_sass  # fatbin when it has SASS for the SM, else NVRTC
+        if not has_sass:
+            assert f"--gpu-architecture=sm_{cc[0]}{cc[1]}".encode() in nvrtc.options
+
+        xq, xs = np.zeros((16, 32), np.uint8), np.ones((16, 1), np.float32)
+        K.fp8_gemm(HostCAI(xq), HostCAI(xs), HostCAI(np.zeros((8, 32), np.uint8)), HostCAI(np.ones((1, 1), np.float32)),
+                   HostCAI(np.zeros((16, 8), np.float16)))
+        assert ("smem", "fp8_gemm_w8a8_f16out", K._W8A8_SMEM) in drv.calls  # > 48 KiB opt-in
+        drv.launch_result = 1
+        with pytest.raises(RuntimeError, match=r"cuLaunchKernel\(s2_merge_f16_v8\) failed: CUDA_ERROR_FAKE"):
+            K.s2_merge(HostCAI(f), HostCAI(np.zeros((1, 9, 16), np.float16)), tile_grids=[(1, 1), (2, 2)], h=3,
+                       w=3, output_scale_idx=0)
+    finally:
+        K._set_backend(old)

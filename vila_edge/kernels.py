@@ -346,19 +346,22 @@ class _CudaBackend:
 
     # -- devices and contexts -------------------------------------------------------------
     def device_of(self, arrays: Sequence[DeviceArray]) -> int:
+        """The arrays' device: from DLPack if known, else the current context's device (what
+        torch / CuPy / ORT make current), else the pointer's, else 0. Only context queries on the
+        common path, so launches stay legal inside CUDA-graph stream capture."""
         for a in arrays:
             if a.device is not None:
                 return a.device
         d = self.driver
+        ctx = self._check(d.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if ctx is not None and int(ctx) != 0:
+            return int(self._check(d.cuCtxGetDevice(), "cuCtxGetDevice"))
         for a in arrays:
             try:
                 attr = d.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
                 return int(self._check(d.cuPointerGetAttribute(attr, a.ptr), "cuPointerGetAttribute"))
             except (RuntimeError, TypeError, AttributeError):
                 continue
-        ctx = self._check(d.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if ctx is not None and int(ctx) != 0:
-            return int(self._check(d.cuCtxGetDevice(), "cuCtxGetDevice"))
         return 0
 
     def _context(self, device: int) -> Any:
