@@ -222,6 +222,31 @@ def build(
         typer.echo(str(result.path))
 
 
+@app.command()
+def bench(
+    engines: list[Path] = typer.Argument(None, help="Engine directories (vila-edge build output)."),
+    preset: str | None = typer.Option(None, help="Benchmark a geometry preset with random weights instead: "
+                                      "vila1.5-3b | nvila-lite-2b | nvila-8b (written and built under --work-dir)."),
+    work_dir: Path = typer.Option(Path("bench-work"), help="Where preset checkpoints and engines are kept."),
+    image_size: list[str] = typer.Option(["1920x1080"], help="Image sizes WIDTHxHEIGHT (repeatable)."),
+    prompt_tokens: list[int] = typer.Option([32], help="Text prompt lengths in tokens (repeatable)."),
+    new_tokens: int = typer.Option(128, help="Tokens generated per run (stop tokens ignored)."),
+    runs: int = typer.Option(3, help="Measured runs per case (the median is reported)."),
+    warmup: int = typer.Option(1, help="Unmeasured warm-up runs per engine."),
+    threads: int | None = typer.Option(None, help="Engine threads (default: physical cores)."),
+    device: str | None = typer.Option(None, help="Also report the planner's prediction for this device profile."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", "-o", help="Folder for bench_*.json and .png."),
+    llm_only: bool = typer.Option(False, help="Decode-only benchmark of the LLM (no image)."),
+):
+    """Vision latency per tile, time to first token by stage, decode tok/s, peak memory; JSON + PNG + table."""
+    from vila_edge.bench import BenchOptions, run_bench_cli
+
+    opts = BenchOptions(image_sizes=[_parse_size(s) for s in image_size], prompt_tokens=list(prompt_tokens),
+                        new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads, device=device,
+                        llm_only=llm_only)
+    run_bench_cli(list(engines or []), opts, out=out, preset=preset, work_dir=work_dir)
+
+
 def main() -> None:
     try:
         app()
