@@ -137,11 +137,19 @@ def quantize_tensor(w: torch.Tensor, w_bit: int, group_size: int):
 
 
 def pseudo_quantize(w: torch.Tensor, w_bit: int, group_size: int) -> torch.Tensor:
-    """Quantize then dequantize (float32) a weight [..., in] with groups along the last dim."""
+    """Quantize then dequantize (float32) a weight [..., in] with groups along the last dim.
+
+    Same arithmetic as ``QuantizedLinear.dequantize(quantize_tensor(w))`` (bit-identical), done
+    with in-place ops because the scale and clip searches call it hundreds of times per layer.
+    """
     shape = w.shape
-    flat = w.reshape(-1, shape[-1])
-    codes, scales, zeros = quantize_tensor(flat, w_bit, group_size)
-    return QuantizedLinear(codes, scales, zeros, group_size, w_bit).dequantize().reshape(shape)
+    wg = w.reshape(-1, shape[-1] // group_size, group_size).to(torch.float32, copy=True)
+    max_int = 2**w_bit - 1
+    w_max = wg.amax(dim=-1, keepdim=True)
+    w_min = wg.amin(dim=-1, keepdim=True)
+    scales = w_max.sub_(w_min).clamp_(min=1e-5).div_(max_int).half().float()
+    zeros = w_min.div_(scales).round_().neg_().clamp_(0, max_int)
+    return wg.div_(scales).round_().add_(zeros).clamp_(0, max_int).sub_(zeros).mul_(scales).reshape(shape)
 
 
 def check_group_size(model: nn.Module, group_size: int, w_bit: int = 4, include_lm_head: bool = False) -> None:
@@ -218,7 +226,7 @@ def _mean_squared_error(runner: _ChunkedRunner, fn, x: torch.Tensor, reference: 
     start = 0
     for chunk in runner.chunks(x):
         out = fn(chunk)
-        total += (out - reference[start:start + chunk.shape[0]]).pow(2).sum().item()
+        total += torch.nn.functional.mse_loss(out, reference[start:start + chunk.shape[0]], reduction="sum").item()
         start += chunk.shape[0]
     return total / reference.numel()
 
@@ -273,7 +281,8 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, settings: AWQSettings) ->
             max_val = (org_max * (1 - i / settings.clip_grid)).unsqueeze(-1)
             clipped = torch.maximum(torch.minimum(w, max_val), -max_val)
             quantized = pseudo_quantize(clipped, settings.w_bit, gs)
-            err = (torch.einsum("tgs,ngs->ntg", tokens, quantized) - reference).pow(2).mean(dim=1)
+            diff = torch.einsum("tgs,ngs->ntg", tokens, quantized).sub_(reference)
+            err = diff.mul_(diff).mean(dim=1)
             better = err < min_err
             min_err[better] = err[better]
             batch_best[better] = max_val.squeeze(-1)[better]
