@@ -440,8 +440,8 @@ def quantize_model(
                       if g in s and s[g]["rtn_loss"] > 0]
         summary["mean_block_error_vs_rtn"] = round(sum(reductions) / len(reductions), 4) if reductions else None
         summary["mean_ratio"] = {
-            g: round(sum(s[g]["ratio"] for s in layer_stats if g in s) / max(1, sum(g in s for s in layer_stats)), 3)
-            for g in ("qkv", "o", "gate_up", "down")
+            g: round(sum(s[g]["ratio"] for s in layer_stats if g in s) / sum(g in s for s in layer_stats), 3)
+            for g in ("qkv", "o", "gate_up", "down") if any(g in s for s in layer_stats)
         }
     return quantized, summary
 

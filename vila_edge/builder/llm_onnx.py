@@ -1,0 +1,371 @@
+"""Build the ONNX Runtime language-model decoder with onnxruntime-genai's model builder.
+
+The decoder takes ``inputs_embeds`` (the runtime splices image features into the text
+embeddings), runs int4 ``MatMulNBits`` (from our AWQ checkpoint) with the KV cache as
+past/present tensors, and returns logits. The text embedding table is stored next to it as
+``embed_tokens.npy``. onnxruntime-genai's own generator cannot drive an ``inputs_embeds``
+decoder; the runtime drives it with a plain ``onnxruntime.InferenceSession``.
+
+Precisions: ``int4`` (quant ``awq`` | ``rtn`` = our quantizer then the builder's AWQ loader,
+``builder`` = the builder's own symmetric RTN), ``int8`` / ``fp32`` / ``fp16`` from the float
+weights. A folder that is already AWQ-quantized (AutoAWQ, or a TinyChat ``*v2.pt``) is used as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+INT4_QUANT = ("awq", "rtn", "builder")
+DECODER_FILENAME = "model.onnx"
+EMBED_FILENAME = "embed_tokens.npy"
+LM_HEAD_FILENAME = "lm_head_int4.safetensors"
+
+
+class LLMBuildError(RuntimeError):
+    """The model builder failed; the message carries the tail of its log."""
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; pass the checkpoint's llm/ folder")
+    return json.loads(path.read_text())
+
+
+def _embedding_and_head(folder: Path, config: dict):
+    """(embedding weight, lm_head weight) as float32 torch tensors from a float or AWQ folder."""
+    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, read_tinychat_v2
+
+    import torch
+    from safetensors import safe_open
+
+    wanted = {"model.embed_tokens.weight", "lm_head.weight"}
+    found = {}
+    if find_tinychat_v2_file(folder) is not None and not is_awq_checkpoint(folder):
+        floats, _ = read_tinychat_v2(find_tinychat_v2_file(folder))
+        found = {k: v for k, v in floats.items() if k in wanted}
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+        for file in files:
+            if file.name == LM_HEAD_FILENAME:
+                continue
+            with safe_open(str(file), framework="pt") as handle:
+                for name in wanted & set(handle.keys()):
+                    found[name] = handle.get_tensor(name)
+    if "model.embed_tokens.weight" not in found:
+        raise ValueError(f"{folder}: no model.embed_tokens.weight in the weights")
+    embed = found["model.embed_tokens.weight"]
+    head = found.get("lm_head.weight")
+    if head is None:
+        if not config.get("tie_word_embeddings", False):
+            raise ValueError(f"{folder}: no lm_head.weight and tie_word_embeddings is false")
+        head = embed
+    return embed, head.to(torch.float32)
+
+
+def _stage_with_int4_head(awq_dir: Path, staging: Path, group_size: int, config: dict) -> dict:
+    """Builder input = the AWQ folder (symlinked) + an int4 lm_head written in the same AWQ format.
+
+    The builder's AWQ loader reads every ``*.safetensors`` of the folder, so the extra file
+    ``lm_head.{qweight,qzeros,scales}`` turns the head into a MatMulNBits with our own RTN
+    codes (which the PyTorch reference can reproduce), instead of the builder's RTN.
+    """
+    from vila_edge.builder.awq import quantize_tensor
+    from vila_edge.builder.awq_formats import QuantizedLinear, awq_gemm_tensors
+
+    from safetensors.torch import save_file
+
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in awq_dir.iterdir():
+        if path.is_file():
+            os.symlink(path.resolve(), staging / path.name)
+    _, head = _embedding_and_head(awq_dir, config)
+    codes, scales, zeros = quantize_tensor(head, 4, group_size)
+    tensors = {f"lm_head.{k}": v for k, v in awq_gemm_tensors(QuantizedLinear(codes, scales, zeros, group_size)).items()}
+    save_file(tensors, str(staging / LM_HEAD_FILENAME))
+    return {"quant": "rtn-int4", "group_size": group_size}
+
+
+def int4_lm_head_weight(head, group_size: int):
+    """The float32 lm_head weight that the int4 decoder computes with (for PyTorch references)."""
+    from vila_edge.builder.awq import pseudo_quantize
+
+    return pseudo_quantize(head.float(), 4, group_size)
+
+
+def reference_model(awq_or_float_dir: Path | str, info: dict):
+    """PyTorch model computing what the built decoder computes (the parity oracle).
+
+    ``awq_or_float_dir``: the AWQ checkpoint the decoder was built from (``info["awq_dir"]``
+    when it was kept) or the float folder for fp32 builds.
+    """
+    import torch
+
+    from vila_edge.builder.awq_formats import is_awq_checkpoint, load_dequantized_model
+
+    folder = Path(awq_or_float_dir)
+    if is_awq_checkpoint(folder):
+        model = load_dequantized_model(folder)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
+    head = info.get("lm_head", {})
+    if head.get("quant") == "rtn-int4":
+        weight = int4_lm_head_weight(model.get_output_embeddings().weight.data, head["group_size"])
+        if getattr(model.config, "tie_word_embeddings", False):
+            # untie: the decoder's head is int4 while the runtime's embedding table stays float
+            model.lm_head.weight = torch.nn.Parameter(weight)
+            model.config.tie_word_embeddings = False
+        else:
+            model.get_output_embeddings().weight.data = weight
+    return model
+
+
+def _run_builder(builder_input: Path, out_dir: Path, precision: str, extra: dict[str, str], cache_dir: Path,
+                 log_path: Path, progress: bool) -> None:
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    args = [f"{k}={v}" for k, v in extra.items()]
+    log = io.StringIO()
+    quiet = contextlib.ExitStack()
+    if not progress:
+        # the builder prints per-tensor progress (stdout, tqdm on stderr) and its quantizer logs INFO lines
+        quiet.enter_context(contextlib.redirect_stdout(log))
+        quiet.enter_context(contextlib.redirect_stderr(log))
+        quiet.enter_context(_logger_level("onnxruntime.quantization", logging.WARNING))
+        quiet.enter_context(_logger_level("onnxruntime.quantization.matmul_nbits_quantizer", logging.WARNING))
+    try:
+        with quiet:
+            options = parse_extra_options(None, str(builder_input), str(out_dir), precision, "cpu", str(cache_dir), args)
+            create_model(None, str(builder_input), str(out_dir), precision, "cpu", str(cache_dir), **options)
+    except Exception as error:
+        tail = "\n".join(log.getvalue().splitlines()[-20:])
+        raise LLMBuildError(
+            f"onnxruntime-genai builder failed on {builder_input} (precision {precision}): {error}\n{tail}"
+        ) from error
+    finally:
+        if not progress:
+            log_path.write_text(log.getvalue())
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _describe_onnx(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    levels = sorted({a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"})
+    blocks = sorted({a.i for n in nbits for a in n.attribute if a.name == "block_size"})
+    bits = sorted({a.i for n in nbits for a in n.attribute if a.name == "bits"})
+    head_nodes = [n.name for n in model.graph.node if "lm_head" in n.name and n.op_type in ("MatMul", "MatMulNBits")]
+    io_type = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    return {
+        "inputs": inputs,
+        "outputs": outputs,
+        "matmulnbits": {"count": len(nbits), "accuracy_levels": levels, "block_sizes": blocks, "bits": bits},
+        "lm_head_op": head_nodes,
+        "io_dtype": onnx.helper.tensor_dtype_to_np_dtype(io_type.get("inputs_embeds", 1)).name,
+    }
+
+
+def build_llm_onnx(
+    llm_dir: Path,
+    out_dir: Path,
+    *,
+    precision: str = "int4",
+    quant: str = "awq",
+    group_size: int = 128,
+    calib_path: Path | None = None,
+    threads: int | None = None,
+    accuracy_level: int = 4,
+    progress: bool = True,
+    lm_head_int4: bool = True,
+    prune_lm_head: bool = True,
+    awq_dir: Path | None = None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 512,
+) -> dict:
+    """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
+
+    ``lm_head_int4``: store the LM head as int4 (RTN, group ``group_size``) instead of float.
+    ``prune_lm_head``: compute logits for the last position only (prefill cost; the runtime
+    needs no other). ``awq_dir``: keep the AutoAWQ checkpoint made from a float ``llm_dir`` there
+    (it is needed to rebuild the PyTorch reference; otherwise it is temporary).
+    """
+    llm_dir, out_dir = Path(llm_dir), Path(out_dir)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int4" and quant not in INT4_QUANT:
+        raise ValueError(f"quant must be one of {INT4_QUANT} for int4, got {quant!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be 0..4 (4 = int8 activations on CPU), got {accuracy_level}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+    from vila_edge.builder.awq import quantize_checkpoint
+    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, tinychat_v2_to_awq_checkpoint
+
+    config = _read_config(llm_dir)
+    prequantized = is_awq_checkpoint(llm_dir) or find_tinychat_v2_file(llm_dir) is not None
+    if prequantized and precision != "int4":
+        raise ValueError(f"{llm_dir} holds AWQ int4 weights; build it with precision='int4' (got {precision!r})")
+    threads = threads or default_threads()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".llm-build-", dir=out_dir))
+    info: dict = {"precision": precision, "group_size": group_size if precision in ("int4", "int8") else None}
+    try:
+        builder_input = llm_dir
+        source_for_embed = llm_dir
+        awq_stats = None
+        if precision == "int4" and (prequantized or quant in ("awq", "rtn")):
+            if is_awq_checkpoint(llm_dir):
+                awq_source = llm_dir
+                info["quant"] = "prequantized-autoawq"
+            elif prequantized:
+                awq_source = Path(awq_dir) if awq_dir else staging / "awq"
+                tinychat_v2_to_awq_checkpoint(find_tinychat_v2_file(llm_dir), llm_dir, awq_source)
+                info["quant"] = "prequantized-tinychat-v2"
+            else:
+                awq_source = Path(awq_dir) if awq_dir else staging / "awq"
+                awq_stats = quantize_checkpoint(
+                    llm_dir, awq_source, w_bit=4, group_size=group_size, method=quant, calib_path=calib_path,
+                    calib_samples=calib_samples, calib_seqlen=calib_seqlen, progress=progress,
+                )
+                info["quant"] = quant
+            awq_config = _read_config(awq_source)
+            ckpt_group = int(awq_config["quantization_config"].get("group_size", group_size))
+            info["group_size"] = ckpt_group
+            source_for_embed = awq_source
+            if awq_dir or awq_source == llm_dir:
+                info["awq_dir"] = str(awq_source)
+            vocab = int(awq_config["vocab_size"])
+            hidden = int(awq_config["hidden_size"])
+            if lm_head_int4 and vocab % 8 == 0 and hidden % ckpt_group == 0:
+                builder_input = staging / "builder_input"
+                info["lm_head"] = _stage_with_int4_head(awq_source, builder_input, ckpt_group, awq_config)
+            else:
+                builder_input = awq_source
+                reason = "requested" if not lm_head_int4 else f"vocab {vocab} or hidden {hidden} does not fit int4 packing"
+                info["lm_head"] = {"quant": "float", "reason": reason}
+        elif precision == "int4":
+            info["quant"] = "builder-rtn-symmetric"
+            info["lm_head"] = {"quant": "builder-rtn-symmetric" if lm_head_int4 else "float"}
+        else:
+            info["quant"] = "none" if precision in ("fp16", "fp32") else "builder-rtn-symmetric"
+            info["lm_head"] = {"quant": "float" if precision in ("fp16", "fp32") or not lm_head_int4 else info["quant"]}
+
+        extra = {
+            "exclude_embeds": "true",
+            "prune_lm_head": "true" if prune_lm_head else "false",
+            "filename": DECODER_FILENAME,
+            "hf_token": "false",
+            # current names and the deprecated int4_* aliases (older builders read only those)
+            "accuracy_level": str(accuracy_level),
+            "int4_accuracy_level": str(accuracy_level),
+            "block_size": str(info["group_size"] or 32),
+            "int4_block_size": str(info["group_size"] or 32),
+        }
+        if precision in ("int4", "int8") and info["lm_head"]["quant"] == "float":
+            extra["nodes_to_exclude"] = "/lm_head/MatMul"
+        _run_builder(builder_input, out_dir, precision, extra, staging / "cache", staging / "builder.log", progress)
+
+        # text embedding table for the runtime, from the same weights the decoder was built from
+        embed, _ = _embedding_and_head(source_for_embed, _read_config(source_for_embed))
+        embed_np = embed.numpy() if embed.dtype in (_torch().float32, _torch().float16) else embed.float().numpy()
+        if embed_np.dtype == np.float32 and embed.dtype != _torch().float32:
+            embed_np = embed_np.astype(np.float16)  # bf16 source: float16 keeps the table at 2 bytes/value
+        np.save(out_dir / EMBED_FILENAME, embed_np)
+
+        genai_path = out_dir / "genai_config.json"
+        genai = json.loads(genai_path.read_text())
+        session = genai["model"]["decoder"].setdefault("session_options", {})
+        session["intra_op_num_threads"] = int(threads)
+        genai_path.write_text(json.dumps(genai, indent=4) + "\n")
+        if awq_stats is not None:
+            (out_dir / "awq_stats.json").write_text(json.dumps(awq_stats, indent=2) + "\n")
+
+        decoder = genai["model"]["decoder"]
+        described = _describe_onnx(out_dir / DECODER_FILENAME)
+        info.update({
+            "files": {
+                "decoder": DECODER_FILENAME,
+                "decoder_data": DECODER_FILENAME + ".data" if (out_dir / (DECODER_FILENAME + ".data")).exists() else None,
+                "embed_tokens": EMBED_FILENAME,
+                "genai_config": "genai_config.json",
+            },
+            "inputs": {
+                "inputs_embeds": "inputs_embeds",
+                "attention_mask": "attention_mask" if "attention_mask" in described["inputs"] else None,
+                "position_ids": "position_ids" if "position_ids" in described["inputs"] else None,
+                "past_key": decoder["inputs"].get("past_key_names"),
+                "past_value": decoder["inputs"].get("past_value_names"),
+            },
+            "outputs": {
+                "logits": decoder["outputs"].get("logits", "logits"),
+                "present_key": decoder["outputs"].get("present_key_names"),
+                "present_value": decoder["outputs"].get("present_value_names"),
+            },
+            "logits_last_position_only": bool(prune_lm_head),
+            "past_present_share_buffer": bool(genai["search"].get("past_present_share_buffer", False)),
+            "context_length": int(genai["model"]["context_length"]),
+            "num_layers": int(decoder["num_hidden_layers"]),
+            "num_heads": int(decoder["num_attention_heads"]),
+            "num_kv_heads": int(decoder["num_key_value_heads"]),
+            "head_dim": int(decoder["head_size"]),
+            "hidden": int(decoder["hidden_size"]),
+            "vocab_size": int(genai["model"]["vocab_size"]),
+            "embed_dtype": str(embed_np.dtype),
+            "io_dtype": described["io_dtype"],
+            "kv_dtype": described["io_dtype"],
+            "threads": int(threads),
+            "accuracy_level": accuracy_level,
+            "matmulnbits": described["matmulnbits"],
+            "eos_token_id": genai["model"].get("eos_token_id"),
+            "bos_token_id": genai["model"].get("bos_token_id"),
+            "awq": None if awq_stats is None else {k: v for k, v in awq_stats.items() if k != "layers"},
+        })
+        if precision in ("int4", "int8") and described["matmulnbits"]["count"] == 0:
+            raise LLMBuildError(f"{out_dir / DECODER_FILENAME}: no MatMulNBits nodes in a {precision} build")
+        (out_dir / "decoder_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        return info
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _torch():
+    import torch
+
+    return torch
