@@ -669,19 +669,20 @@ def _jsonable(x):
 
 
 def ratios(summary: list[dict]) -> list[dict]:
-    """Decode and prefill speed of every contender relative to the first one, per case."""
+    """Decode and prefill speed of our engines relative to each peer (or to the first engine), per case."""
     if len(summary) < 2:
         return []
+    peers = [s for s in summary if s["kind"] == "peer"]
+    ours = [s for s in summary if s["kind"] != "peer"]
+    if peers:
+        pairs = [(o, p) for o in ours for p in peers]
+    else:
+        pairs = [(summary[0], s) for s in summary[1:] if s["name"] != summary[0]["name"]]
     out = []
-    first = summary[0]["name"]
-    base = {(json.dumps(s["image"]), s["prompt_tokens"]): s for s in summary if s["name"] == first}
-    for s in summary:
-        if s["name"] == first:
+    for b, s in pairs:
+        if json.dumps(b["image"]) != json.dumps(s["image"]) or b["prompt_tokens"] != s["prompt_tokens"]:
             continue
-        b = base.get((json.dumps(s["image"]), s["prompt_tokens"]))
-        if not b:
-            continue
-        out.append({"baseline": first, "other": s["name"],
+        out.append({"baseline": b["name"], "other": s["name"],
                     "decode_ratio": b["decode_tok_s"]["median"] / s["decode_tok_s"]["median"]
                     if s["decode_tok_s"]["median"] else None,
                     "prefill_ratio": s["prefill_s"]["median"] / b["prefill_s"]["median"]
@@ -896,6 +897,66 @@ def run_bench_cli(engines: list[Path], opts: BenchOptions, *, out: Path, preset:
     print_report(doc, con)
     jp, pp = write_outputs(doc, out)
     con.print(f"wrote {jp} and {pp}")
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM-only comparisons (benchmarks/llm_decode.py and benchmarks/peers/*.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def llm_comparison_args(doc: str | None, argv=None, extra=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="nvila-lite-2b", help="LLM geometry (vila_edge.presets)")
+    ap.add_argument("--ours", type=Path, action="append", default=[],
+                    help="our LLM folder or engine directory (repeatable; default: build with vila_edge.builder.llm_onnx)")
+    ap.add_argument("--group-size", type=int, action="append", default=[],
+                    help="int4 block size(s) of our builds when --ours is not given (32, 64, 128; default 128)")
+    ap.add_argument("--threads", type=int, default=None, help="threads for every contender (default: physical cores)")
+    ap.add_argument("--prompt-tokens", type=int, default=300)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3, help="interleaved rounds (median, min, max reported)")
+    ap.add_argument("--work-dir", type=Path, default=Path("bench-work"), help="checkpoints, GGUFs and builds (cached)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--bandwidth-mib", type=int, default=512)
+    if extra:
+        extra(ap)
+    a = ap.parse_args(argv)
+    a.group_size = a.group_size or [128]
+    return a
+
+
+def run_llm_comparison(a, peer_factories: Sequence[Callable[[BenchOptions], Contender]], tag: str) -> dict:
+    """Our int4 decoder(s) + peers at a preset's LLM geometry, interleaved; document, table, chart."""
+    from vila_edge.presets import preset_config
+
+    threads = a.threads or default_threads()
+    opts = BenchOptions(image_sizes=[], prompt_tokens=[a.prompt_tokens], new_tokens=a.new_tokens, runs=a.runs,
+                        warmup=1, threads=threads, llm_only=True, bandwidth_mib=a.bandwidth_mib)
+    cfg = preset_config(a.preset)
+    ours: list[Contender] = []
+    if a.ours:
+        for d in a.ours:
+            ours.append(engine_contender(d, opts, name=f"vila-edge {Path(d).name}", config=cfg, precision="int4"))
+    else:
+        ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
+        for g in a.group_size:
+            d = ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-g{g}", group_size=g,
+                                  threads=threads)
+            ours.append(engine_contender(d, opts, name=f"vila-edge ORT int4 g{g}", config=cfg, precision="int4"))
+    contenders = ours + [f(opts) for f in peer_factories]
+    raw = run_interleaved(contenders, opts)
+    notes = [f"{a.preset} LLM geometry, random weights; prompt {a.prompt_tokens} random ids then {a.new_tokens} "
+             f"forced greedy tokens; {threads} threads everywhere; every run in a fresh process; contenders "
+             f"interleaved per round, a bandwidth probe right after each run"]
+    doc = make_document(contenders, raw, opts, label=f"{a.preset}-vs-{tag}" if peer_factories else f"{a.preset}-llm",
+                        notes=notes)
+    print_report(doc)
+    jp, pp = write_outputs(doc, a.out)
+    print(f"wrote {jp} and {pp}")
     return doc
 
 
