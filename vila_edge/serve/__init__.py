@@ -68,12 +68,17 @@ def _uvicorn_server(app, log_level: str, on_stop=None):
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
+            begin = getattr(getattr(app, "state", None), "begin_shutdown", None)
+            if begin is not None:  # end the never-ending streams (camera page) now; chat requests may finish
+                begin()
             await super().shutdown(sockets=sockets)
             if on_stop is not None:
                 on_stop()
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
-                            lifespan="on", http="h11", ws="none", loop="asyncio")
+    # keep-alive longer than clients' idle expiry (httpx: 5 s), so a client never reuses a connection that the
+    # server is closing at that very moment (a ReadError on a request the server never saw)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,
+                            timeout_keep_alive=30, lifespan="on", http="h11", ws="none", loop="asyncio")
     return Server(config)
 
 
@@ -111,7 +116,7 @@ class BackgroundServer:
             time.sleep(0.01)
         return self
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 40.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
         self.sock.close()

@@ -225,6 +225,7 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.live = live
+    app.state.begin_shutdown = (lambda: live.begin_shutdown()) if live is not None else (lambda: None)
     app.add_middleware(_RouteMetrics, metrics=metrics)
 
     # ---- errors: always the OpenAI shape, never a traceback ----------------------------------------

@@ -54,6 +54,7 @@ class LiveCaptioner:
         self._jpeg = b""
         self._jpeg_lock = asyncio.Lock()
         self._running = False
+        self._closing = False
         self.captions_done = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -61,8 +62,15 @@ class LiveCaptioner:
         self._running = True
         self._task = asyncio.create_task(self._loop(), name="vila-edge-captions")
 
+    def begin_shutdown(self) -> None:
+        """The server is stopping: end every viewer's MJPEG and caption stream now."""
+        self._closing = True
+        for q in list(self._subscribers):
+            q.put_nowait(None)
+
     async def stop(self) -> None:
         self._running = False
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -147,6 +155,8 @@ class LiveCaptioner:
     async def captions(self):
         q: asyncio.Queue = asyncio.Queue()
         self._subscribers.add(q)
+        if self._closing:
+            q.put_nowait(None)
         try:
             yield "retry: 2000\n\n"
             yield "data: " + json.dumps(self._latest) + "\n\n"
@@ -178,7 +188,7 @@ class LiveCaptioner:
         again every second while the source is still (keeps the connection and late viewers fed)."""
         period = 1.0 / max(0.5, self.settings.camera_fps)
         last, last_sent = -1, 0.0
-        while True:
+        while not self._closing:
             seq, jpeg = await self._jpeg_of_newest()
             now = time.monotonic()
             if jpeg and (seq != last or now - last_sent >= 1.0):
