@@ -411,6 +411,11 @@ def test_client_disconnect_mid_stream_frees_the_engine():
             got = [next(lines) for _ in range(6)]
             assert any('"content"' in g for g in got)
             assert _health(srv)["active"] == 1
+            # a second stream waits in the queue; its client hangs up before getting a byte
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=10) as r2:
+                assert r2.status_code == 200
+                assert _wait(lambda: _health(srv)["queue_length"] == 1, 2.0)
+            assert _wait(lambda: _health(srv)["queue_length"] == 0, 2.0)
         t0 = time.monotonic()  # connection closed here
         assert _wait(lambda: _health(srv)["active"] == 0 and eng.running == 0, 3.0)
         freed = time.monotonic() - t0
@@ -420,7 +425,7 @@ def test_client_disconnect_mid_stream_frees_the_engine():
         r = post(srv, {"messages": _MSG, "max_tokens": 5})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
         text = httpx.get(srv.url + "/metrics").text
-        assert 'vila_edge_generations_total{finish_reason="cancelled"} 1' in text
+        assert 'vila_edge_generations_total{finish_reason="cancelled"} 2' in text  # running + queued
 
 
 def test_client_disconnect_non_streaming_and_while_queued():

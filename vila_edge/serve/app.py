@@ -21,6 +21,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vila_edge.serve import openai_schema as oa
@@ -315,9 +316,16 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
                               headers={"Retry-After": str(ra)})
         cid, created_at, model_name = oa.new_id(), int(time.time()), engine.model_id
         if req.stream:
+            # the background task also runs when the client left before the first byte (the generator's own
+            # `finally` never runs then): the job must not go on without a listener
             return StreamingResponse(_stream(job, cid, created_at, model_name, req.include_usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+                                     media_type="text/event-stream", headers=SSE_HEADERS,
+                                     background=BackgroundTask(_release, job))
         return await _collect(job, request, cid, created_at, model_name)
+
+    def _release(job: Job) -> None:
+        if not job.done:
+            scheduler.cancel(job)
 
     def _pick_engine(name: str | None) -> Engine:
         if name in by_id:
