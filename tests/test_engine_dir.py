@@ -222,6 +222,12 @@ def test_llm_builder_is_called_or_skipped_gracefully(tiny_checkpoint, tmp_path, 
 
     monkeypatch.setitem(sys.modules, "vila_edge.builder.llm_onnx",
                         types.SimpleNamespace(build_llm_onnx=fake_build_llm_onnx))
+
+    def no_vision(ckpt, tmp, options, threads, rep):  # the vision export is tested elsewhere; keep this fast
+        (tmp / "vision").mkdir()
+        return {"files": {}, "plans": {}}
+
+    monkeypatch.setattr("vila_edge.builder.build._export_vision", no_vision)
     opts = BuildOptions(llm_precision="int8", group_size=64)
     # the -hf layout: the LLM builder gets a plain HF folder written from the flat weights
     res = build(tiny_checkpoint("nvila-lite", "hf"), tmp_path / "a", options=opts, stage="export", progress=False)

@@ -301,3 +301,121 @@ def test_tensorrt_engines_build_and_run(engines, tmp_path):
     for rel in m["vision"]["plans"].values():
         assert (src / rel).stat().st_size > 0
     assert (src / trtb.TIMING_CACHE).is_file()
+
+
+# ---- `--stage engines` orchestration against a stand-in TensorRT (the real one needs a GPU) ---------------------
+
+FAKE_TENSORRT = '''
+"""Stand-in for the parts of the TensorRT Python API the builder uses; strict about names and shapes."""
+import json, os
+import onnx
+
+__version__ = "10.3.0"
+CALLS = []
+
+class Logger:
+    WARNING = 2
+    def __init__(self, level): pass
+
+class NetworkDefinitionCreationFlag:
+    EXPLICIT_BATCH = 0
+
+class MemoryPoolType:
+    WORKSPACE = "workspace"
+
+class BuilderFlag:
+    FP16 = "fp16"; INT8 = "int8"; FP8 = "fp8"
+
+class _Network:
+    def __init__(self): self.inputs = {}
+
+class OnnxParser:
+    def __init__(self, network, logger): self.network = network; self.num_errors = 0
+    def parse_from_file(self, path):
+        m = onnx.load(path, load_external_data=False)
+        assert {o.version for o in m.opset_import if o.domain in ("", "ai.onnx")} == {17}
+        self.network.inputs = {i.name: [d.dim_value or -1 for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+        self.network.path = path
+        return True
+    def get_error(self, i): return ""
+
+class _Profile:
+    def __init__(self): self.shapes = {}
+    def set_shape(self, name, mn, opt, mx): self.shapes[name] = (tuple(mn), tuple(opt), tuple(mx))
+
+class _Cache:
+    def __init__(self, blob): self.blob = bytes(blob)
+    def serialize(self): return self.blob + b"+"
+
+class _Config:
+    def __init__(self): self.flags = set(); self.pool = {}; self.profiles = []; self.cache = None
+    def set_memory_pool_limit(self, pool, n): self.pool[pool] = n
+    def set_flag(self, f): self.flags.add(f)
+    def add_optimization_profile(self, p): self.profiles.append(p)
+    def create_timing_cache(self, blob): return _Cache(blob)
+    def set_timing_cache(self, cache, ignore_mismatch): self.cache = cache; return True
+    def get_timing_cache(self): return self.cache
+
+class Builder:
+    def __init__(self, logger): pass
+    def create_network(self, flags): assert flags == 0; return _Network()
+    def create_builder_config(self): return _Config()
+    def create_optimization_profile(self): return _Profile()
+    def build_serialized_network(self, network, config):
+        (p,) = config.profiles
+        assert set(p.shapes) == set(network.inputs), (p.shapes, network.inputs)
+        for name, (mn, opt, mx) in p.shapes.items():
+            static = network.inputs[name]
+            assert len(mn) == len(static) and all(s in (-1, a) for s, a in zip(static[1:], mn[1:]))
+            assert mn[0] <= opt[0] <= mx[0] and mn[1:] == opt[1:] == mx[1:]
+        CALLS.append({"onnx": os.path.basename(network.path), "shapes": p.shapes, "flags": sorted(config.flags),
+                      "workspace": config.pool[MemoryPoolType.WORKSPACE]})
+        return json.dumps(CALLS[-1], default=list).encode()
+'''
+
+
+def test_stage_engines_on_the_target_needs_no_torch(engines, tmp_path):
+    """Jetson flow: the exported dir is copied over and compiled there, with tensorrt and without torch."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "tensorrt.py").write_text(FAKE_TENSORRT)
+    exported = shutil.copytree(engines("vila1.5"), tmp_path / "jetson" / "vila15")
+    script = (
+        "import sys, json\n"
+        "for mod in ('torch', 'transformers'): sys.modules[mod] = None  # must not be needed\n"
+        "import vila_edge.builder.tensorrt as t\n"
+        "t.detect_sm = lambda: '8.7'\n"
+        "from vila_edge.builder.build import build\n"
+        f"res = build({str(exported)!r}, stage='engines', progress=False)\n"
+        "again = build(res.path, stage='engines', progress=False)\n"
+        "import tensorrt\n"
+        "print(json.dumps({'status': [res.status, again.status], 'calls': tensorrt.CALLS}, default=list))\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "fake")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["status"] == ["built", "up-to-date"]
+    calls = {c["onnx"]: c for c in out["calls"]}
+    assert set(calls) == {"tower.fp32.onnx", "projector.fp32.onnx", "combined.fp32.onnx"}
+    assert calls["tower.fp32.onnx"]["flags"] == ["fp16"]
+    assert calls["tower.fp32.onnx"]["shapes"]["pixel_values"][2][0] == 8  # 1..num_video_frames for resize
+    m = json.loads((exported / "manifest.json").read_text())
+    assert m["stage"] == "engines" and m["target"] == {"device": "cuda", "sm": "8.7"}
+    assert m["versions"]["tensorrt"] == "10.3.0"
+    assert m["vision"]["plans"] == {"tower": "vision/tower.fp16.plan", "projector": "vision/projector.fp16.plan",
+                                    "combined": "vision/trtllm/model.engine"}
+    for rel in [*m["vision"]["plans"].values(), "vision/timing.cache", "vision/trtllm/config.json"]:
+        assert (exported / rel).is_file() and rel in m["files"]
+    trtllm = json.loads((exported / "vision/trtllm/config.json").read_text())["builder_config"]
+    assert trtllm["precision"] == "float16" and trtllm["output_shape"][1:] == [m["vision"]["projector_tokens"],
+                                                                               m["vision"]["embed_dim"]]
+    check_engine_dir = __import__("vila_edge.builder.engine_dir", fromlist=["x"]).check_engine_dir
+    assert check_engine_dir(exported, sm="8.7")["stage"] == "engines"
+    with pytest.raises(EngineError, match="sm_8.7"):
+        check_engine_dir(exported, sm="8.9")
+    assert not [p for p in exported.parent.iterdir() if p.name != "vila15"]  # no temp dirs or locks left
