@@ -113,17 +113,18 @@ def bench_size(size: int, layers: int, threads: int, rounds: int, work: Path, lo
     log(f"  {size}: exported in {export_s:.0f}s, quantized in {quant_s:.0f}s")
 
     torch.set_num_threads(threads)
-    s32, s8 = vo.ort_session(fp32, threads), vo.ort_session(int8, threads)
+    held = {"tower": tower, "fp32": vo.ort_session(fp32, threads), "int8": vo.ort_session(int8, threads)}
+    del tower
     x = tiles_for(size, 1, seed=7)
     xt = torch.from_numpy(x)
 
     def eager():
         with torch.inference_mode():
-            return tower(xt).numpy()
+            return held["tower"](xt).numpy()
 
     variants = {"pytorch_eager_fp32": eager,
-                "ort_fp32": lambda: vo.run_graph(s32, x),
-                "ort_int8": lambda: vo.run_graph(s8, x)}
+                "ort_fp32": lambda: vo.run_graph(held["fp32"], x),
+                "ort_int8": lambda: vo.run_graph(held["int8"], x)}
     outputs = {k: f() for k, f in variants.items()}  # warm-up (first-run allocations, ORT graph prep)
     times: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
@@ -138,7 +139,7 @@ def bench_size(size: int, layers: int, threads: int, rounds: int, work: Path, lo
     # accuracy: ORT fp32 vs eager on the timed tile; int8 vs fp32 on 4 synthetic tiles
     fp32_err = float(np.abs(outputs["ort_fp32"] - outputs["pytorch_eager_fp32"]).max())
     xs = tiles_for(size, 4, seed=11)
-    cos = vo.cosine_stats(vo.run_graph(s32, xs), vo.run_graph(s8, xs))
+    cos = vo.cosine_stats(vo.run_graph(held["fp32"], xs), vo.run_graph(held["int8"], xs))
     med = {k: statistics.median(v) for k, v in times.items()}
     eager_t = med["pytorch_eager_fp32"]
     res = {
@@ -153,7 +154,8 @@ def bench_size(size: int, layers: int, threads: int, rounds: int, work: Path, lo
                     "int8": round(int8.stat().st_size / 1e6, 1)},
         "export_seconds": round(export_s, 1), "quantize_seconds": round(quant_s, 1),
     }
-    del s32, s8, tower, variants, outputs
+    held.clear()
+    outputs.clear()
     gc.collect()
     for p in work.glob(f"tower{size}.*"):
         p.unlink()
