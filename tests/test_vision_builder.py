@@ -419,3 +419,37 @@ def test_stage_engines_on_the_target_needs_no_torch(engines, tmp_path):
     with pytest.raises(EngineError, match="sm_8.7"):
         check_engine_dir(exported, sm="8.9")
     assert not [p for p in exported.parent.iterdir() if p.name != "vila15"]  # no temp dirs or locks left
+
+
+def test_stage_all_adds_engines_to_an_up_to_date_export(engines, tiny_checkpoint, tmp_path, monkeypatch):
+    """On a GPU machine, `build` (stage all) over an existing export only compiles the engines."""
+    import shutil
+    import sys
+    import types
+
+    import importlib.machinery
+
+    fake = types.ModuleType("tensorrt")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo find_spec()s it
+    exec(FAKE_TENSORRT, fake.__dict__)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trtb, "detect_sm", lambda: "8.9")
+    out = shutil.copytree(engines("nvila"), tmp_path / "nvila")
+    opts = MAIN["nvila"]
+    msgs = []
+    res = build(tiny_checkpoint("nvila"), out, options=opts, progress=msgs.append)
+    assert res.status == "built" and any("export is up to date" in m for m in msgs)
+    assert [c["onnx"] for c in fake.CALLS] == ["tower.fp32.onnx", "projector.fp32.onnx"]  # no re-export
+    m = res.manifest
+    assert m["stage"] == "engines" and m["target"]["sm"] == "8.9" and "int8" in m["vision"]["files"]["tower"]
+    assert build(tiny_checkpoint("nvila"), out, options=opts, progress=False).status == "up-to-date"
+    # the chat command's entry point: keyword options, a callable for progress, returns the directory
+    from vila_edge.builder.build import build_engine_dir
+
+    assert build_engine_dir(tiny_checkpoint("nvila"), out, progress=msgs.append, **dataclasses_asdict(opts)) == out
+
+
+def dataclasses_asdict(opts):
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k != "llm_precision"}
