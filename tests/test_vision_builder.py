@@ -423,11 +423,10 @@ def test_stage_engines_on_the_target_needs_no_torch(engines, tmp_path):
 
 def test_stage_all_adds_engines_to_an_up_to_date_export(engines, tiny_checkpoint, tmp_path, monkeypatch):
     """On a GPU machine, `build` (stage all) over an existing export only compiles the engines."""
+    import importlib.machinery
     import shutil
     import sys
     import types
-
-    import importlib.machinery
 
     fake = types.ModuleType("tensorrt")
     fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo find_spec()s it
