@@ -161,6 +161,8 @@ def test_max_tokens_stop_and_seed(client, engine):
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.choices[0].message.content == direct_answer(engine, "Tell me a story.", [], 8, temperature=1.0,
                                                          top_p=0.9, seed=7)
+    neg = client.chat.completions.create(max_tokens=4, temperature=0.7, seed=-3, **base)  # any int64 is a seed
+    assert neg.choices[0].finish_reason in ("stop", "length")
 
 
 def test_multi_turn_and_system_message(client):

@@ -297,12 +297,15 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
             body = _parse_json(await _read_body(request, limits.max_body_bytes))
             req = oa.parse_chat_request(body, limits)
             engine = _pick_engine(req.model)
+            if scheduler.full():  # refuse before the costly part (fetching / decoding images)
+                raise _busy()
             images = await _load_images(req)
             messages = to_engine_messages(req)
             prompt_tokens = await asyncio.to_thread(engine.count_tokens, messages, images)
             max_tokens = _budget(engine, req, prompt_tokens)
         except oa.APIError as exc:
-            metrics.rejected.inc(1, "invalid" if exc.status < 429 else str(exc.status))
+            metrics.rejected.inc(1, "queue_full" if exc.status == 429 else "invalid" if exc.status < 500 else
+                                 str(exc.status))
             raise
         params = GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                            repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop)
@@ -310,10 +313,7 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
                   prompt_tokens=prompt_tokens)
         if not scheduler.submit(job):
             metrics.rejected.inc(1, "queue_full")
-            ra = scheduler.retry_after()
-            raise oa.APIError(429, f"the server is busy ({settings.max_queue} requests already waiting); retry in "
-                                   f"{ra} s", type="rate_limit_error", code="queue_full",
-                              headers={"Retry-After": str(ra)})
+            raise _busy()
         cid, created_at, model_name = oa.new_id(), int(time.time()), engine.model_id
         if req.stream:
             # the background task also runs when the client left before the first byte (the generator's own
@@ -322,6 +322,12 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
                                      media_type="text/event-stream", headers=SSE_HEADERS,
                                      background=BackgroundTask(_release, job))
         return await _collect(job, request, cid, created_at, model_name)
+
+    def _busy() -> oa.APIError:
+        ra = scheduler.retry_after()
+        return oa.APIError(429, f"the server is busy ({settings.max_queue} requests already waiting); retry in "
+                                f"{ra} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(ra)})
 
     def _release(job: Job) -> None:
         if not job.done:

@@ -213,6 +213,8 @@ class PipelineEngine:
             v = getattr(params, name)
             if v is not None:
                 sp[name] = v
+        if params.seed is not None and params.seed < 0:  # OpenAI allows any int64; numpy wants >= 0
+            sp["seed"] = params.seed % 2**64
         events = self.pipeline.generate_events(self._turns(messages, images), params=SamplingParams(**sp))
         try:
             for ev in events:

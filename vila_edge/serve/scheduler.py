@@ -110,6 +110,12 @@ class Scheduler:
     def active(self) -> int:
         return 1 if self._running is not None else 0
 
+    def full(self) -> bool:
+        """Would `submit` refuse a job now? (A cheap early answer before decoding a request's images.)"""
+        with self._cond:
+            busy = self._running is not None or bool(self._pending)
+            return self._closing or (busy and len(self._pending) >= self.max_queue)
+
     def submit(self, job: Job) -> bool:
         """Accept `job` (True) or refuse it because the queue is full (False). Call from the event loop."""
         job.loop = asyncio.get_running_loop()
