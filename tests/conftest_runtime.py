@@ -19,11 +19,10 @@ import pytest
 
 def _real_builder():
     try:
-        from vila_edge.builder import build as build_mod  # noqa: F401
+        from vila_edge.builder.build import build_engine_dir
     except ImportError:
         return None
-    fn = getattr(build_mod, "build_engine_dir", None) or getattr(build_mod, "build", None)
-    return fn if callable(fn) else None
+    return build_engine_dir
 
 
 def _export(module, example, path: Path, in_name: str, out_name: str) -> None:
@@ -35,7 +34,7 @@ def _export(module, example, path: Path, in_name: str, out_name: str) -> None:
                           dynamo=False)
 
 
-def _standin_engine_dir(ckpt_path: Path, out: Path, precision: str) -> Path:
+def _standin_engine_dir(ckpt_path: Path, out: Path, precision: str, accuracy_level: int = 4) -> Path:
     """TEST-ONLY stand-in for `vila-edge build` (same directory contract; see module docstring)."""
     import contextlib
     import io
@@ -63,7 +62,10 @@ def _standin_engine_dir(ckpt_path: Path, out: Path, precision: str) -> Path:
     src = str(ckpt.part_dir("llm"))
     args = (None, src, str(llm_dir), precision, "cpu", str(tmp / "cache"))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        eo = parse_extra_options(*args, ["exclude_embeds=true", "prune_lm_head=true", "filename=decoder.onnx"])
+        opts = ["exclude_embeds=true", "prune_lm_head=true", "filename=decoder.onnx"]
+        if precision == "int4":
+            opts.append(f"accuracy_level={accuracy_level}")
+        eo = parse_extra_options(*args, opts)
         create_model(*args, **eo)
     shutil.rmtree(tmp / "cache", ignore_errors=True)
     emb = ckpt.state_dict("llm")["model.embed_tokens.weight"].float().numpy()
@@ -81,20 +83,28 @@ def _standin_engine_dir(ckpt_path: Path, out: Path, precision: str) -> Path:
 def build_engine(ckpt_path: Path, out: Path, precision: str) -> Path:
     builder = _real_builder()
     if builder is not None:
-        return Path(builder(ckpt_path, out, precision=precision) or out)
+        # int4 with our RTN quantizer: no AWQ calibration (minutes on 2 cores; the builder's tests cover AWQ)
+        extra = {"llm_quant": "rtn"} if precision == "int4" else {}
+        return Path(builder(ckpt_path, out, precision=precision, progress=False, **extra) or out)
     return _standin_engine_dir(ckpt_path, out, precision)
+
+
+_BUILT: dict = {}  # (family, precision) -> engine dir; module-level so every test module shares one build
 
 
 @pytest.fixture(scope="session")
 def runtime_engine(tiny_checkpoint, tmp_path_factory):
-    """runtime_engine(family, precision="fp32") -> engine directory of the tiny checkpoint (cached)."""
-    root = tmp_path_factory.mktemp("engines")
-    cache: dict = {}
+    """runtime_engine(family, precision="fp32") -> engine directory of the tiny checkpoint (built once).
+
+    Test modules import this fixture (`from conftest_runtime import runtime_engine`); tests/conftest.py
+    is not ours to edit."""
 
     def make(family: str, precision: str = "fp32") -> Path:
         key = (family, precision)
-        if key not in cache:
-            cache[key] = build_engine(tiny_checkpoint(family), root / f"{family}-{precision}", precision)
-        return cache[key]
+        if key not in _BUILT:
+            root = tmp_path_factory.getbasetemp() / "runtime-engines"
+            root.mkdir(exist_ok=True)
+            _BUILT[key] = build_engine(tiny_checkpoint(family), root / f"{family}-{precision}", precision)
+        return _BUILT[key]
 
     return make

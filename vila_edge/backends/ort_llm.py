@@ -116,13 +116,14 @@ class OrtLLMEngine(LLMEngine):
         io_in = info.get("inputs") if isinstance(info.get("inputs"), dict) else {}
         io_out = info.get("outputs") if isinstance(info.get("outputs"), dict) else {}
 
-        filename = _first(info, "decoder", "filename", "model", "onnx", default=dec.get("filename"))
+        files = info.get("files") if isinstance(info.get("files"), dict) else {}
+        filename = _first(files, "decoder", default=_first(info, "decoder", "filename", default=dec.get("filename")))
         if not filename:
             raise EngineError(f"{llm_dir}: cannot tell the decoder file (no genai_config.json decoder.filename)")
         self.model_path = llm_dir / Path(str(filename)).name
         if not self.model_path.is_file():
             raise EngineError(f"{self.model_path}: decoder file missing; rebuild with `vila-edge build`")
-        emb = _first(info, "embed_tokens", "embeddings", default="embed_tokens.npy")
+        emb = _first(files, "embed_tokens", default=_first(info, "embed_tokens", default="embed_tokens.npy"))
         emb_path = llm_dir / Path(str(emb)).name
         if not emb_path.is_file():
             raise EngineError(f"{emb_path}: embedding table missing; rebuild with `vila-edge build`")
