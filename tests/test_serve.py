@@ -320,6 +320,22 @@ def test_api_key(engine):
         assert c.chat.completions.create(model="tiny-nvila", messages=_MSG, max_tokens=2).choices
 
 
+def test_two_models_one_engine_queue(engine):
+    other = PipelineEngine(engine.pipeline, "tiny-nvila-b")  # same weights, another name
+    with BackgroundServer(create_app([engine, other], ServeSettings(limits=LIMITS))) as srv:
+        openai = pytest.importorskip("openai")
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny-nvila", "tiny-nvila-b"]
+        a = c.chat.completions.create(model="tiny-nvila", messages=_MSG, max_tokens=4, temperature=0)
+        b = c.chat.completions.create(model="tiny-nvila-b", messages=_MSG, max_tokens=4, temperature=0)
+        assert (a.model, b.model) == ("tiny-nvila", "tiny-nvila-b")
+        assert a.choices[0].message.content == b.choices[0].message.content
+        r = post(srv, {"messages": _MSG})  # with several models, 'model' is required
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        assert httpx.get(srv.url + "/v1/models/tiny-nvila-b").json()["id"] == "tiny-nvila-b"
+        assert httpx.get(srv.url + "/v1/models/nope").status_code == 404
+
+
 class _ImageHandler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         if self.path == "/cat.png":
