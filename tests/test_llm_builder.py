@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vila_edge.builder.llm_onnx import build_llm_onnx, reference_model
+from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights, reference_model
 
 PARITY_STEPS = 32
 
@@ -110,6 +110,16 @@ def assert_parity(decoder_dir: Path, info: dict, oracle, prompt: list[int], step
     return relative.max()
 
 
+def assert_graph_weights_match(decoder_dir: Path, oracle, atol: float = 0.0):
+    """The decoder's own weights (read back from the graph) are the oracle's weights."""
+    graph = dequantized_weights(decoder_dir)
+    state = oracle.state_dict()
+    expected = {k for k in state if k != "model.embed_tokens.weight" and "rotary" not in k}
+    assert set(graph) == expected, set(graph) ^ expected
+    for name, value in graph.items():
+        np.testing.assert_allclose(value, state[name].numpy(), rtol=0, atol=atol, err_msg=name)
+
+
 # ---- tests -------------------------------------------------------------------------------------
 
 
@@ -133,14 +143,18 @@ def test_int4_awq_decoder_matches_dequantized_pytorch(tmp_path, family):
 
         names = {i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
         assert any("qkv_proj.Add.bias" in n or "q_proj.Add.bias" in n for n in names)
-    assert_parity(out, info, reference_model(tmp_path / "awq", info), prompt=[5, 17, 99, 250, 3, 42, 7])
+    oracle = reference_model(tmp_path / "awq", info)
+    assert_graph_weights_match(out, oracle)
+    assert_parity(out, info, oracle, prompt=[5, 17, 99, 250, 3, 42, 7])
 
 
 def test_fp32_decoder_matches_float_pytorch(tmp_path):
     llm = make_tiny_llm(tmp_path / "llm", "qwen2", seed=4)
     info = build_llm_onnx(llm, tmp_path / "decoder", precision="fp32", progress=False, threads=1)
     assert info["matmulnbits"]["count"] == 0 and info["embed_dtype"] == "float32"
-    assert_parity(tmp_path / "decoder", info, reference_model(llm, info), prompt=[11, 200, 33, 4])
+    oracle = reference_model(llm, info)
+    assert_graph_weights_match(tmp_path / "decoder", oracle)
+    assert_parity(tmp_path / "decoder", info, oracle, prompt=[11, 200, 33, 4])
 
 
 def test_int4_build_rejects_group_size_that_does_not_divide(tmp_path):

@@ -143,6 +143,89 @@ def reference_model(awq_or_float_dir: Path | str, info: dict):
     return model
 
 
+def _unpack_matmulnbits(node, initializers) -> np.ndarray:
+    """Float32 weight [N, K] of one MatMulNBits node: (code - zero) * scale per block along K."""
+    import onnx
+    from onnx import numpy_helper
+
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
+    if bits != 4:
+        raise NotImplementedError(f"{node.name}: {bits}-bit MatMulNBits is not unpacked here (4-bit only)")
+    packed = numpy_helper.to_array(initializers[node.input[1]]).reshape(n, -1)
+    scales = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32).reshape(n, -1)
+    blocks = scales.shape[1]
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zp = numpy_helper.to_array(initializers[node.input[3]])
+        if zp.dtype == np.uint8:
+            zp = np.stack([zp.reshape(n, -1) & 0x0F, zp.reshape(n, -1) >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+        zeros = zp.reshape(n, blocks).astype(np.float32)
+    else:
+        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)  # symmetric: implicit zero point 8
+    return ((codes - zeros[:, :, None]) * scales[:, :, None]).reshape(n, blocks * block)[:, :k]
+
+
+def dequantized_weights(decoder_dir: Path | str) -> dict[str, np.ndarray]:
+    """HF-named float32 weights that the built decoder computes with, read back from its graph.
+
+    Linears (MatMulNBits dequantized, or float MatMul), q/k/v biases, and the RMSNorm weights (which
+    hold AWQ's folded scales, so they differ from the source checkpoint's). The fused ``qkv_proj``
+    is split with the head counts in ``genai_config.json``. The embedding table is the decoder's
+    ``embed_tokens.npy``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    decoder_dir = Path(decoder_dir)
+    genai = json.loads((decoder_dir / "genai_config.json").read_text())["model"]["decoder"]
+    q_rows = genai["num_attention_heads"] * genai["head_size"]
+    kv_rows = genai["num_key_value_heads"] * genai["head_size"]
+    num_layers = genai["num_hidden_layers"]
+    model = onnx.load(str(decoder_dir / genai.get("filename", DECODER_FILENAME)), load_external_data=True)
+    initializers = {i.name: i for i in model.graph.initializer}
+
+    def hf_prefix(parts: list[str]) -> str:  # ['', 'model', 'layers.3', 'attn', 'o_proj', ...]
+        block = "self_attn" if parts[3] == "attn" else "mlp"
+        return f"model.{parts[2]}.{block}.{parts[4]}"
+
+    def put(prefix: str, suffix: str, value: np.ndarray, axis_split: bool):
+        if prefix.endswith("qkv_proj"):
+            base = prefix[: -len("qkv_proj")]
+            pieces = (value[:q_rows], value[q_rows:q_rows + kv_rows], value[q_rows + kv_rows:])
+            for name, piece in zip(("q_proj", "k_proj", "v_proj"), pieces):
+                out[f"{base}{name}.{suffix}"] = piece
+        elif prefix.endswith("gate_up_proj") and axis_split:
+            base = prefix[: -len("gate_up_proj")]
+            half = value.shape[0] // 2
+            out[f"{base}gate_proj.{suffix}"], out[f"{base}up_proj.{suffix}"] = value[:half], value[half:]
+        else:
+            out[f"{prefix}.{suffix}"] = value
+
+    out: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        parts = node.name.split("/")
+        if node.op_type == "MatMulNBits" or (node.op_type == "MatMul" and node.input[1] in initializers):
+            if node.op_type == "MatMulNBits":
+                weight = _unpack_matmulnbits(node, initializers)
+            else:
+                weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32).T
+            if len(parts) > 1 and parts[1] == "lm_head":
+                out["lm_head.weight"] = weight
+            elif len(parts) > 4 and parts[1] == "model" and parts[2].startswith("layers."):
+                put(hf_prefix(parts), "weight", weight, axis_split=True)
+        elif node.op_type == "Add" and len(parts) > 4 and parts[1] == "model" and parts[2].startswith("layers."):
+            bias = next((i for i in node.input if i in initializers), None)
+            if bias is not None:
+                put(hf_prefix(parts), "bias", numpy_helper.to_array(initializers[bias]).astype(np.float32), True)
+    for name, init in initializers.items():
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            out[name] = numpy_helper.to_array(init).astype(np.float32)
+        elif name == f"model.layers.{num_layers}.final_norm_layernorm.weight":
+            out["model.norm.weight"] = numpy_helper.to_array(init).astype(np.float32)
+    return out
+
+
 def _run_builder(builder_input: Path, out_dir: Path, precision: str, extra: dict[str, str], cache_dir: Path,
                  log_path: Path, progress: bool) -> None:
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
