@@ -364,3 +364,50 @@ def test_vila15_video_frames_are_images(runtime_engine, tiny_checkpoint, tmp_pat
     assert len(items) == 5 and msg.content.count("<image>\n") == 5  # fewer frames than 8: all of them
     res = pipe.generate("What happens?", video=str(video), max_new_tokens=4)
     assert res.timings.media_items == 5
+
+
+# ---- NVIDIA backends (skipped here: no GPU, no TensorRT / TensorRT-LLM on this machine) -------------
+
+
+def test_nvidia_backends_import_lazily_and_fail_with_one_line(runtime_engine, tmp_path):  # noqa: F811
+    import importlib.util
+
+    from vila_edge.backends import make_llm_engine, make_vision_engine
+    from vila_edge.errors import EngineError
+
+    eng = runtime_engine("nvila")
+    manifest = {"vision": {}, "llm": {}}
+    # "auto" never picks an NVIDIA backend that is not installed / has no engine files
+    assert make_vision_engine("auto", eng, manifest, device="cpu").name == "onnxruntime"
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(EngineError, match="tensorrt"):
+            make_vision_engine("tensorrt", eng, manifest)
+    with pytest.raises(EngineError, match="TensorRT-LLM"):
+        make_llm_engine("tensorrt-llm", eng, manifest)
+
+
+def test_tensorrt_vision_engine_matches_onnxruntime(runtime_engine):  # noqa: F811
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (no NVIDIA GPU); runs on Jetson / CUDA hosts")
+    from vila_edge.backends.ort_vision import OrtVisionEngine
+    from vila_edge.backends.tensorrt_vision import TensorRTVisionEngine
+
+    eng = runtime_engine("nvila")
+    if not list((eng / "vision").glob("*.plan")):
+        pytest.skip("no TensorRT plans in the engine directory (run `vila-edge build --stage engines` on the GPU)")
+    x = np.random.default_rng(0).standard_normal((3, 3, 56, 56)).astype(np.float32)
+    a, b = OrtVisionEngine(eng / "vision"), TensorRTVisionEngine(eng / "vision")
+    np.testing.assert_allclose(b.encode(x), a.encode(x), rtol=2e-2, atol=2e-2)
+
+
+def test_tensorrt_llm_engine_matches_onnxruntime(runtime_engine):  # noqa: F811
+    pytest.importorskip("tensorrt_llm", reason="TensorRT-LLM is not installed here (no NVIDIA GPU)")
+    from vila_edge.backends import make_llm_engine
+    from vila_edge.backends.ort_llm import OrtLLMEngine
+
+    eng = runtime_engine("nvila")
+    if not (eng / "llm" / "trtllm" / "config.json").is_file():
+        pytest.skip("no TensorRT-LLM engine in the engine directory (llm/trtllm/)")
+    trt = make_llm_engine("tensorrt-llm", eng, {"llm": {}})
+    ort = OrtLLMEngine(eng / "llm")
+    x = ort.embed([5, 6, 7, 8])
+    np.testing.assert_allclose(trt.forward(x), ort.forward(x), rtol=2e-2, atol=2e-2)
