@@ -124,7 +124,7 @@ def render_markdown(results: list[dict], args: dict) -> str:
         f"of {args['group_size']} inputs; all decoder linears quantized, embeddings/lm_head float unless stated. "
         "The float model is the GGUF's Q4_1 weights dequantized (the only SmolLM2 weights available offline).",
         "",
-        "| configuration | perplexity | vs float | RTN increase recovered | quantize time (s) | peak RSS quantizing (MiB) |",
+        "| configuration | perplexity | vs float | RTN increase recovered | quantize time (s) | peak RSS (MiB): model loaded -> quantized |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -137,9 +137,13 @@ def render_markdown(results: list[dict], args: dict) -> str:
             rtn = by_name.get(f"RTN int{r['bits']} g{args['group_size']}")
             if rtn and "perplexity" in rtn and rtn["perplexity"] > float_ppl:
                 recovered = f"{(rtn['perplexity'] - r['perplexity']) / (rtn['perplexity'] - float_ppl):.0%}"
+        awq_stats = r.get("awq") or {}
+        rss = ""
+        if awq_stats.get("peak_rss_before_mib") is not None:
+            rss = f"{awq_stats['peak_rss_before_mib']} -> {awq_stats['peak_rss_after_mib']}"
         lines.append(
             f"| {r['config']} | {r['perplexity']:.3f} | {delta:+.3f} | {recovered} | "
-            f"{r.get('quantize_seconds', '')} | {r.get('quantize_peak_rss_mib', '')} |"
+            f"{r.get('quantize_seconds', '')} | {rss} |"
         )
     checkpoint = next((r for r in results if r["config"] == "AWQ int4 g64" and "quantize_peak_rss_mib" in r), None)
     lines += [
@@ -148,9 +152,11 @@ def render_markdown(results: list[dict], args: dict) -> str:
     ]
     if checkpoint:
         lines.append(
-            f"Peak RSS of quantizing SmolLM2 with AWQ int4 g64 and writing the AutoAWQ checkpoint "
-            f"(`quantize_checkpoint`, model loaded in float32, 134.5 M parameters = 513 MiB): "
-            f"{checkpoint['quantize_peak_rss_mib']} MiB (whole process, including Python/torch)."
+            f"Peak RSS of the whole process quantizing SmolLM2 with AWQ int4 g64 and writing the AutoAWQ "
+            f"checkpoint (`quantize_checkpoint`; model in float32 = 513 MiB, plus Python/torch): "
+            f"{checkpoint['quantize_peak_rss_mib']} MiB. \"model loaded -> quantized\" is the process peak before the "
+            "first layer and after the last one: the growth is the quantizer's own memory (one layer's "
+            "calibration activations and the integer codes)."
         )
     lines += [
         "",

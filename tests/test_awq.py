@@ -225,3 +225,23 @@ def test_awq_beats_rtn_on_smollm2_short(tmp_path_factory):
         results[method] = awq.perplexity(model, heldout, seqlen=256, max_windows=6)
     print("SmolLM2 held-out perplexity (short):", {k: round(v, 3) for k, v in results.items()})
     assert results["float"] < results["awq"] < results["rtn"]
+
+
+def test_bf16_checkpoint_quantizes_with_float32_folded_norms(tmp_path):
+    """A bf16 llm/ (like NVILA's) goes through AWQ layer by layer in float32 and loads back."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_llm(tmp_path / "llm", "qwen2", seed=2)
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(folder)
+    stats = awq.quantize_checkpoint(folder, tmp_path / "awq", group_size=64, calib_samples=2, calib_seqlen=64,
+                                    progress=False)
+    assert stats["method"] == "awq" and len(stats["layers"]) == 2
+    from vila_edge.builder.awq_formats import load_dequantized_model
+
+    model = load_dequantized_model(tmp_path / "awq")
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert torch.isfinite(got).all()
+    # int4 g64 on random weights: same function up to quantization noise
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9

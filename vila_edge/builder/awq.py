@@ -362,23 +362,37 @@ def _capture_linear_inputs(layer: nn.Module, runner: _ChunkedRunner, hidden: tor
     return output, {key: torch.cat(values, dim=0) for key, values in captured.items()}
 
 
-def _progress(enabled: bool, total: int, description: str):
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far (MiB), where the platform reports it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def _progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), disable=not enabled, transient=False)
-    return progress, description, total
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), disable=not enabled)
 
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, calib: torch.Tensor | None, settings: AWQSettings, progress: bool = True
+    model: nn.Module, calib: torch.Tensor | None, settings: AWQSettings, progress: bool = True,
+    float32_params: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, QuantizedLinear], dict]:
     """Quantize every decoder linear of a HF causal LM in place (layer by layer).
 
     On return each linear's weight holds its dequantized value (so ``model`` computes exactly
     what the quantized checkpoint computes) and the norms hold the folded AWQ scales.
-    Returns the integer codes by module name and statistics.
+    Returns the integer codes by module name and statistics. ``float32_params``, when given, is
+    filled with the float32 values of every other parameter of the processed layers (the folded
+    norms), before the layer goes back to the model's dtype (bf16 would round them).
     """
     if settings.method not in ("awq", "rtn"):
         raise ValueError(f"method must be 'awq' or 'rtn', got {settings.method!r}")
@@ -389,6 +403,7 @@ def quantize_model(
         raise ValueError("AWQ needs calibration token ids (calib); use method='rtn' to quantize without them")
 
     started = time.perf_counter()
+    peak_before = peak_rss_mib()
     hidden = runner = None
     if use_awq:
         embed = model.get_input_embeddings()
@@ -400,9 +415,9 @@ def quantize_model(
 
     quantized: dict[str, QuantizedLinear] = {}
     layer_stats = []
-    bar, description, total = _progress(progress, len(layers), f"{settings.method.upper()} w{settings.w_bit} g{settings.group_size}")
-    with bar:
-        task = bar.add_task(description, total=total)
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(f"{settings.method.upper()} w{settings.w_bit} g{settings.group_size} layers",
+                            total=len(layers))
         for index, layer in enumerate(layers):
             layer_started = time.perf_counter()
             original_dtype = next(layer.parameters()).dtype
@@ -419,6 +434,11 @@ def quantize_model(
                                           bias=None if module.bias is None else module.bias.data.clone())
                 module.weight.data = qlinear.dequantize()
                 quantized[f"model.layers.{index}.{name}"] = qlinear
+            if float32_params is not None:
+                linear_params = {f"{n}.{p}" for n in LINEAR_NAMES for p in ("weight", "bias")}
+                for name, param in layer.named_parameters():
+                    if name not in linear_params:
+                        float32_params[f"model.layers.{index}.{name}"] = param.detach().clone()
             layer.to(original_dtype)
             if use_awq:
                 hidden = next_hidden
@@ -433,6 +453,10 @@ def quantize_model(
         "calib_samples": 0 if calib is None else int(calib.shape[0]),
         "calib_seqlen": 0 if calib is None else int(calib.shape[1]),
         "seconds": round(time.perf_counter() - started, 2),
+        # process peak RSS before quantizing (model loaded) and after: the difference is the
+        # quantizer's own footprint (one layer's activations + the integer codes)
+        "peak_rss_before_mib": peak_before,
+        "peak_rss_after_mib": peak_rss_mib(),
         "layers": layer_stats,
     }
     if use_awq:
@@ -522,11 +546,12 @@ def quantize_checkpoint(
     calib = None
     if method == "awq":
         calib = calibration_ids(tokenizer, load_calibration_text(calib_path), calib_samples, calib_seqlen)
-    quantized, stats = quantize_model(model, calib, settings, progress=progress)
+    folded = {}
+    quantized, stats = quantize_model(model, calib, settings, progress=progress, float32_params=folded)
     stats["calib_source"] = "pydoc_data.topics" if calib_path is None else Path(calib_path).name
 
     quantized_weights = {f"{name}.weight" for name in quantized} | {f"{name}.bias" for name in quantized}
-    float_tensors = {k: v for k, v in model.state_dict().items() if k not in quantized_weights}
+    float_tensors = {k: folded.get(k, v) for k, v in model.state_dict().items() if k not in quantized_weights}
     if getattr(model.config, "tie_word_embeddings", False):
         float_tensors.pop("lm_head.weight", None)  # the tied head is the embedding
     write_awq_checkpoint(out_dir, model.config.to_dict(), float_tensors, quantized,
