@@ -48,8 +48,8 @@ class VisionEngine(ABC):
     def project(self, features: np.ndarray) -> np.ndarray:
         """[chunks, T, C*scales] float32 -> [chunks, T', D] float32 embeddings."""
 
-    def close(self) -> None:  # pragma: no cover - optional
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        return None
 
 
 class LLMEngine(ABC):
@@ -86,5 +86,5 @@ class LLMEngine(ABC):
         if self.length + n > self.max_context:
             raise ContextOverflow(self.length + n, self.max_context)
 
-    def close(self) -> None:  # pragma: no cover - optional
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        return None

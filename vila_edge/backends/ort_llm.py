@@ -189,6 +189,7 @@ class OrtLLMEngine(LLMEngine):
         self.share_buffer = gqa if share_buffer is None else (share_buffer and gqa)
 
         self._mask = np.ones((1, self.max_context), dtype=np.int64)
+        self._io = None  # persistent IO binding (shared KV + pruned logits)
         self._logits = np.zeros((1, 1, self.vocab_size), dtype=_NP_DTYPES[outputs[self.out_logits].type] or np.float32)
         self._logits_ort = ort.OrtValue.ortvalue_from_numpy(self._logits) if self.last_only else None
         self._alloc_cache()
@@ -251,7 +252,13 @@ class OrtLLMEngine(LLMEngine):
             raise EngineError("forward() needs at least one position")
         self.check_room(n)
         past, total = self.length, self.length + n
-        io = self.session.io_binding()
+        fixed = self.share_buffer and self.last_only
+        if fixed:  # KV buffers and the logits buffer never move: bound once, only the inputs change
+            if self._io is None:
+                self._io = self._fixed_binding()
+            io = self._io
+        else:
+            io = self.session.io_binding()
         order: list[str] = []  # output names in binding order (get_outputs() follows it)
         x = np.ascontiguousarray(embeds[None], dtype=self.io_dtype)
         io.bind_cpu_input(self.in_embeds, x)
@@ -260,24 +267,21 @@ class OrtLLMEngine(LLMEngine):
         if self.has_pos:
             pos = np.arange(past, total, dtype=np.int64)[None]
             io.bind_cpu_input(self.in_pos, pos)
-        if self.share_buffer:
-            for (pk, pv), (ok, ov), (k, v) in zip(self.past_names, self.present_names, self._kv):
-                io.bind_ortvalue_input(pk, k)
-                io.bind_ortvalue_input(pv, v)
-                io.bind_ortvalue_output(ok, k)
-                io.bind_ortvalue_output(ov, v)
-        else:
-            order += self._bind_copy_cache(io)
-        if self.last_only:
-            io.bind_ortvalue_output(self.out_logits, self._logits_ort)
-        else:
-            io.bind_output(self.out_logits, "cpu")
-        order.append(self.out_logits)
+        if not fixed:
+            if self.share_buffer:
+                self._bind_shared_cache(io)
+            else:
+                order += self._bind_copy_cache(io)
+            if self.last_only:
+                io.bind_ortvalue_output(self.out_logits, self._logits_ort)
+            else:
+                io.bind_output(self.out_logits, "cpu")
+            order.append(self.out_logits)
         try:
             self.session.run_with_iobinding(io)
         except Exception as exc:  # noqa: BLE001
             raise EngineError(f"{self.model_path.name}: decoder run failed ({exc})") from None
-        got = dict(zip(order, io.get_outputs())) if (not self.share_buffer or not self.last_only) else {}
+        got = {} if fixed else dict(zip(order, io.get_outputs(), strict=True))
         if not self.share_buffer:
             self._past = [(got[ok], got[ov]) for ok, ov in self.present_names]
         self.length = total
@@ -285,11 +289,24 @@ class OrtLLMEngine(LLMEngine):
             return self._logits[0, 0].astype(np.float32, copy=True)
         return got[self.out_logits].numpy()[0, -1].astype(np.float32, copy=True)
 
+    def _bind_shared_cache(self, io) -> None:
+        for (pk, pv), (ok, ov), (k, v) in zip(self.past_names, self.present_names, self._kv, strict=True):
+            io.bind_ortvalue_input(pk, k)
+            io.bind_ortvalue_input(pv, v)
+            io.bind_ortvalue_output(ok, k)
+            io.bind_ortvalue_output(ov, v)
+
+    def _fixed_binding(self):
+        io = self.session.io_binding()
+        self._bind_shared_cache(io)
+        io.bind_ortvalue_output(self.out_logits, self._logits_ort)
+        return io
+
     def _bind_copy_cache(self, io) -> list[str]:
         ort = self._ort
         order = []
         self._empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        for i, ((pk, pv), (ok, ov)) in enumerate(zip(self.past_names, self.present_names)):
+        for i, ((pk, pv), (ok, ov)) in enumerate(zip(self.past_names, self.present_names, strict=True)):
             if self._past is None:
                 k = v = ort.OrtValue.ortvalue_from_numpy(self._empty)
             else:
