@@ -244,6 +244,21 @@ def test_second_turn_kv_reuse_equals_reprefill(runtime_engine, tiny_checkpoint, 
     assert ref.greedy(emb, 10) == r2a.token_ids
 
 
+def test_closing_the_event_stream_stops_and_keeps_the_conversation(runtime_engine):  # noqa: F811
+    from vila_edge.generate import SamplingParams
+
+    pipe = _pipe(runtime_engine, "nvila")
+    conv = pipe.chat()
+    events = conv.ask_events("Hi there.", params=SamplingParams(max_new_tokens=20))
+    got = [next(events) for _ in range(3)]
+    events.close()  # what a server does when the client goes away
+    assert all(e.token_id is not None for e in got)
+    assert conv.last.finish_reason == "interrupted" and conv.last.token_ids == [e.token_id for e in got]
+    assert pipe.llm.length == conv.cache_positions
+    r = conv.ask("Go on.", max_new_tokens=3)
+    assert 0 < r.timings.prefill_positions < r.timings.prompt_positions  # continued on the kept cache
+
+
 def test_context_overflow_drops_oldest_turns(runtime_engine):  # noqa: F811
     pipe = _pipe(runtime_engine, "nvila-lite", max_context=160)
     notes = []

@@ -587,6 +587,7 @@ class Conversation:
         self.turn_items.append(items)
         self.cache_positions = llm.length
         self.pending = None
+        after_prefill = llm.length
 
         cfg = pipe.config
         sampler = Sampler(params, cfg.llm.vocab_size, cfg.llm.extra_masked_ids)
@@ -632,7 +633,14 @@ class Conversation:
             t.generated_tokens = len(generated)
             answer = stopper.text if stopper.hit is not None else detok.text
             if generated:
-                # the cache holds every generated token but the last one
+                # the cache holds every generated token but the last one (an interrupt that landed inside
+                # a decode step may have left one more: roll it back, or re-prefill next turn)
+                want = after_prefill + len(generated) - 1
+                if llm.length != want:
+                    try:
+                        llm.truncate(want)
+                    except (EngineError, ValueError):
+                        pipe._kv_owner = None
                 self.segments.append((generated[:-1], []))
                 self.pending = generated[-1]
                 self.messages.append(Message("assistant", answer.strip() if cfg.splice == "v15" else answer))
