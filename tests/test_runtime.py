@@ -259,6 +259,17 @@ def test_closing_the_event_stream_stops_and_keeps_the_conversation(runtime_engin
     assert 0 < r.timings.prefill_positions < r.timings.prompt_positions  # continued on the kept cache
 
 
+def test_position_ids_mark_media_rows(runtime_engine):  # noqa: F811
+    """What id-fed engines (TensorRT-LLM: real ids + a prompt table for media rows) receive."""
+    pipe = _pipe(runtime_engine, "nvila")
+    user, items = pipe.user_message("Hi", [_image()])
+    ids, items = pipe.chat()._full_prompt([user], items)
+    pos = pipe.position_ids(ids, items)
+    assert len(pos) == pipe.positions(ids, items) == pipe.prompt_embeds("Hi", [_image()]).shape[0]
+    assert pos.count(-1) == sum(len(x) for x in items)
+    assert set(pos) - {-1} <= set(ids) | set(pipe.end_ids)
+
+
 def test_context_overflow_drops_oldest_turns(runtime_engine):  # noqa: F811
     pipe = _pipe(runtime_engine, "nvila-lite", max_context=160)
     notes = []
@@ -420,9 +431,11 @@ def test_tensorrt_llm_engine_matches_onnxruntime(runtime_engine):  # noqa: F811
     from vila_edge.backends.ort_llm import OrtLLMEngine
 
     eng = runtime_engine("nvila")
-    if not (eng / "llm" / "trtllm" / "config.json").is_file():
-        pytest.skip("no TensorRT-LLM engine in the engine directory (llm/trtllm/)")
+    from vila_edge.backends.trtllm_llm import find_trtllm_engine
+
+    if find_trtllm_engine(eng) is None:
+        pytest.skip("no TensorRT-LLM engine in the engine directory (trtllm/)")
     trt = make_llm_engine("tensorrt-llm", eng, {"llm": {}})
     ort = OrtLLMEngine(eng / "llm")
     x = ort.embed([5, 6, 7, 8])
-    np.testing.assert_allclose(trt.forward(x), ort.forward(x), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(trt.forward_ids([5, 6, 7, 8], x), ort.forward(x), rtol=2e-2, atol=2e-2)

@@ -210,6 +210,18 @@ class Pipeline:
     def embed(self, ids) -> np.ndarray:
         return self.llm.embed(ids)
 
+    def position_ids(self, ids: Sequence[int], items: Sequence[np.ndarray]) -> list[int]:
+        """Token id of every spliced position (-1 for media feature rows), in splice order."""
+        marks, end = self.media_ids, list(self.end_ids)
+        out: list[int] = []
+        it = iter(items)
+        for t in ids:
+            if t in marks:
+                out += [-1] * len(next(it)) + end
+            else:
+                out.append(int(t))
+        return out
+
     def positions(self, ids: Sequence[int], items: Sequence[np.ndarray]) -> int:
         return spliced_length(ids, [len(x) for x in items], media_ids=self.media_ids, n_end=len(self.end_ids))
 
@@ -578,7 +590,7 @@ class Conversation:
         base = llm.length
         embeds = splice(prefill_ids, pipe.embed, prefill_items, media_ids=pipe.media_ids, end_ids=pipe.end_ids)
         pipe._kv_owner = self
-        logits = llm.forward(embeds)
+        logits = llm.forward_ids(pipe.position_ids(prefill_ids, prefill_items), embeds)
         t.prefill = time.perf_counter() - t0
         t.prefill_positions = embeds.shape[0]
         t.prompt_positions = llm.length
@@ -623,7 +635,7 @@ class Conversation:
                                  f"old turns", notices)
                     break
                 td = time.perf_counter()
-                logits = llm.forward(llm.embed([tok_id]))
+                logits = llm.forward_ids([tok_id], llm.embed([tok_id]))
                 t_dec += time.perf_counter() - td
             tail = stopper.feed(detok.flush(), final=True)
             if tail:

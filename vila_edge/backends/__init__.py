@@ -7,7 +7,7 @@
 | tensorrt-llm   | -                              | `trtllm_llm.TensorRTLLMEngine`        | tensorrt_llm                  |
 
 "auto" picks the native NVIDIA engine when the engine directory holds one (vision/*.plan|*.engine,
-llm/trtllm/) and its package imports, else ONNX Runtime (with the CUDA / TensorRT execution providers
+trtllm/trtllm_info.json) and its package imports, else ONNX Runtime (with the CUDA / TensorRT execution providers
 when onnxruntime-gpu is installed and `device` allows). The NVIDIA backends are imported lazily.
 """
 
@@ -34,11 +34,10 @@ def _trt_vision_files(engine_dir: Path) -> bool:
     return any(v.glob("tower*.plan")) or any(v.glob("tower*.engine"))
 
 
-def _trtllm_dir(engine_dir: Path) -> Path | None:
-    for cand in (engine_dir / "llm" / "trtllm", engine_dir / "trtllm"):
-        if (cand / "config.json").is_file():
-            return cand
-    return None
+def _trtllm_dir(engine_dir: Path):
+    from vila_edge.backends.trtllm_llm import find_trtllm_engine
+
+    return find_trtllm_engine(engine_dir)
 
 
 def make_vision_engine(kind: str, engine_dir, manifest: dict, *, device: str = "auto",
@@ -63,9 +62,9 @@ def make_llm_engine(kind: str, engine_dir, manifest: dict, *, device: str = "aut
                     max_context: int | None = None) -> LLMEngine:
     engine_dir = Path(engine_dir)
     info = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
-    trt_dir = _trtllm_dir(engine_dir)
+    trt = _trtllm_dir(engine_dir)
     if kind == "auto":
-        kind = "tensorrt-llm" if (device != "cpu" and trt_dir is not None and _have("tensorrt_llm")) else "onnxruntime"
+        kind = "tensorrt-llm" if (device != "cpu" and trt is not None and _have("tensorrt_llm")) else "onnxruntime"
     if kind == "onnxruntime":
         from vila_edge.backends.ort_llm import OrtLLMEngine
 
@@ -73,8 +72,12 @@ def make_llm_engine(kind: str, engine_dir, manifest: dict, *, device: str = "aut
     if kind == "tensorrt-llm":
         from vila_edge.backends.trtllm_llm import TensorRTLLMEngine
 
-        if trt_dir is None:
-            raise EngineError(f"{engine_dir}: no TensorRT-LLM engine (llm/trtllm/config.json); build one with "
-                              f"`vila-edge build --llm-backend tensorrt-llm`")
-        return TensorRTLLMEngine(trt_dir, engine_dir / "llm" / "embed_tokens.npy", max_context=max_context)
+        if trt is None:
+            raise EngineError(f"{engine_dir}: no TensorRT-LLM engine (trtllm/trtllm_info.json); build it on the "
+                              f"NVIDIA target with the builder's TensorRT-LLM stage")
+        eng, trt_info = trt
+        embed = engine_dir / "llm" / "embed_tokens.npy"
+        if not embed.is_file():
+            raise EngineError(f"{embed}: missing (the runtime splices text embeddings from it); rebuild the LLM stage")
+        return TensorRTLLMEngine(eng, embed, trt_info, max_context=max_context)
     raise EngineError(f"LLM backend {kind!r} is not one of: auto, onnxruntime, tensorrt-llm")

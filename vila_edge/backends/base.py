@@ -11,7 +11,8 @@ boundaries. Shapes:
 - `VisionEngine.project(features [chunks, T, C*scales]) -> embeds [chunks, T', D]` (mm_projector)
 - `LLMEngine.forward(embeds [n, D]) -> logits [V]` of the LAST of the n positions, appending the n
   positions to the engine's KV cache (prefill when the cache is empty, a later turn's prefill or a
-  decode step otherwise). `length` is the number of cached positions; `truncate(n)` forgets all but
+  decode step otherwise). `forward_ids(ids, embeds)` is the same with each position's token id (-1
+  for media rows), for engines that are fed token ids and a prompt-embedding table. `length` is the number of cached positions; `truncate(n)` forgets all but
   the first n (a rollback, no copy); `reset()` empties the cache.
 """
 
@@ -73,6 +74,11 @@ class LLMEngine(ABC):
 
         Raises ContextOverflow (and changes nothing) when length + n > max_context.
         """
+
+    def forward_ids(self, ids, embeds: np.ndarray) -> np.ndarray:
+        """`forward` with each position's token id (-1 for media feature rows). Engines that take token
+        ids plus a prompt-embedding table (TensorRT-LLM) use them; embedding-only engines ignore them."""
+        return self.forward(embeds)
 
     def reset(self) -> None:
         self.length = 0
