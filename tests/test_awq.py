@@ -26,48 +26,12 @@ from vila_edge.builder.awq_formats import (
 # ---- tiny HF checkpoints ----------------------------------------------------------------------
 
 
-def make_tiny_llm(path, family: str = "llama", seed: int = 0, vocab: int = 512, intermediate: int = 256,
-                  kv_heads: int = 2):
-    """Seeded tiny Llama (untied) or Qwen2 (tied, nonzero q/k/v biases) HF folder with a BPE tokenizer."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    text = "\n".join(topics[k] for k in sorted(topics))[:120_000]
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    assert tok.get_vocab_size() == vocab
-    common = dict(vocab_size=vocab, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    if family == "llama":
-        config = LlamaConfig(rope_parameters={"rope_theta": 50000.0, "rope_type": "default"},
-                             tie_word_embeddings=False, **common)
-        model = LlamaForCausalLM(config)
-    else:
-        config = Qwen2Config(rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
-                             tie_word_embeddings=True, **common)
-        model = Qwen2ForCausalLM(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator) * 0.08
-            param.copy_(1.0 + noise if "norm" in name else noise)
-    if family == "qwen2":
-        assert model.model.layers[0].self_attn.q_proj.bias.abs().min() > 0
-    model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                            pad_token="<|endoftext|>").save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory):
-    return make_tiny_llm(tmp_path_factory.mktemp("qwen2") / "llm", "qwen2", seed=1)
+    """The llm/ folder of the tiny NVILA fixture: Qwen2, GQA 4/2, nonzero q/k/v biases, untied head."""
+    from vila_edge.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("nvila", tmp_path_factory.mktemp("ckpt") / "tiny-nvila", seed=1) / "llm"
 
 
 # ---- packing -------------------------------------------------------------------------------
@@ -117,11 +81,12 @@ def test_quantize_tensor_is_asymmetric_per_group():
     assert (deq - w).abs().le(step / 2 + 1e-6).all()  # within half a step everywhere (no clipping here)
 
 
-def test_group_size_that_does_not_divide_names_layer_and_alternatives(tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_group_size_that_does_not_divide_names_layer_and_alternatives(tiny_qwen2):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = make_tiny_llm(tmp_path / "llm", "llama", intermediate=192)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(tiny_qwen2)
+    config.intermediate_size = 192
+    model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj.*192.*128.*\[32, 64\]"):
         awq.check_group_size(model, 128)
     awq.check_group_size(model, 64)
@@ -129,7 +94,8 @@ def test_group_size_that_does_not_divide_names_layer_and_alternatives(tmp_path):
 
 def test_scale_folding_preserves_float_outputs(tiny_qwen2):
     model, _ = awq.load_float_model(tiny_qwen2, dtype=torch.float32)
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().min() > 0
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     before = model(input_ids=ids).logits
     layer = model.model.layers[0]
     scales = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.5
@@ -231,7 +197,9 @@ def test_bf16_checkpoint_quantizes_with_float32_folded_norms(tmp_path):
     """A bf16 llm/ (like NVILA's) goes through AWQ layer by layer in float32 and loads back."""
     from transformers import AutoModelForCausalLM
 
-    folder = make_tiny_llm(tmp_path / "llm", "qwen2", seed=2)
+    from vila_edge.testing import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint("nvila-lite", tmp_path / "tiny-nvila-lite", seed=2) / "llm"  # tied head
     AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(folder)
     stats = awq.quantize_checkpoint(folder, tmp_path / "awq", group_size=64, calib_samples=2, calib_seqlen=64,
                                     progress=False)
@@ -240,7 +208,7 @@ def test_bf16_checkpoint_quantizes_with_float32_folded_norms(tmp_path):
 
     model = load_dequantized_model(tmp_path / "awq")
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, reference.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
     assert torch.isfinite(got).all()
     # int4 g64 on random weights: same function up to quantization noise

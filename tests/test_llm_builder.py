@@ -15,40 +15,26 @@ from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights, refe
 PARITY_STEPS = 32
 
 
-# ---- tiny HF checkpoints (same as tests/test_awq.py) -------------------------------------------
+# ---- tiny HF checkpoints ----------------------------------------------------------------------
+
+FAMILY_OF = {"llama": "vila1.5", "qwen2": "nvila-lite"}  # Llama untied; Qwen2 tied, with q/k/v biases
 
 
-def make_tiny_llm(path, family: str = "llama", seed: int = 0, vocab: int = 512):
-    """Seeded tiny Llama (untied) or Qwen2 (tied, nonzero q/k/v biases) HF folder with a BPE tokenizer."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """llm/ folders of the tiny fixtures (vila_edge.testing), one per architecture, made once."""
+    from vila_edge.testing import make_tiny_checkpoint
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    text = "\n".join(topics[k] for k in sorted(topics))[:120_000]
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    common = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(rope_parameters={"rope_theta": 50000.0, "rope_type": "default"},
-                                             tie_word_embeddings=False, **common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
-                                             tie_word_embeddings=True, **common))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator) * 0.08
-            param.copy_(1.0 + noise if "norm" in name else noise)
-    model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                            pad_token="<|endoftext|>").save_pretrained(path)
-    return Path(path)
+    root = tmp_path_factory.mktemp("ckpt")
+    made = {}
+
+    def get(architecture: str) -> Path:
+        if architecture not in made:
+            family = FAMILY_OF[architecture]
+            made[architecture] = make_tiny_checkpoint(family, root / f"tiny-{family}", seed=3) / "llm"
+        return made[architecture]
+
+    return get
 
 
 # ---- drivers -----------------------------------------------------------------------------------
@@ -124,32 +110,36 @@ def assert_graph_weights_match(decoder_dir: Path, oracle, atol: float = 0.0):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_int4_awq_decoder_matches_dequantized_pytorch(tmp_path, family):
-    llm = make_tiny_llm(tmp_path / "llm", family, seed=3)
+def test_int4_awq_decoder_matches_dequantized_pytorch(tmp_path, tiny_llm, family):
+    llm = tiny_llm(family)
+    config = json.loads((llm / "config.json").read_text())
     out = tmp_path / "decoder"
     info = build_llm_onnx(llm, out, precision="int4", quant="awq", group_size=64, accuracy_level=1,
                           progress=False, awq_dir=tmp_path / "awq", calib_samples=4, calib_seqlen=64)
     assert info["inputs"]["inputs_embeds"] == "inputs_embeds" and info["inputs"]["past_key"] == "past_key_values.%d.key"
     assert info["matmulnbits"] == {"count": 2 * 5 + 1, "accuracy_levels": [1], "block_sizes": [64], "bits": [4]}
-    assert info["lm_head"] == {"quant": "rtn-int4", "group_size": 64}
-    assert (info["num_layers"], info["num_kv_heads"], info["head_dim"], info["hidden"], info["vocab_size"]) == (2, 2, 32, 128, 512)
+    # our asymmetric int4 head when the vocab packs by 8 (Llama fixture: 736), else the builder's (Qwen2: 483)
+    expected_head = "rtn-int4" if config["vocab_size"] % 8 == 0 else "builder-rtn-symmetric"
+    assert info["lm_head"]["quant"] == expected_head and info["lm_head"]["group_size"] == 64
+    assert (info["num_layers"], info["num_kv_heads"], info["head_dim"], info["hidden"]) == (2, 2, 32, 128)
+    assert info["vocab_size"] == config["vocab_size"]
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == info["threads"]
     assert genai["search"]["past_present_share_buffer"] is True
     embed = np.load(out / "embed_tokens.npy")
-    assert embed.shape == (512, 128) and embed.dtype in (np.float16, np.float32)
+    assert embed.shape == (config["vocab_size"], 128) and embed.dtype in (np.float16, np.float32)
     if family == "qwen2":  # q/k/v biases survive into the decoder (the builder drops only all-zero biases)
         import onnx
 
         names = {i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
         assert any("qkv_proj.Add.bias" in n or "q_proj.Add.bias" in n for n in names)
-    oracle = reference_model(tmp_path / "awq", info)
+    oracle = reference_model(tmp_path / "awq", info, decoder_dir=out)
     assert_graph_weights_match(out, oracle)
     assert_parity(out, info, oracle, prompt=[5, 17, 99, 250, 3, 42, 7])
 
 
-def test_fp32_decoder_matches_float_pytorch(tmp_path):
-    llm = make_tiny_llm(tmp_path / "llm", "qwen2", seed=4)
+def test_fp32_decoder_matches_float_pytorch(tmp_path, tiny_llm):
+    llm = tiny_llm("qwen2")
     info = build_llm_onnx(llm, tmp_path / "decoder", precision="fp32", progress=False, threads=1)
     assert info["matmulnbits"]["count"] == 0 and info["embed_dtype"] == "float32"
     oracle = reference_model(llm, info)
@@ -157,12 +147,9 @@ def test_fp32_decoder_matches_float_pytorch(tmp_path):
     assert_parity(tmp_path / "decoder", info, oracle, prompt=[11, 200, 33, 4])
 
 
-def test_int4_build_rejects_group_size_that_does_not_divide(tmp_path):
-    llm = make_tiny_llm(tmp_path / "llm", "llama", seed=0)
-    config = json.loads((llm / "config.json").read_text())
-    assert config["hidden_size"] % 128 == 0 and config["intermediate_size"] % 128 == 0
+def test_int4_build_rejects_unsupported_group_size(tmp_path, tiny_llm):
     with pytest.raises(ValueError, match="group_size must be 32, 64 or 128"):
-        build_llm_onnx(llm, tmp_path / "decoder", group_size=96, progress=False)
+        build_llm_onnx(tiny_llm("llama"), tmp_path / "decoder", group_size=96, progress=False)
 
 
 @pytest.mark.slow
@@ -254,15 +241,14 @@ def test_trtllm_calibration_set_is_offline_jsonl(tmp_path):
     assert len(rows) == 8 and all(len(r["text"]) > 200 for r in rows)
 
 
-def test_trtllm_engine_build(tmp_path):
+def test_trtllm_engine_build(tmp_path, tiny_llm):
     from vila_edge.builder.trtllm import TrtLlmUnavailable, build_trtllm_engine, plan_trtllm_build, trtllm_import_error
 
-    llm = make_tiny_llm(tmp_path / "llm", "llama", seed=5)
-    plan = plan_trtllm_build(llm, tokens_per_image=16, max_images=2, max_output_len=64)
+    plan = plan_trtllm_build(tiny_llm("llama"), tokens_per_image=16, max_images=2, max_output_len=64)
     if trtllm_import_error() is not None:
         with pytest.raises(TrtLlmUnavailable, match="tensorrt_llm is not importable"):
             build_trtllm_engine(plan, tmp_path / "engine")
         pytest.skip(trtllm_import_error())
     info = build_trtllm_engine(plan, tmp_path / "engine")
     assert (tmp_path / "engine" / "llm" / "config.json").is_file()
-    assert info["prompt_table"]["max_rows"] == 32
+    assert info["prompt_table"]["max_rows"] == 32 and info["plan"]["max_seq_len"] == 1024

@@ -114,11 +114,12 @@ def int4_lm_head_weight(head, group_size: int):
     return pseudo_quantize(head.float(), 4, group_size)
 
 
-def reference_model(awq_or_float_dir: Path | str, info: dict):
+def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path | str | None = None):
     """PyTorch model computing what the built decoder computes (the parity oracle).
 
     ``awq_or_float_dir``: the AWQ checkpoint the decoder was built from (``info["awq_dir"]``
-    when it was kept) or the float folder for fp32 builds.
+    when it was kept) or the float folder for fp32 builds. ``decoder_dir`` is needed only when
+    the builder quantized the head itself (its codes are then read back from the graph).
     """
     import torch
 
@@ -140,6 +141,12 @@ def reference_model(awq_or_float_dir: Path | str, info: dict):
             model.config.tie_word_embeddings = False
         else:
             model.get_output_embeddings().weight.data = weight
+    elif head.get("quant") == "builder-rtn-symmetric":
+        if decoder_dir is None:
+            raise ValueError("the builder quantized this decoder's lm_head: pass decoder_dir to read it back")
+        weight = torch.from_numpy(dequantized_weights(decoder_dir)["lm_head.weight"])
+        model.lm_head.weight = torch.nn.Parameter(weight)
+        model.config.tie_word_embeddings = False
     return model
 
 
@@ -359,10 +366,14 @@ def build_llm_onnx(
             if lm_head_int4 and vocab % 8 == 0 and hidden % ckpt_group == 0:
                 builder_input = staging / "builder_input"
                 info["lm_head"] = _stage_with_int4_head(awq_source, builder_input, ckpt_group, awq_config)
+            elif lm_head_int4:
+                # AWQ packing needs vocab % 8 == 0: let the builder quantize the head (symmetric RTN)
+                builder_input = awq_source
+                info["lm_head"] = {"quant": "builder-rtn-symmetric", "group_size": ckpt_group,
+                                   "reason": f"vocab {vocab} / hidden {hidden} do not fit AWQ int4 packing"}
             else:
                 builder_input = awq_source
-                reason = "requested" if not lm_head_int4 else f"vocab {vocab} or hidden {hidden} does not fit int4 packing"
-                info["lm_head"] = {"quant": "float", "reason": reason}
+                info["lm_head"] = {"quant": "float", "reason": "requested"}
         elif precision == "int4":
             info["quant"] = "builder-rtn-symmetric"
             info["lm_head"] = {"quant": "builder-rtn-symmetric" if lm_head_int4 else "float"}
