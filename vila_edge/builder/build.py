@@ -355,7 +355,6 @@ def _export_vision(ckpt, tmp: Path, options: BuildOptions, threads: int | None, 
             fp32_paths[name] = path
             files[name]["fp32"] = path.relative_to(tmp).as_posix()
     del graphs
-    tower_keep = tower if options.int8_vision else None
     del tower, projector
     gc.collect()
     tiles = vo.sample_tiles(cfg, n=2)
@@ -377,7 +376,6 @@ def _export_vision(ckpt, tmp: Path, options: BuildOptions, threads: int | None, 
             checks["tower_int8_vs_fp32"] = {**stats, "input": "2 synthetic image tiles", **meta}
             files["tower"]["int8"] = dst.relative_to(tmp).as_posix()
             rep.note(f"  int8 tower vs fp32: cosine mean {stats['mean']:.5f}, min {stats['min']:.5f}")
-    del tower_keep
     if options.precision != "fp32":
         for name, src in fp32_paths.items():
             for p in (src, src.with_name(src.name + ".data")):
@@ -453,8 +451,7 @@ def _compile(root: Path, manifest: dict, options: BuildOptions, rep: Reporter) -
     m["vision"]["plans"] = {name: b["plan"] for name, b in built.items()}
     m["vision"]["engines"] = built
     m["engines_options"] = options.engines_key()
-    m["versions"] = {**(m.get("versions") or {}), **_versions(torch_too=False)}
-    m["versions"]["tensorrt"] = trtb.tensorrt_version()
+    m["versions"] = {**(m.get("versions") or {}), "tensorrt": trtb.tensorrt_version()}  # export versions kept
     m["engines_built_at"] = _now()
     return m
 
