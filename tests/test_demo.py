@@ -1,0 +1,131 @@
+"""The demo model: procedural data, committed weights through the ordinary loader, prompts that match the
+runtime, and `vila-edge demo` end to end (engines cached under ./engines, as the command itself does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vila_edge.demo import data as D
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "vila_edge" / "demo" / "weights"
+ASSETS = REPO / "vila_edge" / "demo" / "assets"
+
+needs_weights = pytest.mark.skipif(not (WEIGHTS / "vision_tower.safetensors").is_file(),
+                                   reason="demo weights not trained yet (python -m vila_edge.demo.train)")
+
+
+def test_data_is_seeded_and_held_out_set_is_disjoint():
+    a = [D.make_qa(random.Random(7)) for _ in range(1)][0]
+    b = [D.make_qa(random.Random(7)) for _ in range(1)][0]
+    assert np.array_equal(a.scene.image, b.scene.image) and a.question == b.question and a.answer == b.answer
+    held = D.held_out_set(100)
+    assert len(held) >= 500 and {q.qtype for q in held} == set(D.QUESTION_TYPES)
+    assert all(q.answer in D.ANSWER_SET[q.qtype] for q in held)
+    assert all(q.scene.image.shape == (D.IMAGE_SIZE, D.IMAGE_SIZE, 3) and q.scene.image.dtype == np.uint8
+               for q in held[:30])
+    # training draws from random.Random(seed) for small seeds; the held-out stream is a different one
+    train_images = [D.make_qa(random.Random(0)).scene.image for _ in range(1)]
+    assert not any(np.array_equal(train_images[0], q.scene.image) for q in held)
+
+
+def test_answers_are_normalized():
+    assert D.is_correct(" Red.", "red") and D.is_correct("3", "3") and not D.is_correct("red circle", "red")
+
+
+def test_bundled_samples_match_their_generator(tmp_path):
+    index = D.write_sample_assets(tmp_path)
+    assert json.loads((ASSETS / "samples.json").read_text()) == index
+    for s in index:
+        assert (ASSETS / s["file"]).read_bytes() == (tmp_path / s["file"]).read_bytes()
+    assert sum(f.stat().st_size for f in ASSETS.iterdir()) < 300_000
+
+
+@needs_weights
+def test_committed_weights_load_through_the_checkpoint_loader(tmp_path):
+    import torch
+
+    from vila_edge.checkpoint import load_checkpoint
+    from vila_edge.demo.assemble import CHECKPOINT_NAME, demo_checkpoint
+    from vila_edge.media.tiling import preprocess_image
+    from vila_edge.reference.model import ReferenceVILA
+
+    assert sum(f.stat().st_size for f in WEIGHTS.iterdir()) <= 20 * 1024 * 1024
+    path = demo_checkpoint(tmp_path)
+    assert path.name == CHECKPOINT_NAME and demo_checkpoint(tmp_path) == path  # cached
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.config
+    assert (cfg.family, cfg.generation, cfg.splice, cfg.projector.token_order) == ("vila1.5", "v15", "v15", "col")
+    assert cfg.projector.type == "mlp_downsample" and cfg.llm.chat_format == "auto"
+    assert cfg.vision.select_layer == -2 and cfg.llm.stop_token_ids[0] == ckpt.tokenizer.token_to_id("<|im_end|>")
+    ref = ReferenceVILA(ckpt, llm=False)
+    from PIL import Image
+
+    items = ref.image_items(preprocess_image(Image.open(ASSETS / "sample_1_single.png").convert("RGB"), cfg.vision))
+    assert len(items) == 1 and items[0].shape == (16, 576) and torch.isfinite(items[0]).all()
+
+
+@pytest.mark.slow
+@needs_weights
+def test_training_prompts_match_the_reference_path(tmp_path):
+    """The training loss path (shared-prefix KV cache, answer-only logits) equals ReferenceVILA's logits."""
+    import torch
+    from PIL import Image
+
+    from vila_edge.checkpoint import load_checkpoint
+    from vila_edge.demo.assemble import demo_checkpoint
+    from vila_edge.demo.train import VQA, pixels
+    from vila_edge.media.tiling import preprocess_image
+    from vila_edge.reference.model import ReferenceVILA
+
+    torch.set_num_threads(2)
+    ckpt = load_checkpoint(demo_checkpoint(tmp_path))
+    ref = ReferenceVILA(ckpt)
+    vqa = VQA(ckpt, ref.llm)
+    qas = [D.make_qa(random.Random(3)) for _ in range(2)]
+    train_items = ref.projector(ref.tower(pixels([q.scene.image for q in qas])))
+    logits, tgt, pos = vqa.answer_logits(train_items, qas)
+    for b, q in enumerate(qas):
+        items = ref.image_items(preprocess_image(Image.fromarray(q.scene.image), ckpt.config.vision))
+        torch.testing.assert_close(items[0], train_items[b], rtol=1e-4, atol=1e-4)
+        ids = vqa.prompt_ids(q.question) + vqa.answer_ids(q.answer)
+        full = ref.logits(ref.inputs_embeds(ids, items))
+        n = len(vqa.answer_ids(q.answer))
+        mine = logits[[i for i, (bb, _) in enumerate(pos) if bb == b]][:, : full.shape[-1]]
+        torch.testing.assert_close(full[-n - 1:-1], mine, rtol=1e-3, atol=2e-3)
+
+
+@pytest.fixture(scope="session")
+def demo_engines():
+    """The demo's own engine cache (./engines): built once per machine, reused by every later run."""
+    from vila_edge.demo import demo_engine
+
+    root = Path(os.environ.get("VILA_EDGE_DEMO_ENGINES", REPO / "engines"))
+    demo_engine(root, say=lambda m: None, progress=False)
+    return root
+
+
+@pytest.mark.slow
+@needs_weights
+def test_vila_edge_demo_names_colour_and_shape(demo_engines):
+    sample = json.loads((ASSETS / "samples.json").read_text())[0]
+    expect = {q["type"]: q["answer"] for q in sample["questions"]}
+    run = subprocess.run([sys.executable, "-m", "vila_edge.cli", "demo", "--limit", "1", "--engines-dir",
+                          str(demo_engines)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    answers = {}
+    for q, a in zip(lines, lines[1:]):
+        if q.strip().startswith("Q:") and a.strip().startswith("A:"):
+            answers[q.split("Q:", 1)[1].strip()] = a.split("A:", 1)[1].split("[")[0].strip().lower()
+    by_type = {q["type"]: answers[q["question"]] for q in sample["questions"]}
+    assert D.is_correct(by_type["colour"], expect["colour"]), run.stdout
+    assert D.is_correct(by_type["shape"], expect["shape"]), run.stdout
