@@ -247,6 +247,11 @@ def bench(
     run_bench_cli(list(engines or []), opts, out=out, preset=preset, work_dir=work_dir)
 
 
+from vila_edge.demo.cli import register as _register_demo_commands  # noqa: E402  (demo, eval)
+
+_register_demo_commands(app)
+
+
 def main() -> None:
     try:
         app()
