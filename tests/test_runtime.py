@@ -181,8 +181,8 @@ def _with_accuracy_level(engine_dir, dst, level: int):
 def test_int4_pipeline_matches_reference_with_dequantized_weights(runtime_engine, tiny_checkpoint, tmp_path):  # noqa: F811
     """int4 decoder vs the PyTorch reference whose LLM linears are the decoder's dequantized weights.
 
-    Built with our RTN quantizer (AWQ would also rescale the norms, which the graph-reading helper does not
-    recover). The builder's default accuracy_level 4 quantizes activations to int8 (~1.7e-2 relative logit
+    Weights come from the LLM builder's `dequantized_weights` (linears, biases, folded norms). The fixture
+    quantizes with RTN only because AWQ calibration takes minutes on 2 shared cores. The builder's default accuracy_level 4 quantizes activations to int8 (~1.7e-2 relative logit
     error on these random models, enough to flip near-tied greedy tokens), so the strict check runs the same
     weights at accuracy_level 1 (fp32 activations)."""
     import vila_edge
