@@ -383,6 +383,9 @@ def build_llm_onnx(
 
         extra = {
             "exclude_embeds": "true",
+            # the table lives outside the graph (embed_tokens.npy); sharing it with the head would add
+            # Gather to the quantized op types, which int8 cannot quantize
+            "shared_embeddings": "false",
             "prune_lm_head": "true" if prune_lm_head else "false",
             "filename": DECODER_FILENAME,
             "hf_token": "false",
@@ -423,6 +426,7 @@ def build_llm_onnx(
             "inputs": {
                 "inputs_embeds": "inputs_embeds",
                 "attention_mask": "attention_mask" if "attention_mask" in described["inputs"] else None,
+                # None: GroupQueryAttention derives positions from the attention_mask lengths
                 "position_ids": "position_ids" if "position_ids" in described["inputs"] else None,
                 "past_key": decoder["inputs"].get("past_key_names"),
                 "past_value": decoder["inputs"].get("past_value_names"),
