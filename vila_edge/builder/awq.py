@@ -259,15 +259,19 @@ def search_scale(runner, block_fn, linears: list[nn.Linear], x: torch.Tensor, se
     return best[2], {"ratio": best[1], "loss": best[0], "rtn_loss": losses[0]}
 
 
+def sample_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Every k-th token of [..., C] activations so that about ``n_tokens`` remain (llm-awq's sampling)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    return tokens[:: max(1, tokens.shape[0] // n_tokens)]
+
+
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, x: torch.Tensor, settings: AWQSettings) -> torch.Tensor:
     """Per-(row, group) clipping threshold minimising the group-wise output error; [out, groups]."""
     out_features, in_features = weight.shape
     gs = settings.group_size
     groups = in_features // gs
-    tokens = x.reshape(-1, in_features)
-    step = max(1, tokens.shape[0] // settings.clip_tokens)
-    tokens = tokens[::step].reshape(-1, groups, gs)  # [T, G, gs]
+    tokens = sample_tokens(x, settings.clip_tokens).reshape(-1, groups, gs)  # [T, G, gs]
     wg = weight.reshape(out_features, groups, gs)
     best_max = torch.empty(out_features, groups)
     rows_per_batch = 256 if out_features % 256 == 0 else 64
@@ -328,6 +332,8 @@ def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], runner: _Chunke
     s_mlp, info["gate_up"] = search_scale(runner, mlp, [mlp.gate_proj, mlp.up_proj], x_mlp, settings)
     s_down, info["down"] = search_scale(runner, mlp.down_proj, [mlp.down_proj], x_down, settings)
 
+    # the clip search sees only a token sample: scale that sample, not the whole activation tensor
+    x_attn, x_o, x_mlp, x_down = (sample_tokens(x, settings.clip_tokens) for x in (x_attn, x_o, x_mlp, x_down))
     _scale_norm_into_linears(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], s_qkv)
     x_attn = x_attn / s_qkv
     if scale_o:
