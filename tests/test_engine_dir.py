@@ -27,6 +27,28 @@ from vila_edge.errors import EngineError
 VISION_ONLY = BuildOptions(skip_llm=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _reuse_onnx_registry():
+    """Test speed only: torch.onnx rebuilds its op registry on every dynamo export (~1 s); build it once."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, KeyError):
+        yield
+        return
+    cache = {}
+
+    def cached(cls, opset_version=18):
+        if opset_version not in cache:
+            cache[opset_version] = original.__func__(cls, opset_version=opset_version)
+        return cache[opset_version]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(cached)
+    yield
+    _registration.ONNXRegistry.from_torchlib = original
+
+
 def _leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") or p.name.endswith(".lock"))
 

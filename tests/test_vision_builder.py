@@ -20,6 +20,28 @@ MAIN = {"vila1.5": BuildOptions(combined_vision=True, skip_llm=True), "nvila": B
 VARIANTS = {"fp16": BuildOptions(precision="fp16", combined_vision=True, skip_llm=True)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _reuse_onnx_registry():
+    """Test speed only: torch.onnx rebuilds its op registry on every dynamo export (~1 s); build it once."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, KeyError):
+        yield
+        return
+    cache = {}
+
+    def cached(cls, opset_version=18):
+        if opset_version not in cache:
+            cache[opset_version] = original.__func__(cls, opset_version=opset_version)
+        return cache[opset_version]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(cached)
+    yield
+    _registration.ONNXRegistry.from_torchlib = original
+
+
 @pytest.fixture(scope="session")
 def engines(tiny_checkpoint, tmp_path_factory):
     """engines(family, layout="dev", variant=None) -> engine dir built once per session (vision only)."""
