@@ -16,7 +16,7 @@ from vila_edge.errors import EngineError
 
 FAMILY_LAYOUTS = [("vila1.5", "dev"), ("vila1.5-s2", "dev"), ("nvila", "dev"), ("nvila-lite", "dev"), ("nvila-lite", "hf")]
 # one extra build per feature, on the family where it matters
-MAIN = {"vila1.5": BuildOptions(combined_vision=True, skip_llm=True), "nvila": BuildOptions(int8_vision=True, skip_llm=True)}
+MAIN = {"vila1.5": BuildOptions(combined_vision=True, skip_llm=True), "nvila": BuildOptions(int8_vision=True, qdq_vision=True, skip_llm=True)}
 VARIANTS = {"fp16": BuildOptions(precision="fp16", combined_vision=True, skip_llm=True)}
 
 
@@ -205,6 +205,22 @@ def test_int8_tower_cosine_is_recorded_and_close(engines, references, record_pro
     assert cos["mean"] >= 0.999
 
 
+def test_qdq_tower_for_tensorrt_int8(engines):
+    path = engines("nvila")
+    m = _manifest(path)
+    model = onnx.load(str(path / m["vision"]["files"]["tower"]["qdq"]))
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import} == {"ai.onnx": 17}
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    inits = {t.name: t for t in model.graph.initializer}
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.data_type == onnx.TensorProto.INT8 for z in zps)  # symmetric int8: what TensorRT takes
+    assert all(not onnx.numpy_helper.to_array(z).any() for z in zps)
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == sum(
+        n.op_type == "MatMul" for n in onnx.load(str(path / m["vision"]["files"]["tower"]["fp32"])).graph.node)
+    stats = m["vision"]["checks"]["tower_qdq_vs_fp32"]
+    assert stats["mean"] >= 0.999
+
+
 def test_fp16_graphs_and_the_combined_trtllm_graph(engines, references):
     path = engines("nvila-lite", variant="fp16")
     m = _manifest(path)
@@ -293,8 +309,15 @@ def test_engine_plan_as_data(engines):
     with pytest.raises(EngineError, match="sm_89"):
         trtb.builder_flags("fp8", "8.7")  # Orin has no FP8
     assert trtb.builder_flags("fp8", "8.9") == ("fp16", "fp8")
-    with pytest.raises(EngineError, match="QDQ"):
-        trtb.plan_engines(m, precision="int8", sm="8.7")
+    # int8: the tower from the QDQ graph (explicit quantization), the projector stays fp16
+    int8 = {s.name: s for s in trtb.plan_engines(m, precision="int8", sm="8.7")}
+    assert (int8["tower"].onnx, int8["tower"].flags, int8["tower"].plan) == (
+        "vision/tower.qdq.onnx", ("fp16", "int8"), "vision/tower.int8.plan")
+    assert (int8["projector"].flags, int8["projector"].plan) == (("fp16",), "vision/projector.fp16.plan")
+    with pytest.raises(EngineError, match="--qdq-vision"):
+        trtb.plan_engines(_manifest(engines("vila1.5")), precision="int8", sm="8.7")
+    with pytest.raises(EngineError, match="opset 19"):
+        trtb.plan_engines(m, precision="fp8", sm="8.9")
     # the combined engine goes where TensorRT-LLM's runner looks for it
     m2 = _manifest(engines("nvila-lite", variant="fp16"))
     combined = {s.name: s for s in trtb.plan_engines(m2)}["combined"]

@@ -194,13 +194,14 @@ def build(
     output: Path | None = typer.Option(None, "-o", "--output", help="Engine directory to write (default engines/<checkpoint name>)."),
     precision: str = typer.Option("fp32", "--precision", help="Vision ONNX graphs: fp32 | fp16."),
     int8_vision: bool = typer.Option(False, "--int8-vision", help="Also write an int8 vision tower for CPUs (ONNX Runtime)."),
+    qdq_vision: bool = typer.Option(False, "--qdq-vision", help="Also write a QDQ int8 tower for TensorRT int8 engines (experimental: synthetic calibration)."),
     combined_vision: bool = typer.Option(False, "--combined-vision", help="Non-S2 families: also one tower+projector graph/engine with TensorRT-LLM naming (input -> encoder_output)."),
     llm_precision: str = typer.Option("int4", "--llm-precision", help="LLM weights: int4 | int8 | fp16 | fp32."),
     llm_quant: str = typer.Option("awq", "--llm-quant", help="int4/int8 LLM quantization: awq | rtn."),
     group_size: int = typer.Option(128, "--group-size", help="LLM quantization group size."),
     skip_llm: bool = typer.Option(False, "--skip-llm", help="Build the vision part only."),
     stage: str = typer.Option("all", "--stage", help="all | export (portable ONNX, any machine) | engines (TensorRT, on the target)."),
-    trt_precision: str = typer.Option("fp16", "--trt-precision", help="TensorRT engines: fp16 | fp32 (int8 | fp8 need QDQ graphs)."),
+    trt_precision: str = typer.Option("fp16", "--trt-precision", help="TensorRT engines: fp16 | fp32 | int8 (needs --qdq-vision at export)."),
     trt_workspace_gb: float = typer.Option(2.0, "--trt-workspace-gb", help="TensorRT builder workspace limit (GiB)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan with estimated disk and memory; write nothing."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if up to date; replace a non-engine directory."),
@@ -213,7 +214,7 @@ def build(
     from vila_edge.builder.build import BuildOptions
     from vila_edge.builder.build import build as run_build
 
-    opts = BuildOptions(precision=precision, int8_vision=int8_vision, combined_vision=combined_vision,
+    opts = BuildOptions(precision=precision, int8_vision=int8_vision, qdq_vision=qdq_vision, combined_vision=combined_vision,
                         llm_precision=llm_precision, llm_quant=llm_quant, group_size=group_size, skip_llm=skip_llm,
                         token_order=token_order, splice=splice, chat_format=chat_format, trt_precision=trt_precision,
                         trt_workspace_gb=trt_workspace_gb)

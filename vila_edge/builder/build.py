@@ -52,6 +52,7 @@ PARITY_REL_LIMIT = 1e-3  # an fp32 graph further than this from the reference is
 class BuildOptions:
     precision: str = "fp32"  # vision graphs
     int8_vision: bool = False
+    qdq_vision: bool = False  # QDQ int8 tower for TensorRT explicit quantization (--trt-precision int8)
     combined_vision: bool = False
     llm_precision: str = "int4"
     llm_quant: str = "awq"
@@ -252,6 +253,9 @@ def make_plan(ckpt, out: Path, options: BuildOptions, stage: str, *, engines_her
         if options.int8_vision:
             add("export", "int8 CPU tower (ONNX Runtime dynamic quantization)", "vision/tower.int8.onnx",
                 n_tower * 1.05, 4 * n_tower * 3)
+        if options.qdq_vision:
+            add("export", "QDQ int8 tower for TensorRT (static calibration)", "vision/tower.qdq.onnx",
+                n_tower * 1.05, 4 * n_tower * 4)
         if options.skip_llm:
             pass
         else:
@@ -368,6 +372,13 @@ def _export_vision(ckpt, tmp: Path, options: BuildOptions, threads: int | None, 
                 except Exception as exc:  # this ONNX Runtime build lacks an fp16 CPU kernel: skip the check
                     checks[f"{name}_fp16_vs_fp32"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:200]}"}
                 files[name]["fp16"] = dst.relative_to(tmp).as_posix()
+    if options.qdq_vision:
+        with rep.step("QDQ int8 tower for TensorRT (static, calibrated on synthetic tiles)"):
+            dst = vdir / "tower.qdq.onnx"
+            meta = vo.quantize_qdq_int8(fp32_paths["tower"], dst, vo.sample_tiles(cfg, n=8, seed=100))
+            stats = vo.compare_graphs(fp32_paths["tower"], dst, tiles, threads)
+            checks["tower_qdq_vs_fp32"] = {**stats, "input": "2 synthetic image tiles (not the calibration ones)", **meta}
+            files["tower"]["qdq"] = dst.relative_to(tmp).as_posix()
     if options.int8_vision:
         with rep.step("int8 CPU tower (ONNX Runtime dynamic quantization)"):
             dst = vdir / "tower.int8.onnx"
@@ -532,6 +543,7 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
             rep.note(f"TensorRT engines skipped: {why_not}. The directory runs on ONNX Runtime; "
                      f"compile on the target with `vila-edge build {out} --stage engines`")
         rep.total = (2 + n_graphs * (2 if options.precision == "fp16" else 1) + int(options.int8_vision)
+                     + int(options.qdq_vision)
                      + int(not options.skip_llm and _llm_importable()) + (n_graphs if want_engines else 0))
         with staging(out) as tmp:
             with rep.step("tokenizer + checkpoint config"):

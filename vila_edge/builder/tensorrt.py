@@ -29,7 +29,7 @@ from vila_edge.errors import EngineError
 
 DEFAULT_WORKSPACE_GB = 2.0
 TIMING_CACHE = "vision/timing.cache"
-TRT_PRECISIONS = ("fp16", "fp32", "int8", "fp8")
+TRT_PRECISIONS = ("fp16", "fp32", "int8", "fp8")  # int8: from the QDQ tower (--qdq-vision); fp8: not yet
 TRTLLM_DIR = "vision/trtllm"  # TensorRT-LLM `--visual_engine_dir` layout: model.engine + config.json
 
 
@@ -137,10 +137,13 @@ def plan_engines(manifest: dict, *, precision: str = "fp16", workspace_gb: float
 
     def source(name: str) -> str:
         avail = files.get(name) or {}
-        if precision in ("int8", "fp8"):
+        if precision == "fp8":
+            raise EngineError("TensorRT fp8 engines need FP8 QDQ graphs (ONNX opset 19), which this vila-edge does not "
+                              "export yet; use --trt-precision fp16 or int8")
+        if precision == "int8" and name == "tower":
             if "qdq" not in avail:
-                raise EngineError(f"TensorRT {precision} engines need a QDQ-quantized {name} graph, which this "
-                                  f"vila-edge does not export yet; use --trt-precision fp16")
+                raise EngineError("TensorRT int8 engines are built from a QDQ tower graph: rebuild the export with "
+                                  "--qdq-vision (or use --trt-precision fp16)")
             return avail["qdq"]
         for prec in ("fp32", "fp16"):
             if prec in avail:
@@ -155,9 +158,12 @@ def plan_engines(manifest: dict, *, precision: str = "fp16", workspace_gb: float
     io = vision["io"]
     for name, prof, tail in (("tower", tiles, (3, S, S)), ("projector", chunks, (T, CS))):
         mn, op, mx = shapes(prof, tail)
-        specs.append(EngineSpec(name, source(name), f"vision/{name}.{precision}.plan", io[name]["input"],
-                                io[name]["output"], mn, op, mx, flags, ws))
-    if "combined" in files:
+        # int8: only the tower is quantized (QDQ); the small projector stays fp16
+        fl = flags if name == "tower" or precision != "int8" else builder_flags("fp16", sm)
+        prec = precision if fl == flags else "fp16"
+        specs.append(EngineSpec(name, source(name), f"vision/{name}.{prec}.plan", io[name]["input"],
+                                io[name]["output"], mn, op, mx, fl, ws))
+    if "combined" in files and precision != "int8":
         mn, op, mx = shapes(tiles, (3, S, S))
         specs.append(EngineSpec("combined", source("combined"), f"{TRTLLM_DIR}/model.engine", io["combined"]["input"],
                                 io["combined"]["output"], mn, op, mx, flags, ws))

@@ -255,6 +255,47 @@ def quantize_int8(src, dst) -> dict:
             "activations": "uint8, per-tensor dynamic scale", "ops": ["MatMul"]}
 
 
+def quantize_qdq_int8(src, dst, calibration: np.ndarray, input_name: str = TOWER_IO[0]) -> dict:
+    """QDQ int8 graph for TensorRT explicit quantization (`--trt-precision int8`): symmetric int8
+    QuantizeLinear/DequantizeLinear pairs (zero point 0, as TensorRT requires) on the inputs of every
+    MatMul with a constant weight, weights per output channel, activation ranges by min/max calibration
+    over `calibration` (one tile per batch). Standard ONNX ops only, still opset 17.
+
+    Experimental: the build calibrates on synthetic images; real-image calibration ranges will differ.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    src, dst = Path(src), Path(dst)
+    big = src.with_name(src.name + ".data").exists()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{input_name: np.ascontiguousarray(calibration[i:i + 1], np.float32)}
+                             for i in range(len(calibration))])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with _quiet_exporter():
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=big,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True})
+    for p in src.parent.glob("augmented_model*.onnx"):  # calibration leftovers of some ORT versions
+        p.unlink()
+    lower_opset(dst)
+    return {"method": "onnxruntime.quantization.quantize_static (QDQ)", "weights": "int8 symmetric per output channel",
+            "activations": "int8 symmetric, min/max calibration", "calibration": f"{len(calibration)} synthetic tiles",
+            "ops": ["MatMul"], "for": "TensorRT explicit quantization (--trt-precision int8)"}
+
+
 # ---- checks ------------------------------------------------------------------------------------
 
 
