@@ -286,7 +286,7 @@ def test_tile_batch_profiles_per_family():
     assert trtb.tile_batch_profile(lite) == trtb.Profile(1, 13, 13)  # 12 tiles + thumbnail
     assert trtb.chunk_batch_profile(lite) == trtb.Profile(1, 13, 13)
     s2 = _cfg({"s2": True, "s2_scales": "384,768", "s2_max_split_size": 384, "mm_hidden_size": 2304}, vision_size=384)
-    assert trtb.tile_batch_profile(s2) == trtb.Profile(5, 5, 5)
+    assert trtb.tile_batch_profile(s2) == trtb.Profile(1, 5, 5)
     assert trtb.chunk_batch_profile(s2) == trtb.Profile(1, 1, 8)
     plain = _cfg({"image_aspect_ratio": "resize", "num_video_frames": 8}, vision_size=384)
     assert trtb.tile_batch_profile(plain) == trtb.Profile(1, 1, 8)

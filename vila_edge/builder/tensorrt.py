@@ -10,7 +10,7 @@ on x86 `pip install tensorrt`), not torch.
 Profiles (leading axis; min / opt / max), per tiling of the checkpoint:
   dynamic_s2  tiles 1 / 1+4+9 / 1+4+max_tiles   (scales s0, 2s0, 3s0: (s/s0)^2 fixed tiles + the last grid)
   dynamic     tiles 1 / max_tiles+1 / max_tiles+1 (tiles + thumbnail)
-  s2          tiles n / n / n with n = sum over scales of ceil(s/split)^2
+  s2          tiles 1 / n / n with n = sum over scales of ceil(s/split)^2 (every image is n tiles)
   resize/pad  tiles 1 / 1 / num_video_frames
 Projector chunks: dynamic_s2 1 / 9 / max(max_tiles, frames); dynamic like its tiles; s2 and
 resize 1 / 1 / num_video_frames. A runtime with more tiles than `max` splits the batch.
@@ -79,7 +79,7 @@ def tile_batch_profile(cfg) -> Profile:
         return Profile(1, v.max_tiles + 1, v.max_tiles + 1)
     if v.tiling == "s2":
         n = _s2_tile_count(v)
-        return Profile(n, n, n)
+        return Profile(1, n, n)  # every image is n tiles; min 1 lets a runtime split larger batches anywhere
     return Profile(1, 1, max(1, cfg.num_video_frames))
 
 
