@@ -350,7 +350,8 @@ def child_pipeline(spec: dict) -> dict:
     desc = pipe.describe()
     pipe.close()
     return {"cases": out, "load_s": load_s, "rss_after_load_bytes": rss_load, "peak_rss_bytes": _peak_rss(),
-            "kv_cache_bytes": kv, "describe": desc, "threads": spec.get("threads") or default_threads()}
+            "kv_cache_bytes": kv, "kv_bytes_per_position": kv // max(1, llm.max_context) if kv else 0,
+            "describe": desc, "threads": spec.get("threads") or default_threads()}
 
 
 def child_llm(spec: dict) -> dict:
@@ -402,6 +403,7 @@ def child_llm(spec: dict) -> dict:
     kv = eng.kv_bytes()
     return {"cases": [{"image": None, "prompt_tokens": p, "runs": runs}], "load_s": load_s,
             "rss_after_load_bytes": rss_load, "peak_rss_bytes": _peak_rss(), "kv_cache_bytes": kv,
+            "kv_bytes_per_position": kv // max(1, eng.max_context),
             "describe": desc, "threads": spec.get("threads") or default_threads()}
 
 
@@ -540,9 +542,11 @@ def summarize(contenders: list[Contender], raw: dict, opts: BenchOptions) -> lis
             for rd in rounds:
                 case = rd["cases"][k]
                 bw = rd["bandwidth_after"]
+                # the KV dtype the engine really allocated (ORT on CPU keeps fp32 KV) when it says so
+                kvp = rd.get("kv_bytes_per_position") or c.kv_bytes_per_position
                 for run in case["runs"]:
                     ctx = run["prompt_positions"] + run["generated_tokens"] / 2
-                    per_tok = c.weight_bytes + c.kv_bytes_per_position * ctx
+                    per_tok = c.weight_bytes + kvp * ctx
                     roof = bw["read_gbs"] * 1e9 / per_tok if per_tok else 0.0
                     roof_copy = bw["copy_gbs"] * 1e9 / per_tok if per_tok else 0.0
                     run = dict(run, roofline_tok_s=roof, bandwidth_read_gbs=bw["read_gbs"],
@@ -767,7 +771,7 @@ def write_chart(doc: dict, path: Path) -> Path:
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"decode ({doc['options']['new_tokens']} tokens)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     ax = axes[1]
     peak = [s["memory"]["peak_rss_bytes"] / MIB for s in res]
     wkv = [(s["memory"]["weight_bytes"] + s["memory"]["kv_cache_bytes"]) / MIB for s in res]
@@ -860,12 +864,16 @@ def ensure_llm_engine(llm_src: Path, out: Path, precision: str = "int4", *, quan
     return out
 
 
-def ensure_preset_engine(name: str, work_dir: Path, console=None) -> Path:
+def ensure_preset_engine(name: str, work_dir: Path, console=None, threads: int | None = None) -> Path:
+    """`vila-edge build` of the preset's random checkpoint (RTN int4: AWQ calibration is moot on random weights)."""
     ckpt = ensure_preset_checkpoint(name, work_dir, console=console)
     eng = Path(work_dir) / f"{name}-engine"
     if (eng / "manifest.json").is_file():
         return eng
-    r = subprocess.run([sys.executable, "-m", "vila_edge.cli", "build", str(ckpt), "-o", str(eng)])
+    cmd = [sys.executable, "-m", "vila_edge.cli", "build", str(ckpt), "-o", str(eng), "--llm-quant", "rtn"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    r = subprocess.run(cmd)
     if r.returncode != 0:
         raise VilaEdgeError(f"`vila-edge build {ckpt} -o {eng}` failed (exit {r.returncode})")
     return eng
@@ -884,7 +892,7 @@ def run_bench_cli(engines: list[Path], opts: BenchOptions, *, out: Path, preset:
             ckpt = ensure_preset_checkpoint(preset, work_dir, llm_only=True, console=err)
             engines = [ensure_llm_engine(ckpt / "llm", Path(work_dir) / f"{preset}-llm-int4")] + list(engines)
         else:
-            engines = [ensure_preset_engine(preset, work_dir, console=err)] + list(engines)
+            engines = [ensure_preset_engine(preset, work_dir, console=err, threads=opts.threads)] + list(engines)
     if not engines:
         raise VilaEdgeError("give engine directories, or --preset NAME")
     if opts.new_tokens < 1 or opts.runs < 1:

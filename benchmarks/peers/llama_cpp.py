@@ -26,9 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# `llama_cpp` package: drop the folder.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 
-from vila_edge import bench
+import numpy as np  # noqa: E402
+
+from vila_edge import bench  # noqa: E402
 
 _NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -241,9 +246,10 @@ def child(spec: dict) -> dict:
     hp = {"n_vocab": nv, "n_ctx": cp.n_ctx, "type_k": "f16", "flash_attn_type": int(cp.flash_attn_type)}
     L.llama_free(ctx)
     L.llama_model_free(model)
+    kvp = int(spec.get("kv_bytes_per_position", 0))  # f16 K and V (llama.cpp's default cache type)
     return {"cases": [{"image": None, "prompt_tokens": p, "runs": runs}], "load_s": load_s,
-            "rss_after_load_bytes": rss_load, "peak_rss_bytes": bench._peak_rss(), "kv_cache_bytes": 0,
-            "describe": {"backend": "llama.cpp", **hp}, "threads": threads}
+            "rss_after_load_bytes": rss_load, "peak_rss_bytes": bench._peak_rss(), "kv_cache_bytes": kvp * cp.n_ctx,
+            "kv_bytes_per_position": kvp, "describe": {"backend": "llama.cpp", **hp}, "threads": threads}
 
 
 def contender(preset: str, work_dir: Path, opts: bench.BenchOptions, *, threads: int) -> bench.Contender:
@@ -254,7 +260,8 @@ def contender(preset: str, work_dir: Path, opts: bench.BenchOptions, *, threads:
     q4 = quantize_q4_0(f16, Path(work_dir) / f"{preset}-q4_0.gguf", threads)
     cfg = preset_config(preset)
     spec = {"model": str(q4), "prompt_tokens": list(opts.prompt_tokens), "new_tokens": opts.new_tokens, "runs": 1,
-            "warmup": opts.warmup, "warmup_tokens": opts.warmup_tokens, "threads": threads}
+            "warmup": opts.warmup, "warmup_tokens": opts.warmup_tokens, "threads": threads,
+            "kv_bytes_per_position": cfg.llm.kv_bytes_per_token_fp16}
     return bench.Contender(name="llama.cpp Q4_0", cmd=[sys.executable, str(Path(__file__).resolve()), "--child"],
                            spec=spec, weight_bytes=decode_bytes(q4),
                            kv_bytes_per_position=cfg.llm.kv_bytes_per_token_fp16, config=None, precision="q4_0",
