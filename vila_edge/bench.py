@@ -659,7 +659,30 @@ def make_document(contenders: list[Contender], raw: dict, opts: BenchOptions, *,
         "ratios": peers_ratio or ratios(summary),
         "notes": list(notes),
     }
-    return json.loads(json.dumps(doc, default=_jsonable))
+    return _scrub(json.loads(json.dumps(doc, default=_jsonable)))
+
+
+def portable_path(p) -> str:
+    """A path fit for a committed result: relative to the working directory when inside it, else
+    `<work>/<name>` (no absolute machine paths in results)."""
+    p = Path(str(p))
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return f"<work>/{p.name}"
+
+
+def _scrub(obj):
+    """Replace absolute paths in strings of a result document (engine paths, manifest entries)."""
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/") and len(obj) > 1 and " " not in obj:
+        return portable_path(obj)
+    return obj
 
 
 def _jsonable(x):
