@@ -15,9 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_ENGINES = Path("engines")
+# int4 LLM quantization of the demo build. SmolLM2's width (576) needs a group size that divides it (32 or 64).
+# The builder's AWQ calibrates on 128 x 512 tokens with a full-block grid search: on a 2-core CPU that is
+# hours for SmolLM2's 30 layers, so the demo defaults to round-to-nearest int4 (seconds); `--llm-quant awq`
+# builds the AWQ variant.
+DEFAULT_LLM_QUANT = "rtn"
+DEFAULT_GROUP_SIZE = 32
 
 
-def demo_engine(engines_root=DEFAULT_ENGINES, *, say: Callable[[str], None] = print, progress=True) -> Path:
+def demo_engine(engines_root=DEFAULT_ENGINES, *, say: Callable[[str], None] = print, progress=True,
+                llm_quant: str = DEFAULT_LLM_QUANT, group_size: int = DEFAULT_GROUP_SIZE) -> Path:
     """Assemble the demo checkpoint (cached) and build its engines (int4 AWQ LLM, ONNX vision); up to date
     checks make a second call cheap. Returns the engine directory."""
     from vila_edge.builder.build import build_engine_dir
@@ -27,10 +34,11 @@ def demo_engine(engines_root=DEFAULT_ENGINES, *, say: Callable[[str], None] = pr
     t = time.time()
     ckpt = demo_checkpoint(root / "checkpoints")
     say(f"demo checkpoint: {ckpt} ({time.time() - t:.1f}s)")
-    out = root / CHECKPOINT_NAME
+    out = root / (CHECKPOINT_NAME if llm_quant == DEFAULT_LLM_QUANT else f"{CHECKPOINT_NAME}-{llm_quant}")
     t = time.time()
-    say(f"building engines into {out} (int4 AWQ LLM, ONNX vision; first run only, minutes on a laptop CPU)")
-    path = build_engine_dir(ckpt, out, precision="int4", progress=progress)
+    say(f"engines: {out} (int4 {llm_quant.upper()} g{group_size} LLM, ONNX vision; built on first use)")
+    path = build_engine_dir(ckpt, out, precision="int4", llm_quant=llm_quant, group_size=group_size,
+                            progress=progress)
     say(f"engines ready: {path} ({time.time() - t:.1f}s)")
     return path
 
@@ -50,7 +58,8 @@ CAMERA_QUESTIONS = ("What colour is the shape?", "What shape is it?", "How many 
 
 def run_demo(*, engines_root=DEFAULT_ENGINES, image: Path | None = None, prompt: str | None = None,
              camera: str | None = None, limit: int | None = None, threads: int | None = None,
-             max_new_tokens: int = 16, out=None) -> int:
+             max_new_tokens: int = 16, llm_quant: str = DEFAULT_LLM_QUANT, group_size: int = DEFAULT_GROUP_SIZE,
+             out=None) -> int:
     """The `vila-edge demo` command. Returns the process exit code."""
     from vila_edge.errors import VilaEdgeError
 
@@ -63,7 +72,7 @@ def run_demo(*, engines_root=DEFAULT_ENGINES, image: Path | None = None, prompt:
         raise VilaEdgeError("--prompt needs --image (or --camera)")
     if image is not None and not Path(image).is_file():
         raise VilaEdgeError(f"{image}: image file not found")
-    engine = demo_engine(engines_root, say=say)
+    engine = demo_engine(engines_root, say=say, llm_quant=llm_quant, group_size=group_size)
 
     from vila_edge.media.image import load_image
     from vila_edge.runtime import load

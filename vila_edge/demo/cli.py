@@ -21,13 +21,16 @@ def register(app: typer.Typer) -> None:
                                          help="Where the demo checkpoint and its engines are cached."),
         threads: int | None = typer.Option(None, help="CPU threads (default: physical cores)."),
         max_new_tokens: int = typer.Option(16, help="Maximum tokens per answer."),
+        llm_quant: str = typer.Option("rtn", "--llm-quant", help="int4 LLM quantization of the build: rtn (seconds) "
+                                      "| awq (full calibration: hours on a 2-core CPU)."),
+        group_size: int = typer.Option(32, "--group-size", help="int4 group size (SmolLM2 needs 32 or 64)."),
     ):
         """Offline demo: a small VILA1.5-architecture model trained here (SmolLM2-135M + SigLIP-from-scratch);
         builds its engines on first use, then answers questions about bundled sample images."""
         from vila_edge.demo import run_demo
 
         code = run_demo(engines_root=engines_dir, image=image, prompt=prompt, camera=camera, limit=limit,
-                        threads=threads, max_new_tokens=max_new_tokens)
+                        threads=threads, max_new_tokens=max_new_tokens, llm_quant=llm_quant, group_size=group_size)
         if code:
             raise typer.Exit(code)
 

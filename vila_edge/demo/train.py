@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch1", type=int, default=64)
     ap.add_argument("--steps2", type=int, default=300, help="question answering steps")
     ap.add_argument("--batch2", type=int, default=8)
+    ap.add_argument("--aux-batch2", type=int, default=32, help="extra images per stage-2 step for the tower's heads")
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the attribute-head loss in stage 2")
     ap.add_argument("--lr0", type=float, default=2e-3)
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--lr2", type=float, default=1e-3)
@@ -307,31 +309,33 @@ def main(argv=None) -> int:
     # ---- stage 2: question answering through the frozen LLM -----------------------------------
     vqa = VQA(ckpt, llm)
     tower.train()
-    groups = [{"params": list(tower.parameters()), "lr_scale": 0.3},
+    groups = [{"params": list(tower.parameters()), "lr_scale": 0.5},
               {"params": list(projector.parameters()), "lr_scale": 1.0},
               {"params": list(heads.parameters()), "lr_scale": 1.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr2, weight_decay=0.01)
     t2 = time.time()
     window: list[float] = []
     for step in range(args.steps2):
-        qas = [D.make_qa(rng) for _ in range(args.batch2)]
+        qas = [D.make_qa(rng, rng.choice(D.QUESTION_TYPES)) for _ in range(args.batch2)]  # types uniform
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, args.steps2, args.lr2, 20) * g["lr_scale"]
-        feats = tower(pixels([q.scene.image for q in qas]))
-        items = projector(feats)
+        # extra images keep training the tower through the attribute heads (cheap next to the LLM)
+        extra = [D.make_scene(rng) for _ in range(args.aux_batch2)]
+        feats = tower(pixels([q.scene.image for q in qas] + [s.image for s in extra]))
+        items = projector(feats[: len(qas)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             lm_loss = vqa.loss(items, qas)
-        aux, _ = heads(feats, labels([q.scene for q in qas]))
-        loss = lm_loss + 0.2 * aux
+        aux, aux_acc = heads(feats, labels([q.scene for q in qas] + extra))
+        loss = lm_loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
-        window.append(float(lm_loss))
-        if step % 20 == 0 or step == args.steps2 - 1:
-            history["stage2"].append({"step": step, "lm_loss": float(np.mean(window)), "aux": float(aux)})
+        window.append(float(lm_loss.detach()))
+        if step % 10 == 0 or step == args.steps2 - 1:
+            history["stage2"].append({"step": step, "lm_loss": float(np.mean(window)), "aux": float(aux), **aux_acc})
             log(f"stage2 {step}/{args.steps2} lm_loss {np.mean(window):.4f} aux {float(aux):.3f} "
-                f"({time.time() - t2:.0f}s)")
+                + " ".join(f"{k}={v:.2f}" for k, v in aux_acc.items()) + f" ({time.time() - t2:.0f}s)")
             window = []
     time2 = time.time() - t2
     tower.eval()
