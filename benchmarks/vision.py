@@ -152,7 +152,7 @@ def bench_size(size: int, layers: int, threads: int, rounds: int, work: Path, lo
         "ort_fp32_vs_eager_max_abs": fp32_err,
         "int8_vs_fp32_cosine": cos,
         "file_mb": {"fp32": round(sum(p.stat().st_size for p in work.glob(f"tower{size}.fp32.onnx*")) / 1e6, 1),
-                    "int8": round(int8.stat().st_size / 1e6, 1)},
+                    "int8": round(sum(p.stat().st_size for p in work.glob(f"tower{size}.int8.onnx*")) / 1e6, 1)},
         "export_seconds": round(export_s, 1), "quantize_seconds": round(quant_s, 1),
     }
     held.clear()

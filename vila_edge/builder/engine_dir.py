@@ -15,13 +15,19 @@ Contract (format 1)::
                                       (space-to-depth with the checkpoint's token order is in the graph)
       vision/combined.<prec>.onnx     optional (`--combined-vision`, non-S2 families only): tower+projector,
                                       TensorRT-LLM multimodal naming "input" -> "encoder_output"
-      vision/*.plan                   TensorRT engines (stage "engines" only, GPU); vision/timing.cache
+      vision/tower.qdq.onnx           optional (`--qdq-vision`): symmetric int8 Q/DQ tower, the source of
+                                      TensorRT int8 engines (standard ops, opset 17)
+      vision/<name>.<trtprec>.plan    TensorRT engines (stage "engines" only, built on the target GPU),
+                                      vision/timing.cache, and for the combined graph vision/trtllm/
+                                      {model.engine, config.json} (TensorRT-LLM's --visual_engine_dir layout)
       llm/                            from vila_edge.builder.llm_onnx.build_llm_onnx (decoder model.onnx,
                                       genai_config.json, embed_tokens.npy); absent when skipped
 
     <prec> is fp32 | fp16 | int8 (int8: CPU tower from ONNX Runtime dynamic quantization, com.microsoft
-    ops). Every ONNX graph takes and returns float32, whatever its inner precision; the only dynamic axis
-    is the leading one. Weights over 1 GiB are stored next to the graph as "<file>.data".
+    ops; never a TensorRT source). Every ONNX graph takes and returns float32, whatever its inner
+    precision; the only dynamic axis is the leading one, named "tiles" (tower, combined) or "chunks"
+    (projector); all graphs are opset 17 (TensorRT 8.6 / JetPack 6.0 parse <= 17). Weights over 1 GiB
+    are stored next to the graph as "<file>.data".
     The S2 / dynamic-S2 merge is NOT in any graph: the runtime runs it (numpy) between tower and
     projector using manifest["config"]["vision"] (s2_scales, s2_output_scale_idx, grid).
 
@@ -38,8 +44,12 @@ manifest.json::
     target          {"device": "cpu" | "cuda", "sm": "8.7" | None}; "cuda" only once plans exist
     stage           "export" (portable ONNX) | "engines" (TensorRT plans added on the target)
     vision          {"files": {"tower": {prec: relpath}, "projector": {...}, "combined"?: {...}},
-                     "plans": {name: relpath}, "io", "tokens_per_tile", "feature_width", "embed_tokens",
-                     "tile_batch" / "chunk_batch" (min, opt, max), "checks" (parity numbers), "opset", ...}
+                     "plans": {name: relpath} (empty at stage export), "io": {name: {"input", "output"}},
+                     "image_size", "tokens_per_tile" (T), "hidden_size" (C), "feature_width" (C*n_scales),
+                     "projector_tokens" (T'), "embed_dim" (D), "tile_batch" / "chunk_batch" {min, opt, max}
+                     (the TensorRT profiles: a runtime splits larger batches), "checks" (ONNX Runtime vs
+                     the PyTorch reference, fp16 / int8 / qdq cosine vs fp32), "opset", "exporter", "merge"}
+    engines_options {"trt_precision", "trt_workspace_gb"} once plans exist; engines_built_at
     llm             the dict returned by build_llm_onnx (paths relative to llm/), or {"skipped": reason}
     files           {relpath: size in bytes} of every file but manifest.json (checked on load)
     created_at      ISO 8601 UTC
