@@ -55,3 +55,29 @@ def test_head_tokenization_uses_media_token_ids(qwen):
     ids = tokenize(qwen.config, qwen.tokenizer, text)
     assert ids.count(qwen.config.llm.media_token_ids["image"]) == 2
     assert ids[0] == qwen.tokenizer.token_to_id("<|im_start|>")  # Qwen2 adds no BOS
+
+
+def test_sentencepiece_only_tokenizer_is_converted(tmp_path):
+    """VILA1.5's llm/ may ship only tokenizer.model: converted as transformers does with legacy=False, and
+    encoding equals the slow SentencePiece tokenizer VILA1.5 was trained with (use_fast=False)."""
+    import json
+
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer
+
+    from vila_edge.testing import corpus_text
+    from vila_edge.tokenizer import Tokenizer
+
+    (tmp_path / "corpus.txt").write_text(corpus_text(60_000))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=500, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "legacy": False,
+         "tokenizer_class": "LlamaTokenizer"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    slow = AutoTokenizer.from_pretrained(str(tmp_path), use_fast=False, legacy=False)
+    for text in ["\nDescribe the image.", "USER: ", " ASSISTANT:", "naïve café 123"]:
+        assert tok.encode(text) == slow(text).input_ids, text
+    assert tok.encode("\n")[0] == 1 and tok.adds_bos

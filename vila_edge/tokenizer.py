@@ -26,6 +26,24 @@ def _token_str(value) -> str | None:
     return value
 
 
+def _convert_sentencepiece(folder: Path) -> HFTokenizer:
+    """A SentencePiece `tokenizer.model` (VILA1.5's Llama tokenizer) -> a fast tokenizer, as transformers
+    converts it with `legacy=False` (what VILA uses). Needs the `export` extra; engine directories
+    store the converted tokenizer.json, so the runtime never needs this."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CheckpointError(
+            f"{folder / 'tokenizer.model'}: converting a SentencePiece tokenizer needs the export extra "
+            "(pip install 'vila-edge[export]'), or put a tokenizer.json beside it"
+        ) from None
+    try:
+        fast = AutoTokenizer.from_pretrained(str(folder), use_fast=True, legacy=False)
+    except Exception as exc:  # conversion errors come from several libraries
+        raise CheckpointError(f"{folder / 'tokenizer.model'}: cannot convert tokenizer ({exc})") from None
+    return HFTokenizer.from_str(fast.backend_tokenizer.to_str())
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict, source: str):
         self._tok = tokenizer
@@ -42,15 +60,15 @@ class Tokenizer:
     def from_dir(cls, folder: Path) -> Tokenizer:
         folder = Path(folder)
         tj = folder / "tokenizer.json"
-        if not tj.is_file():
-            hint = " (only tokenizer.model found: run `vila-edge build`, which converts it with transformers)" if (
-                folder / "tokenizer.model"
-            ).is_file() else ""
-            raise CheckpointError(f"{tj}: tokenizer.json is missing{hint}")
-        try:
-            tok = HFTokenizer.from_file(str(tj))
-        except Exception as exc:  # tokenizers raises plain Exception subclasses
-            raise CheckpointError(f"{tj}: cannot read tokenizer ({exc})") from None
+        if tj.is_file():
+            try:
+                tok = HFTokenizer.from_file(str(tj))
+            except Exception as exc:  # tokenizers raises plain Exception subclasses
+                raise CheckpointError(f"{tj}: cannot read tokenizer ({exc})") from None
+        elif (folder / "tokenizer.model").is_file():
+            tok = _convert_sentencepiece(folder)
+        else:
+            raise CheckpointError(f"{tj}: tokenizer.json is missing (and there is no tokenizer.model to convert)")
         cfg_path = folder / "tokenizer_config.json"
         config = {}
         if cfg_path.is_file():
