@@ -558,6 +558,9 @@ def summarize(contenders: list[Contender], raw: dict, opts: BenchOptions) -> lis
             case0 = rounds[0]["cases"][k]
             peak = max(rd["peak_rss_bytes"] for rd in rounds)
             kv_alloc = max(rd.get("kv_cache_bytes", 0) for rd in rounds)
+            vision_b = _vision_bytes(Path(c.spec.get("engine", "")), rounds[0].get("describe", {})) \
+                if c.kind == "pipeline" else 0
+            resident = c.weight_bytes + vision_b + kv_alloc
             entry = {
                 "name": c.name,
                 "kind": c.kind,
@@ -577,8 +580,9 @@ def summarize(contenders: list[Contender], raw: dict, opts: BenchOptions) -> lis
                     "peak_rss_bytes": peak,
                     "rss_after_load_bytes": max(rd["rss_after_load_bytes"] for rd in rounds),
                     "weight_bytes": c.weight_bytes,
+                    "vision_weight_bytes": vision_b,
                     "kv_cache_bytes": kv_alloc,
-                    "peak_over_weights_plus_kv": peak / (c.weight_bytes + kv_alloc) if c.weight_bytes + kv_alloc else None,
+                    "peak_over_weights_plus_kv": peak / resident if resident else None,
                 },
                 "load_s": stats([rd["load_s"] for rd in rounds]),
                 "describe": rounds[0].get("describe", {}),
@@ -593,6 +597,20 @@ def summarize(contenders: list[Contender], raw: dict, opts: BenchOptions) -> lis
                 }
             out.append(entry)
     return out
+
+
+def _vision_bytes(engine_dir: Path, describe: dict) -> int:
+    """Bytes of the vision graphs the pipeline loaded (tower + projector, external data included)."""
+    v = describe.get("vision", {}) if isinstance(describe, dict) else {}
+    total = 0
+    for key in ("tower", "projector"):
+        name = v.get(key)
+        if not isinstance(name, str):
+            continue
+        for f in (engine_dir / "vision" / name, engine_dir / "vision" / (name + ".data")):
+            if f.is_file():
+                total += f.stat().st_size
+    return total
 
 
 def predictions(contenders: list[Contender], summary: list[dict], raw: dict, opts: BenchOptions) -> list[dict]:
@@ -727,7 +745,7 @@ def print_report(doc: dict, console=None) -> None:
               f"onnxruntime {doc['versions'].get('onnxruntime', '?')}")
     t = Table(show_header=True)
     for col in ("engine", "case", "decode tok/s (min..max)", "% roofline", "TTFT ms", "TTFT split ms (pre/vis/proj/prefill)",
-                "vision ms/tile", "peak RSS MiB", "weights+KV MiB"):
+                "vision ms/tile", "peak RSS MiB", "weights+KV MiB (LLM+vision+KV)"):
         t.add_column(col, justify="right" if col != "engine" else "left")
     for s in doc["results"]:
         d = s["decode_tok_s"]
@@ -740,7 +758,7 @@ def print_report(doc: dict, console=None) -> None:
                   f"{s['roofline_share_pct']['median']:.0f}%" if s["roofline_share_pct"]["median"] else "-",
                   f"{s['ttft_ms']['median']:.0f}", split_s,
                   f"{vis['median']:.0f}" if vis else "-", f"{mem['peak_rss_bytes'] / MIB:.0f}",
-                  f"{(mem['weight_bytes'] + mem['kv_cache_bytes']) / MIB:.0f}")
+                  f"{(mem['weight_bytes'] + mem.get('vision_weight_bytes', 0) + mem['kv_cache_bytes']) / MIB:.0f}")
     con.print(t)
     bws = [p["read_gbs"] for p in doc["probes"]["bandwidth"]]
     if bws:
@@ -797,9 +815,10 @@ def write_chart(doc: dict, path: Path) -> Path:
     ax.legend(fontsize=7, loc="lower right")
     ax = axes[1]
     peak = [s["memory"]["peak_rss_bytes"] / MIB for s in res]
-    wkv = [(s["memory"]["weight_bytes"] + s["memory"]["kv_cache_bytes"]) / MIB for s in res]
+    wkv = [(s["memory"]["weight_bytes"] + s["memory"].get("vision_weight_bytes", 0) + s["memory"]["kv_cache_bytes"]) / MIB
+           for s in res]
     ax.bar(x - 0.2, peak, 0.4, label="peak RSS", color="#55A868")
-    ax.bar(x + 0.2, wkv, 0.4, label="weights + KV", color="#8172B2")
+    ax.bar(x + 0.2, wkv, 0.4, label="weights (LLM + vision) + KV", color="#8172B2")
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("MiB")
     ax.set_title("memory")
