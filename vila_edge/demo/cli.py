@@ -66,8 +66,7 @@ def register(app: typer.Typer) -> None:
                 torch.set_num_threads(threads)
             ckpt = E.checkpoint_of(engines)
             print(f"reference (fp32 PyTorch) of {ckpt}: {len(qas)} questions", file=sys.stderr)
-            result = E.evaluate(E.ReferenceAnswerer(ckpt), qas, backend="reference", source=ckpt.name,
-                                progress=progress)
+            result = E.evaluate_reference(ckpt, qas, progress=progress)
         else:
             print(f"engines {engines}: {len(qas)} questions", file=sys.stderr)
             answerer = E.EngineAnswerer(engines, threads=threads)

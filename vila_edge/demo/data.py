@@ -31,6 +31,8 @@ POSITIONS = ("left", "right", "top", "bottom")
 SIZES = ("big", "small")
 COUNTS = (1, 2, 3, 4, 5)
 WORDS = ("cat", "dog", "sun", "car", "hat", "box", "bird", "fish", "tree", "book", "milk", "ship")
+SHAPE_CLASS = {name: i + 1 for i, name in enumerate(SHAPES)}
+TEXT_CLASS = len(SHAPES) + 1
 QUESTION_TYPES = ("colour", "shape", "position", "size", "count", "word")
 
 QUESTIONS = {
@@ -63,6 +65,8 @@ class Scene:
     count: int | None = None
     word: str | None = None
     image: np.ndarray = field(default=None, repr=False)  # RGB uint8 [S, S, 3]
+    mask: np.ndarray = field(default=None, repr=False)  # uint8 [S, S] pixel classes (dense training targets)
+    centres: list = field(default_factory=list, repr=False)  # shape centres (x, y) in pixels
 
     def answer(self, qtype: str) -> str:
         if qtype == "count":
@@ -117,11 +121,12 @@ def _jitter(rgb, rng: random.Random) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + rng.uniform(-20, 20), 0, 255)) for c in rgb)
 
 
-def _draw_shape(img: np.ndarray, shape: str, cx: float, cy: float, r: float, colour, rng: random.Random) -> None:
+def _draw_shape(img: np.ndarray, shape: str, cx: float, cy: float, r: float, colour, rng: random.Random,
+                aa: int | None = None) -> None:
     import cv2
 
     col = tuple(int(c) for c in colour)
-    aa = cv2.LINE_AA
+    aa = cv2.LINE_AA if aa is None else aa
     if shape == "circle":
         cv2.circle(img, (int(round(cx * 16)), int(round(cy * 16))), int(round(r * 16)), col, -1, aa, 4)
         return
@@ -153,6 +158,7 @@ def make_scene(rng: random.Random, kind: str | None = None, s: int = IMAGE_SIZE)
     nrng = np.random.default_rng(rng.getrandbits(32))
     kind = kind or rng.choices(("single", "count", "word"), weights=(4, 3, 2))[0]
     img = _background(rng, nrng, s)
+    mask = np.zeros((s, s), np.uint8)  # per-pixel class (0 background, SHAPE_CLASS, TEXT_CLASS): training targets
     colour = _pick_colour(rng)
     rgb = _jitter(COLOURS[colour], rng)
     if kind == "single":
@@ -163,6 +169,8 @@ def make_scene(rng: random.Random, kind: str | None = None, s: int = IMAGE_SIZE)
         off = min(off, 0.36 * s)
         cx, cy = {"left": (off, along), "right": (s - off, along), "top": (along, off), "bottom": (along, s - off)}[pos]
         _draw_shape(img, shape, cx, cy, r, rgb, rng)
+        _draw_shape(mask, shape, cx, cy, r, (SHAPE_CLASS[shape],), rng, cv2.LINE_8)
+        centres = [(cx, cy)]
         scene = Scene("single", colour, shape=shape, position=pos, size=size)
     elif kind == "count":
         shape, n = rng.choice(SHAPES), rng.choice(COUNTS)
@@ -173,7 +181,9 @@ def make_scene(rng: random.Random, kind: str | None = None, s: int = IMAGE_SIZE)
             if all(math.hypot(c[0] - o[0], c[1] - o[1]) > 2.3 * r for o in centres):
                 centres.append(c)
         for cx, cy in centres:
-            _draw_shape(img, shape, cx, cy, r * rng.uniform(0.9, 1.1), rgb, rng)
+            rr = r * rng.uniform(0.9, 1.1)
+            _draw_shape(img, shape, cx, cy, rr, rgb, rng)
+            _draw_shape(mask, shape, cx, cy, rr, (SHAPE_CLASS[shape],), rng, cv2.LINE_8)
         scene = Scene("count", colour, shape=shape, count=n)
     else:
         word = rng.choice(WORDS)
@@ -187,8 +197,12 @@ def make_scene(rng: random.Random, kind: str | None = None, s: int = IMAGE_SIZE)
         x = rng.uniform(4, max(4.0, s - 4 - tw))
         y = rng.uniform(th + 4, s - base - 4)
         cv2.putText(img, word, (int(x), int(y)), font, scale, tuple(int(c) for c in rgb), thick, cv2.LINE_AA)
+        cv2.putText(mask, word, (int(x), int(y)), font, scale, (TEXT_CLASS,), thick, cv2.LINE_8)
+        centres = []
         scene = Scene("word", colour, word=word)
     scene.image = img
+    scene.mask = np.where(mask > 0, TEXT_CLASS, 0).astype(np.uint8) if kind == "word" else mask
+    scene.centres = centres
     return scene
 
 

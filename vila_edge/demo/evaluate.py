@@ -90,6 +90,51 @@ def evaluate(answer: Callable[[Image.Image, str], str], qas: Sequence[D.QA], *, 
     return EvalResult(backend, source, total, acc, counts, time.time() - t0, mistakes)
 
 
+def evaluate_reference(checkpoint, qas: Sequence[D.QA], *, batch: int = 16,
+                       progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Greedy exact-match accuracy of the fp32 PyTorch reference, computed fast but exactly.
+
+    A question is answered correctly by greedy decoding with exactly the expected tokens iff, teacher-forced
+    on "answer <|im_end|>", every position's argmax is the next expected token. That check runs batched
+    (the prompt prefix before the image is shared through a KV cache); the questions it rejects are then
+    decoded for real with `ReferenceVILA.greedy` and judged like the engine's text (case, punctuation).
+    """
+    import torch
+
+    from vila_edge.demo.train import VQA
+    from vila_edge.media.tiling import preprocess_image
+
+    t0 = time.time()
+    answer = ReferenceAnswerer(checkpoint)
+    ref, cfg = answer.ref, answer.ckpt.config
+    vqa = VQA(answer.ckpt, ref.llm)
+    fast = []
+    for i in range(0, len(qas), batch):
+        chunk = qas[i:i + batch]
+        items = torch.stack([ref.image_items(preprocess_image(Image.fromarray(q.scene.image), cfg.vision))[0]
+                             for q in chunk])
+        fast += vqa.correct(items, chunk)
+        if progress:
+            progress(min(i + batch, len(qas)), len(qas))
+    counts: dict[str, list[int]] = {qt: [0, 0] for qt in D.QUESTION_TYPES}
+    mistakes = []
+    for i, (qa, ok) in enumerate(zip(qas, fast)):
+        got = qa.answer
+        if not ok:
+            got = answer(Image.fromarray(qa.scene.image), qa.question)
+            ok = D.is_correct(got, qa.answer)
+        counts[qa.qtype][0] += int(ok)
+        counts[qa.qtype][1] += 1
+        if not ok:
+            mistakes.append({"index": i, "type": qa.qtype, "question": qa.question, "expected": qa.answer, "got": got})
+    counts = {k: v for k, v in counts.items() if v[1]}
+    acc = {k: round(100.0 * c / n, 1) for k, (c, n) in counts.items()}
+    total = sum(n for _, n in counts.values())
+    acc["overall"] = round(100.0 * sum(c for c, _ in counts.values()) / max(1, total), 1)
+    return EvalResult("reference", Path(checkpoint).name + " (fp32 PyTorch)", total, acc, counts,
+                      time.time() - t0, mistakes)
+
+
 def checkpoint_of(engine_or_checkpoint: Path) -> Path:
     """The checkpoint folder behind an engine directory (its manifest records it), or the folder itself."""
     p = Path(engine_or_checkpoint)

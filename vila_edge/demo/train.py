@@ -49,7 +49,23 @@ def pixels(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+def dense_targets(scene: D.Scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch targets: the object class covering >= 10% of the patch (0: background), and whether a
+    shape's centre lies in the patch. Row-major like SigLIP's tokens."""
+    s = scene.mask.shape[0]
+    p = s // grid
+    m = scene.mask[: grid * p, : grid * p].reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    counts = np.stack([(m == c).sum(1) for c in range(D.TEXT_CLASS + 1)], 1)
+    cls = np.where(counts[:, 1:].sum(1) >= 0.1 * p * p, counts[:, 1:].argmax(1) + 1, 0)
+    centre = np.zeros(grid * grid, np.float32)
+    for cx, cy in scene.centres:
+        centre[min(int(cy) // p, grid - 1) * grid + min(int(cx) // p, grid - 1)] = 1.0
+    return cls, centre
+
+
 def labels(scenes: list[D.Scene]) -> dict[str, torch.Tensor]:
+    grid = VISION["image_size"] // VISION["patch_size"]
+    dense = [dense_targets(s, grid) for s in scenes]
     out = {k: [] for k in HEADS}
     for s in scenes:
         out["kind"].append(KINDS.index(s.kind))
@@ -59,7 +75,10 @@ def labels(scenes: list[D.Scene]) -> dict[str, torch.Tensor]:
         out["size"].append(D.SIZES.index(s.size) if s.size else -100)
         out["count"].append(D.COUNTS.index(s.count) if s.count else -100)
         out["word"].append(D.WORDS.index(s.word) if s.word else -100)
-    return {k: torch.tensor(v) for k, v in out.items()}
+    res = {k: torch.tensor(v) for k, v in out.items()}
+    res["tokens"] = torch.from_numpy(np.stack([d[0] for d in dense])).long()
+    res["centres"] = torch.from_numpy(np.stack([d[1] for d in dense]))
+    return res
 
 
 class Heads(nn.Module):
@@ -67,10 +86,19 @@ class Heads(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(2 * width)
         self.heads = nn.ModuleDict({k: nn.Linear(2 * width, n) for k, n in HEADS.items()})
+        # dense per-patch supervision (object class, shape centre): many targets per image, fast learning
+        self.token_norm = nn.LayerNorm(width)
+        self.token_head = nn.Linear(width, D.TEXT_CLASS + 1)
+        self.centre_head = nn.Linear(width, 1)
 
     def forward(self, feats: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         z = self.norm(torch.cat([feats.mean(1), feats.amax(1)], -1))
-        loss, acc = 0.0, {}
+        t = self.token_norm(feats)
+        tok_logits = self.token_head(t)
+        loss = F.cross_entropy(tok_logits.reshape(-1, tok_logits.shape[-1]), y["tokens"].reshape(-1))
+        loss = loss + F.binary_cross_entropy_with_logits(self.centre_head(t).squeeze(-1), y["centres"],
+                                                         pos_weight=torch.tensor(8.0))
+        acc = {"patch": float((tok_logits.argmax(-1) == y["tokens"]).float().mean())}
         for k, head in self.heads.items():
             m = y[k] != -100
             if not m.any():
@@ -79,6 +107,28 @@ class Heads(nn.Module):
             loss = loss + F.cross_entropy(logits, y[k][m])
             acc[k] = float((logits.argmax(-1) == y[k][m]).float().mean())
         return loss, acc
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embeddings (MAE / ViT), row-major [grid*grid, dim]."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (xs.reshape(-1), ys.reshape(-1)):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def init_position_embedding(siglip) -> None:
+    """Start the (learned) position embedding from 2D sin-cos instead of small noise: a from-scratch ViT
+    otherwise learns where things are very slowly. Still trained; no pretrained weights are involved."""
+    emb = getattr(siglip, "vision_model", siglip).embeddings.position_embedding
+    grid = math.isqrt(emb.weight.shape[0])
+    with torch.no_grad():
+        emb.weight.copy_(sincos_2d(grid, emb.weight.shape[1]))
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -187,15 +237,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps0", type=int, default=300, help="tower warm-up steps")
-    ap.add_argument("--batch0", type=int, default=48)
-    ap.add_argument("--steps1", type=int, default=150, help="caption alignment steps")
+    ap.add_argument("--steps0", type=int, default=1000, help="tower warm-up steps")
+    ap.add_argument("--batch0", type=int, default=32)
+    ap.add_argument("--steps1", type=int, default=100, help="caption alignment steps")
     ap.add_argument("--batch1", type=int, default=64)
     ap.add_argument("--steps2", type=int, default=300, help="question answering steps")
     ap.add_argument("--batch2", type=int, default=8)
     ap.add_argument("--aux-batch2", type=int, default=32, help="extra images per stage-2 step for the tower's heads")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the attribute-head loss in stage 2")
-    ap.add_argument("--lr0", type=float, default=2e-3)
+    ap.add_argument("--lr0", type=float, default=1e-3)
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--lr2", type=float, default=1e-3)
     ap.add_argument("--eval-per-type", type=int, default=25, help="quick held-out check at the end (0: skip)")
@@ -220,6 +270,7 @@ def main(argv=None) -> int:
     from vila_edge.reference.vision import SelectedFeatures, siglip_state_dict_on_disk
 
     siglip = SiglipVisionModel(SiglipVisionConfig(**VISION, vision_use_head=False))
+    init_position_embedding(siglip)
     llm_width = 576
     projector = Projector(ProjectorConfig("mlp_downsample", VISION["hidden_size"], llm_width, "col"))
 
@@ -265,7 +316,7 @@ def main(argv=None) -> int:
     for step in range(args.steps0_run):
         scenes = [D.make_scene(rng) for _ in range(args.batch0)]
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.steps0, args.lr0, 30)
+            g["lr"] = cosine_lr(step, args.steps0, args.lr0, 50)
         loss, acc = heads(tower(pixels([s.image for s in scenes])), labels(scenes))
         opt.zero_grad(set_to_none=True)
         loss.backward()
