@@ -72,7 +72,7 @@ def plan(
     max_context: int | None = typer.Option(None, help="KV cache positions (default: the model's max length)."),
     max_tiles: int | None = typer.Option(None, help="Largest tile count of one image (default: the model's max_tiles)."),
     llm_precision: str = typer.Option("int4", help="LLM weights: int4 | int8 | fp8 | fp16."),
-    vision_precision: str = typer.Option("fp16", help="Vision tower weights: fp16 | fp8 | int8."),
+    vision_precision: str | None = typer.Option(None, help="Vision tower weights: fp16 | fp32 | fp8 | int8 (default fp16 on GPUs, fp32 on CPUs)."),
     single_scale: bool = typer.Option(False, "--single-scale", help="Run the vision tower at one scale instead of S2."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ):

@@ -315,7 +315,8 @@ def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_prec
     w = llm_weight_bytes(cfg, llm_precision)
     vp = vision_params(cfg)
     vbytes = _bits(vision_precision) / 8
-    vision_engine = math.ceil(vp["tower"] * vbytes) + 2 * vp["projector"]
+    pbytes = 4 if vision_precision == "fp32" else 2
+    vision_engine = math.ceil(vp["tower"] * vbytes) + pbytes * vp["projector"]
     kv = m.kv_bytes_per_token_fp16 * max_context
     tiles, positions = max_image(cfg, max_tiles, single_scale)
     a = dev.activation_bytes
@@ -334,7 +335,7 @@ def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_prec
     memory["usable"] = dev.usable_bytes
     detail = {"llm_linear": w["linear"], "llm_lm_head": w["lm_head"], "llm_embed": w["embed"], "llm_small": w["small"],
               "llm_decode_read_per_token": w["decode_read"], "vision_tower": math.ceil(vp["tower"] * vbytes),
-              "projector": 2 * vp["projector"], "vision_activations": vision_act, "llm_activations": llm_act,
+              "projector": pbytes * vp["projector"], "vision_activations": vision_act, "llm_activations": llm_act,
               "kv_bytes_per_position": m.kv_bytes_per_token_fp16}
     return memory, detail, tiles, positions
 
@@ -376,13 +377,14 @@ def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int,
 
 
 def plan(model, device, *, max_context: int | None = None, max_tiles: int | None = None,
-         llm_precision: str = "int4", vision_precision: str = "fp16", single_scale: bool = False,
+         llm_precision: str = "int4", vision_precision: str | None = None, single_scale: bool = False,
          suggest: bool = True) -> Plan:
     """Memory budget and speed predictions for `model` (preset name, checkpoint path, Checkpoint or
     VilaConfig) on `device` (profile name, TOML path or DeviceProfile). Defaults: the checkpoint's own
-    max length and max tiles."""
+    max length and max tiles; vision weights fp16 on GPUs, fp32 on CPUs (what `vila-edge build` exports)."""
     label, cfg = _resolve_model(model)
     dev = load_profile(device)
+    vision_precision = vision_precision or ("fp32" if dev.kind == "cpu" else "fp16")
     _bits(llm_precision)
     if vision_precision not in ("fp16", "bf16", "fp32", "fp8", "int8"):
         raise VilaEdgeError(f"vision precision {vision_precision!r} is not one of: fp16, fp32, fp8, int8")
@@ -504,7 +506,7 @@ def _bigger_devices(cfg: VilaConfig, p: Plan) -> list[str]:
 
 
 def check_plan_fits(ckpt_or_config, device, max_context: int | None = None, max_tiles: int | None = None, *,
-                    llm_precision: str = "int4", vision_precision: str = "fp16", single_scale: bool = False) -> Plan:
+                    llm_precision: str = "int4", vision_precision: str | None = None, single_scale: bool = False) -> Plan:
     """Build-time guard (`vila-edge build --device`): the Plan if it fits, else VilaEdgeError naming the knob."""
     p = plan(ckpt_or_config, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision,
              vision_precision=vision_precision, single_scale=single_scale)
@@ -531,7 +533,8 @@ def print_plan(p: Plan, console=None) -> None:
     t.add_row("LLM weights", f"{m['llm_weights'] / GIB:.2f}",
               f"{p.llm_precision} ({PRECISION_BITS[p.llm_precision]} bits/weight linear"
               f"{', tied table once' if p.detail['llm_embed'] == 0 else ', fp16 embedding table'})")
-    t.add_row("vision engine", f"{m['vision_engine'] / GIB:.2f}", f"{p.vision_precision} tower + fp16 projector")
+    t.add_row("vision engine", f"{m['vision_engine'] / GIB:.2f}",
+              f"{p.vision_precision} tower + {'fp32' if p.vision_precision == 'fp32' else 'fp16'} projector")
     t.add_row("KV cache", f"{m['kv_cache'] / GIB:.2f}",
               f"{p.detail['kv_bytes_per_position']} B/position x max context {p.max_context}")
     t.add_row("activations / workspace", f"{m['activations'] / GIB:.2f}",
