@@ -109,17 +109,23 @@ def assert_graph_weights_match(decoder_dir: Path, oracle, atol: float = 0.0):
 # ---- tests -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_int4_awq_decoder_matches_dequantized_pytorch(tmp_path, tiny_llm, family):
+@pytest.mark.parametrize("family,quant,lm_head", [
+    ("llama", "awq", "int4"),  # our AWQ body + our asymmetric int4 head (vocab 736 packs by 8)
+    ("qwen2", "rtn", "int8"),  # default int8 head (the builder's); tied embeddings, q/k/v biases
+    ("qwen2", "builder", "int4"),  # the builder's own symmetric int4 everywhere (vocab 483: its head too)
+])
+def test_int4_decoder_matches_dequantized_pytorch(tmp_path, tiny_llm, family, quant, lm_head):
     llm = tiny_llm(family)
     config = json.loads((llm / "config.json").read_text())
     out = tmp_path / "decoder"
-    info = build_llm_onnx(llm, out, precision="int4", quant="awq", group_size=64, accuracy_level=1,
+    info = build_llm_onnx(llm, out, precision="int4", quant=quant, group_size=64, accuracy_level=1, lm_head=lm_head,
                           progress=False, awq_dir=tmp_path / "awq", calib_samples=4, calib_seqlen=64)
     assert info["inputs"]["inputs_embeds"] == "inputs_embeds" and info["inputs"]["past_key"] == "past_key_values.%d.key"
-    assert info["matmulnbits"] == {"count": 2 * 5 + 1, "accuracy_levels": [1], "block_sizes": [64], "bits": [4]}
-    # our asymmetric int4 head when the vocab packs by 8 (Llama fixture: 736), else the builder's (Qwen2: 483)
-    expected_head = "rtn-int4" if config["vocab_size"] % 8 == 0 else "builder-rtn-symmetric"
+    head_bits = 8 if lm_head == "int8" else 4
+    assert info["matmulnbits"] == {"count": 2 * 5 + 1, "accuracy_levels": [1], "block_sizes": [64],
+                                   "bits": sorted({4, head_bits})}
+    expected_head = {("int4", "awq"): "rtn-int4", ("int8", "rtn"): "builder-rtn-int8-symmetric",
+                     ("int4", "builder"): "builder-rtn-int4-symmetric"}[(lm_head, quant)]
     assert info["lm_head"]["quant"] == expected_head and info["lm_head"]["group_size"] == 64
     assert (info["num_layers"], info["num_kv_heads"], info["head_dim"], info["hidden"]) == (2, 2, 32, 128)
     assert info["vocab_size"] == config["vocab_size"]
@@ -133,8 +139,10 @@ def test_int4_awq_decoder_matches_dequantized_pytorch(tmp_path, tiny_llm, family
 
         names = {i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
         assert any("qkv_proj.Add.bias" in n or "q_proj.Add.bias" in n for n in names)
-    oracle = reference_model(tmp_path / "awq", info, decoder_dir=out)
-    assert_graph_weights_match(out, oracle)
+    source = tmp_path / "awq" if quant in ("awq", "rtn") else llm
+    oracle = reference_model(source, info, decoder_dir=out)
+    if quant != "builder":  # (the builder's own codes exist only in the graph: nothing independent to compare)
+        assert_graph_weights_match(out, oracle)
     assert_parity(out, info, oracle, prompt=[5, 17, 99, 250, 3, 42, 7])
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 INT4_QUANT = ("awq", "rtn", "builder")
+LM_HEAD_PRECISIONS = ("int8", "int4", "float")
 DECODER_FILENAME = "model.onnx"
 EMBED_FILENAME = "embed_tokens.npy"
 LM_HEAD_FILENAME = "lm_head_int4.safetensors"
@@ -132,8 +133,27 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
+        if str(info.get("quant", "")).startswith("builder-"):
+            # the builder quantized the float weights itself: its codes exist only in the graph
+            if decoder_dir is None:
+                raise ValueError("the builder quantized this decoder: pass decoder_dir to read its weights back")
+            graph = {k: torch.from_numpy(v) for k, v in dequantized_weights(decoder_dir).items()}
+            if getattr(model.config, "tie_word_embeddings", False):
+                model.lm_head.weight = torch.nn.Parameter(graph.pop("lm_head.weight"))
+                model.config.tie_word_embeddings = False
+            unknown = set(graph) - set(model.state_dict())
+            if unknown:
+                raise ValueError(f"{decoder_dir}: graph weights the model does not have: {sorted(unknown)}")
+            model.load_state_dict(graph, strict=False)
+            return model
     head = info.get("lm_head", {})
-    if head.get("quant") == "rtn-int4":
+    if head.get("quant", "").startswith("builder-"):
+        if decoder_dir is None:
+            raise ValueError("the builder quantized this decoder's lm_head: pass decoder_dir to read it back")
+        weight = torch.from_numpy(dequantized_weights(decoder_dir)["lm_head.weight"])
+        model.lm_head.weight = torch.nn.Parameter(weight)
+        model.config.tie_word_embeddings = False
+    elif head.get("quant") == "rtn-int4":
         weight = int4_lm_head_weight(model.get_output_embeddings().weight.data, head["group_size"])
         if getattr(model.config, "tie_word_embeddings", False):
             # untie: the decoder's head is int4 while the runtime's embedding table stays float
@@ -141,12 +161,6 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
             model.config.tie_word_embeddings = False
         else:
             model.get_output_embeddings().weight.data = weight
-    elif head.get("quant") == "builder-rtn-symmetric":
-        if decoder_dir is None:
-            raise ValueError("the builder quantized this decoder's lm_head: pass decoder_dir to read it back")
-        weight = torch.from_numpy(dequantized_weights(decoder_dir)["lm_head.weight"])
-        model.lm_head.weight = torch.nn.Parameter(weight)
-        model.config.tie_word_embeddings = False
     return model
 
 
@@ -157,19 +171,25 @@ def _unpack_matmulnbits(node, initializers) -> np.ndarray:
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
-    if bits != 4:
-        raise NotImplementedError(f"{node.name}: {bits}-bit MatMulNBits is not unpacked here (4-bit only)")
+    if bits not in (4, 8):
+        raise NotImplementedError(f"{node.name}: {bits}-bit MatMulNBits is not unpacked here (4 and 8 only)")
     packed = numpy_helper.to_array(initializers[node.input[1]]).reshape(n, -1)
     scales = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32).reshape(n, -1)
     blocks = scales.shape[1]
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32)
+
+    def unpack(values: np.ndarray) -> np.ndarray:  # uint8 rows -> codes, low nibble first for 4-bit
+        if bits == 8:
+            return values
+        return np.stack([values & 0x0F, values >> 4], axis=-1).reshape(values.shape[0], -1)
+
+    codes = unpack(packed).reshape(n, blocks, block).astype(np.float32)
     if len(node.input) > 3 and node.input[3]:
         zp = numpy_helper.to_array(initializers[node.input[3]])
         if zp.dtype == np.uint8:
-            zp = np.stack([zp.reshape(n, -1) & 0x0F, zp.reshape(n, -1) >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+            zp = unpack(zp.reshape(n, -1))[:, :blocks]
         zeros = zp.reshape(n, blocks).astype(np.float32)
     else:
-        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)  # symmetric: implicit zero point 8
+        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)  # symmetric: implicit zero point 8 / 128
     return ((codes - zeros[:, :, None]) * scales[:, :, None]).reshape(n, blocks * block)[:, :k]
 
 
@@ -303,7 +323,7 @@ def build_llm_onnx(
     threads: int | None = None,
     accuracy_level: int = 4,
     progress: bool = True,
-    lm_head_int4: bool = True,
+    lm_head: str = "int8",
     prune_lm_head: bool = True,
     awq_dir: Path | None = None,
     calib_samples: int = 128,
@@ -311,8 +331,10 @@ def build_llm_onnx(
 ) -> dict:
     """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
 
-    ``lm_head_int4``: store the LM head as int4 (RTN, group ``group_size``) instead of float.
-    ``prune_lm_head``: compute logits for the last position only (prefill cost; the runtime
+    ``lm_head``: precision of the output projection in int4/int8 builds: ``"int8"`` (default; the
+    builder's symmetric RTN, block ``group_size``: on SmolLM2 an int4 g64 head alone costs +2.7
+    perplexity, int8 +0.02, see benchmarks/results/awq_quality.md), ``"int4"`` (our asymmetric RTN, the
+    smallest decoder) or ``"float"``. ``prune_lm_head``: compute logits for the last position only (prefill cost; the runtime
     needs no other). ``awq_dir``: keep the AutoAWQ checkpoint made from a float ``llm_dir`` there
     (it is needed to rebuild the PyTorch reference; otherwise it is temporary).
     """
@@ -325,6 +347,8 @@ def build_llm_onnx(
         raise ValueError(f"accuracy_level must be 0..4 (4 = int8 activations on CPU), got {accuracy_level}")
     if group_size not in (32, 64, 128):
         raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+    if lm_head not in LM_HEAD_PRECISIONS:
+        raise ValueError(f"lm_head must be one of {LM_HEAD_PRECISIONS}, got {lm_head!r}")
     from vila_edge.builder.awq import quantize_checkpoint
     from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, tinychat_v2_to_awq_checkpoint
 
@@ -363,23 +387,24 @@ def build_llm_onnx(
                 info["awq_dir"] = str(awq_source)
             vocab = int(awq_config["vocab_size"])
             hidden = int(awq_config["hidden_size"])
-            if lm_head_int4 and vocab % 8 == 0 and hidden % ckpt_group == 0:
+            builder_input = awq_source
+            if lm_head == "int4" and vocab % 8 == 0 and hidden % ckpt_group == 0:
                 builder_input = staging / "builder_input"
                 info["lm_head"] = _stage_with_int4_head(awq_source, builder_input, ckpt_group, awq_config)
-            elif lm_head_int4:
+            elif lm_head == "int4":
                 # AWQ packing needs vocab % 8 == 0: let the builder quantize the head (symmetric RTN)
-                builder_input = awq_source
-                info["lm_head"] = {"quant": "builder-rtn-symmetric", "group_size": ckpt_group,
+                info["lm_head"] = {"quant": "builder-rtn-int4-symmetric", "group_size": ckpt_group,
                                    "reason": f"vocab {vocab} / hidden {hidden} do not fit AWQ int4 packing"}
-            else:
-                builder_input = awq_source
-                info["lm_head"] = {"quant": "float", "reason": "requested"}
         elif precision == "int4":
-            info["quant"] = "builder-rtn-symmetric"
-            info["lm_head"] = {"quant": "builder-rtn-symmetric" if lm_head_int4 else "float"}
+            info["quant"] = "builder-rtn-int4-symmetric"
         else:
-            info["quant"] = "none" if precision in ("fp16", "fp32") else "builder-rtn-symmetric"
-            info["lm_head"] = {"quant": "float" if precision in ("fp16", "fp32") or not lm_head_int4 else info["quant"]}
+            info["quant"] = "none" if precision in ("fp16", "fp32") else "builder-rtn-int8-symmetric"
+        if "lm_head" not in info:
+            if precision in ("fp16", "fp32") or lm_head == "float":
+                info["lm_head"] = {"quant": "float"}
+            else:
+                bits = 8 if lm_head == "int8" or precision == "int8" else 4
+                info["lm_head"] = {"quant": f"builder-rtn-int{bits}-symmetric", "group_size": info["group_size"]}
 
         extra = {
             "exclude_embeds": "true",
@@ -397,6 +422,8 @@ def build_llm_onnx(
         }
         if precision in ("int4", "int8") and info["lm_head"]["quant"] == "float":
             extra["nodes_to_exclude"] = "/lm_head/MatMul"
+        elif precision == "int4" and info["lm_head"]["quant"] == "builder-rtn-int8-symmetric":
+            extra["matmul_mixed_precision"] = "last_matmul:int8"
         _run_builder(builder_input, out_dir, precision, extra, staging / "cache", staging / "builder.log", progress)
 
         # text embedding table for the runtime, from the same weights the decoder was built from
