@@ -35,7 +35,9 @@ def load_peer(name: str):
     return mod
 
 
-def _peer_contender(mod, a, threads: int, opts: bench.BenchOptions) -> bench.Contender:
+def _peer_contender(mod, a, threads: int, opts: bench.BenchOptions):
+    if "omp_wait" in mod.contender.__code__.co_varnames:
+        return mod.contender(a.preset, a.work_dir, opts, threads=threads, omp_wait=a.llama_omp_wait)
     return mod.contender(a.preset, a.work_dir, opts, threads=threads)
 
 

@@ -364,7 +364,8 @@ def child_llm(spec: dict) -> dict:
     p, n = int(spec["prompt_tokens"][0]), int(spec["new_tokens"])
     max_ctx = int(spec.get("max_context") or p + n + 16)
     t0 = time.perf_counter()
-    eng = OrtLLMEngine(_llm_dir(path), info, device="cpu", threads=spec.get("threads"), max_context=max_ctx)
+    eng = OrtLLMEngine(_llm_dir(path), info, device="cpu", threads=spec.get("threads"), max_context=max_ctx,
+                       spinning=bool(spec.get("spinning", True)))
     load_s = time.perf_counter() - t0
     rss_load = _rss()
     rng = np.random.default_rng(0)
@@ -408,9 +409,10 @@ def child_llm(spec: dict) -> dict:
 
 
 def run_child(cmd: list[str], spec: dict, on_progress: Callable[[int, int], None] | None = None,
-              timeout: float | None = None) -> dict:
+              timeout: float | None = None, env_extra: dict | None = None) -> dict:
     """Run a child benchmark command, feeding `spec` as JSON on stdin; returns its result dict."""
     env = dict(os.environ)
+    env.update(env_extra or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
@@ -470,6 +472,7 @@ class Contender:
     precision: str = "int4"
     manifest: dict = field(default_factory=dict)
     kind: str = "llm"  # "pipeline" | "llm" | "peer"
+    env: dict = field(default_factory=dict)  # extra environment of its child process (e.g. OMP_WAIT_POLICY)
 
 
 def engine_contender(path, opts: BenchOptions, *, name: str | None = None, config=None,
@@ -518,7 +521,7 @@ def run_interleaved(contenders: list[Contender], opts: BenchOptions, *, console=
                 def cb(done, total, task=task):
                     prog.update(task, completed=done, total=total)
 
-                res = run_child(c.cmd, c.spec, cb)
+                res = run_child(c.cmd, c.spec, cb, env_extra=c.env)
                 prog.update(task, description=f"round {r + 1}/{opts.runs}: {c.name} -> bandwidth probe")
                 bw = measure_bandwidth(threads, opts.bandwidth_mib)
                 res["bandwidth_after"] = bw
@@ -972,6 +975,10 @@ def llm_comparison_args(doc: str | None, argv=None, extra=None):
     ap.add_argument("--work-dir", type=Path, default=Path("bench-work"), help="checkpoints, GGUFs and builds (cached)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--bandwidth-mib", type=int, default=512)
+    ap.add_argument("--ort-spinning", choices=("on", "off", "both"), default="on",
+                    help="ONNX Runtime intra-op spinning of our decoder(s) (default on, as the runtime)")
+    ap.add_argument("--llama-omp-wait", choices=("default", "passive", "both"), default="default",
+                    help="llama.cpp peer: OMP_WAIT_POLICY of its process (passive: threads sleep at barriers)")
     if extra:
         extra(ap)
     a = ap.parse_args(argv)
@@ -997,7 +1004,19 @@ def run_llm_comparison(a, peer_factories: Sequence[Callable[[BenchOptions], Cont
             d = ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-g{g}", group_size=g,
                                   threads=threads)
             ours.append(engine_contender(d, opts, name=f"vila-edge ORT int4 g{g}", config=cfg, precision="int4"))
-    contenders = ours + [f(opts) for f in peer_factories]
+    spins = {"on": [True], "off": [False], "both": [True, False]}[getattr(a, "ort_spinning", "on")]
+    variants = []
+    for c in ours:
+        for spin in spins:
+            v = Contender(**{**c.__dict__, "spec": {**c.spec, "spinning": spin}})
+            if len(spins) > 1 or not spin:
+                v.name = f"{c.name} spin {'on' if spin else 'off'}"
+            variants.append(v)
+    peers = []
+    for f in peer_factories:
+        got = f(opts)
+        peers += got if isinstance(got, list) else [got]
+    contenders = variants + peers
     raw = run_interleaved(contenders, opts)
     notes = [f"{a.preset} LLM geometry, random weights; prompt {a.prompt_tokens} random ids then {a.new_tokens} "
              f"forced greedy tokens; {threads} threads everywhere; every run in a fresh process; contenders "

@@ -252,7 +252,9 @@ def child(spec: dict) -> dict:
             "kv_bytes_per_position": kvp, "describe": {"backend": "llama.cpp", **hp}, "threads": threads}
 
 
-def contender(preset: str, work_dir: Path, opts: bench.BenchOptions, *, threads: int) -> bench.Contender:
+def contender(preset: str, work_dir: Path, opts: bench.BenchOptions, *, threads: int,
+              omp_wait: str = "default") -> bench.Contender | list[bench.Contender]:
+    """The llama.cpp contender; omp_wait "passive" / "both" adds OMP_WAIT_POLICY=passive variants."""
     from vila_edge.presets import preset_config
 
     ckpt = bench.ensure_preset_checkpoint(preset, work_dir, llm_only=True)
@@ -262,10 +264,13 @@ def contender(preset: str, work_dir: Path, opts: bench.BenchOptions, *, threads:
     spec = {"model": str(q4), "prompt_tokens": list(opts.prompt_tokens), "new_tokens": opts.new_tokens, "runs": 1,
             "warmup": opts.warmup, "warmup_tokens": opts.warmup_tokens, "threads": threads,
             "kv_bytes_per_position": cfg.llm.kv_bytes_per_token_fp16}
-    return bench.Contender(name="llama.cpp Q4_0", cmd=[sys.executable, str(Path(__file__).resolve()), "--child"],
+    base = bench.Contender(name="llama.cpp Q4_0", cmd=[sys.executable, str(Path(__file__).resolve()), "--child"],
                            spec=spec, weight_bytes=decode_bytes(q4),
                            kv_bytes_per_position=cfg.llm.kv_bytes_per_token_fp16, config=None, precision="q4_0",
                            kind="peer", manifest={"gguf": q4.name, "quantize": "llama_model_quantize Q4_0 (default)"})
+    passive = bench.Contender(**{**base.__dict__, "name": "llama.cpp Q4_0 OMP passive",
+                                 "env": {"OMP_WAIT_POLICY": "passive"}})
+    return {"default": base, "passive": passive, "both": [base, passive]}[omp_wait]
 
 
 def main(argv=None) -> dict:
@@ -275,7 +280,8 @@ def main(argv=None) -> dict:
     a = bench.llm_comparison_args(__doc__, argv)
     threads = a.threads or bench.default_threads()
     return bench.run_llm_comparison(
-        a, [lambda opts: contender(a.preset, a.work_dir, opts, threads=threads)], tag="llama.cpp")
+        a, [lambda opts: contender(a.preset, a.work_dir, opts, threads=threads, omp_wait=a.llama_omp_wait)],
+        tag="llama.cpp")
 
 
 if __name__ == "__main__":
