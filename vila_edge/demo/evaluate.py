@@ -16,7 +16,7 @@ from PIL import Image
 
 from vila_edge.demo import data as D
 
-MAX_NEW_TOKENS = 8
+MAX_NEW_TOKENS = 4  # answers are one word: 1-2 tokens, the stop token, room for a "."
 
 
 @dataclass

@@ -237,17 +237,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps0", type=int, default=1000, help="tower warm-up steps")
+    ap.add_argument("--steps0", type=int, default=400, help="tower warm-up steps")
     ap.add_argument("--batch0", type=int, default=32)
     ap.add_argument("--steps1", type=int, default=100, help="caption alignment steps")
     ap.add_argument("--batch1", type=int, default=64)
-    ap.add_argument("--steps2", type=int, default=300, help="question answering steps")
+    ap.add_argument("--steps2", type=int, default=30, help="question answering steps")
     ap.add_argument("--batch2", type=int, default=8)
-    ap.add_argument("--aux-batch2", type=int, default=32, help="extra images per stage-2 step for the tower's heads")
+    ap.add_argument("--aux-batch2", type=int, default=16, help="extra images per stage-2 step for the tower's heads")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the attribute-head loss in stage 2")
     ap.add_argument("--lr0", type=float, default=1e-3)
     ap.add_argument("--lr1", type=float, default=2e-3)
-    ap.add_argument("--lr2", type=float, default=1e-3)
+    ap.add_argument("--lr2", type=float, default=2e-3)
     ap.add_argument("--eval-per-type", type=int, default=25, help="quick held-out check at the end (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LLM in stage 2")
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     for step in range(args.steps2):
         qas = [D.make_qa(rng, rng.choice(D.QUESTION_TYPES)) for _ in range(args.batch2)]  # types uniform
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.steps2, args.lr2, 20) * g["lr_scale"]
+            g["lr"] = cosine_lr(step, args.steps2, args.lr2, min(20, max(1, args.steps2 // 6))) * g["lr_scale"]
         # extra images keep training the tower through the attribute heads (cheap next to the LLM)
         extra = [D.make_scene(rng) for _ in range(args.aux_batch2)]
         feats = tower(pixels([q.scene.image for q in qas] + [s.image for s in extra]))
