@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -25,72 +26,88 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 CONFIGS = [
-    # name, method, bits, also evaluate with the int4 lm_head of the ORT decoder, go through the AutoAWQ checkpoint
+    # name, method, bits, also evaluate the ORT decoder's lm_head variants, go through the AutoAWQ checkpoint
     ("float", None, None, False, False),
     ("RTN int4 g64", "rtn", 4, False, False),
     ("AWQ int4 g64", "awq", 4, True, True),
     ("RTN int3 g64", "rtn", 3, False, False),
     ("AWQ int3 g64", "awq", 3, False, False),
 ]
-INT4_HEAD_SUFFIX = " + int4 lm_head (as in the ORT decoder)"
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_config(args: dict, name: str, method, bits, int4_head: bool, via_checkpoint: bool) -> dict:
-    """One configuration, in a fresh process: quantize, then held-out perplexity."""
+def run_config(args: dict, name: str, method, bits, heads: bool, via_checkpoint: bool) -> list[dict]:
+    """One configuration, in a fresh process: quantize, then held-out perplexity.
+
+    ``heads``: also evaluate with the lm_head the ORT decoder really computes with (int8 default, int4
+    option), read back from a decoder built from the AWQ checkpoint.
+    """
     import torch
+    from transformers import AutoTokenizer
 
     from vila_edge.builder import awq
     from vila_edge.builder.awq_formats import load_dequantized_model
-    from vila_edge.builder.llm_onnx import int4_lm_head_weight
+    from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights
     from vila_edge.models import smollm2_hf_checkpoint
 
     torch.set_num_threads(args["threads"])
     folder = smollm2_hf_checkpoint(args["cache_dir"])
     result = {"config": name, "method": method or "float", "bits": bits, "group_size": args["group_size"]}
+    heldout = None
+
+    def evaluate(model) -> float:
+        return awq.perplexity(model, heldout, seqlen=args["eval_seqlen"], max_windows=args["eval_windows"])
+
     started = time.perf_counter()
-    if method is None:
-        model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
-    elif via_checkpoint:
-        # the real path: write the AutoAWQ checkpoint, then evaluate what it dequantizes to
-        with tempfile.TemporaryDirectory() as tmp:
-            stats = awq.quantize_checkpoint(folder, Path(tmp) / "awq", w_bit=bits, group_size=args["group_size"],
+    with tempfile.TemporaryDirectory() as tmp:
+        awq_dir = Path(tmp) / "awq"
+        if method is None:
+            model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
+        elif via_checkpoint:
+            # the real path: write the AutoAWQ checkpoint, then evaluate what it dequantizes to
+            stats = awq.quantize_checkpoint(folder, awq_dir, w_bit=bits, group_size=args["group_size"],
                                             method=method, calib_samples=args["calib_samples"],
-                                            calib_seqlen=args["calib_seqlen"], progress=args["progress"])
+                                            calib_seqlen=args["calib_seqlen"], progress=args["progress"],
+                                            threads=args["threads"])
             result["quantize_peak_rss_mib"] = round(_peak_rss_mib(), 1)
             result["quantize_seconds"] = round(time.perf_counter() - started, 1)
-            model = load_dequantized_model(Path(tmp) / "awq")
-            from transformers import AutoTokenizer
-
+            result["awq"] = {k: v for k, v in stats.items() if k != "layers"}
+            model = load_dequantized_model(awq_dir)
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        result["awq"] = {k: v for k, v in stats.items() if k != "layers"}
-    else:
-        model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
-        calib = None
-        if method == "awq":
-            calib = awq.calibration_ids(tokenizer, awq.default_corpus()[0], args["calib_samples"], args["calib_seqlen"])
-        settings = awq.AWQSettings(w_bit=bits, group_size=args["group_size"], method=method)
-        _, stats = awq.quantize_model(model, calib, settings, progress=args["progress"])
-        result["quantize_peak_rss_mib"] = round(_peak_rss_mib(), 1)
-        result["quantize_seconds"] = round(time.perf_counter() - started, 1)
-        result["awq"] = {k: v for k, v in stats.items() if k != "layers"}
-    heldout = awq.tokenize_text(tokenizer, awq.default_corpus()[1])
-    t0 = time.perf_counter()
-    result["perplexity"] = awq.perplexity(model, heldout, seqlen=args["eval_seqlen"], max_windows=args["eval_windows"])
-    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    result["eval_tokens"] = min(heldout.numel() // args["eval_seqlen"], args["eval_windows"] or 10**9) * args["eval_seqlen"]
-    rows = [result]
-    if int4_head:
-        head = model.get_output_embeddings().weight.data
-        model.lm_head.weight = torch.nn.Parameter(int4_lm_head_weight(head, args["group_size"]))
-        model.config.tie_word_embeddings = False
-        rows.append({"config": name + INT4_HEAD_SUFFIX, "method": method, "bits": bits,
-                     "group_size": args["group_size"], "lm_head": "int4 rtn",
-                     "perplexity": awq.perplexity(model, heldout, seqlen=args["eval_seqlen"],
-                                                  max_windows=args["eval_windows"])})
+        else:
+            model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
+            calib = None
+            if method == "awq":
+                calib = awq.calibration_ids(tokenizer, awq.default_corpus()[0], args["calib_samples"],
+                                            args["calib_seqlen"])
+            settings = awq.AWQSettings(w_bit=bits, group_size=args["group_size"], method=method,
+                                       threads=args["threads"])
+            _, stats = awq.quantize_model(model, calib, settings, progress=args["progress"])
+            result["quantize_peak_rss_mib"] = round(_peak_rss_mib(), 1)
+            result["quantize_seconds"] = round(time.perf_counter() - started, 1)
+            result["awq"] = {k: v for k, v in stats.items() if k != "layers"}
+        heldout = awq.tokenize_text(tokenizer, awq.default_corpus()[1])
+        t0 = time.perf_counter()
+        result["perplexity"] = evaluate(model)
+        result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        windows = heldout.numel() // args["eval_seqlen"]
+        result["eval_tokens"] = min(windows, args["eval_windows"] or windows) * args["eval_seqlen"]
+        rows = [result]
+        if heads:
+            model.config.tie_word_embeddings = False
+            for head in ("int8", "int4"):
+                decoder = Path(tmp) / f"decoder-{head}"
+                build_llm_onnx(awq_dir, decoder, precision="int4", group_size=args["group_size"], lm_head=head,
+                               progress=False, threads=args["threads"])
+                weight = torch.from_numpy(dequantized_weights(decoder)["lm_head.weight"])
+                model.lm_head.weight = torch.nn.Parameter(weight)
+                rows.append({"config": f"{name} + {head} lm_head (ORT decoder{', default' if head == 'int8' else ''})",
+                             "method": method, "bits": bits, "group_size": args["group_size"],
+                             "lm_head": head, "perplexity": evaluate(model)})
+                shutil.rmtree(decoder, ignore_errors=True)
     return rows
 
 
@@ -121,7 +138,9 @@ def render_markdown(results: list[dict], args: dict) -> str:
         f"Held-out perplexity: {args['eval_windows'] or 'all'} windows of {args['eval_seqlen']} tokens from every 4th "
         "topic of CPython's `pydoc_data.topics` (calibration uses only the other topics: "
         f"{args['calib_samples']} x {args['calib_seqlen']} tokens). Asymmetric integers with a zero point per group "
-        f"of {args['group_size']} inputs; all decoder linears quantized, embeddings/lm_head float unless stated. "
+        f"of {args['group_size']} inputs; all decoder linears quantized, embeddings/lm_head float unless stated "
+        "(the lm_head rows use the head the ORT decoder computes with, read back from a decoder built from the "
+        "AWQ checkpoint). "
         "The float model is the GGUF's Q4_1 weights dequantized (the only SmolLM2 weights available offline).",
         "",
         "| configuration | perplexity | vs float | RTN increase recovered | quantize time (s) | peak RSS (MiB): model loaded -> quantized |",
@@ -174,7 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=0, help="0 = every full window of the held-out text")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared CPU more threads make the AWQ search many times slower)")
     parser.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 folder is cached")
     parser.add_argument("--only", default=None, help="comma-separated config names to run (float always runs)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "awq_quality"), help="output path without extension")

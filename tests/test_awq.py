@@ -23,6 +23,16 @@ from vila_edge.builder.awq_formats import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Quantize and run references on one torch thread: on a CPU shared with other busy processes the
+    quantizer's thousands of small element-wise ops are many times slower with more (see AWQSettings.threads)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ---- tiny HF checkpoints ----------------------------------------------------------------------
 
 

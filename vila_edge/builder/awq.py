@@ -19,6 +19,7 @@ the layer being quantized is promoted to float32.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -52,6 +53,10 @@ class AWQSettings:
     calib_samples: int = 128
     calib_seqlen: int = 512
     batch_sequences: int = 8  # sequences per forward chunk (bounds attention memory)
+    # torch intra-op threads while quantizing (None: leave torch's setting). On a CPU shared with other
+    # busy processes, 1 thread can be several times faster: the searches run thousands of small
+    # element-wise ops, and each parallel op waits for every worker thread to get a core.
+    threads: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -387,10 +392,24 @@ def _progress_bar(enabled: bool):
                     TimeElapsedColumn(), disable=not enabled)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Temporarily set torch's intra-op thread count (restored afterwards)."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module, calib: torch.Tensor | None, settings: AWQSettings, progress: bool = True,
-    float32_params: dict[str, torch.Tensor] | None = None,
+    float32_params: dict[str, torch.Tensor] | None = None, keep_dequantized: bool = True,
 ) -> tuple[dict[str, QuantizedLinear], dict]:
     """Quantize every decoder linear of a HF causal LM in place (layer by layer).
 
@@ -399,7 +418,14 @@ def quantize_model(
     Returns the integer codes by module name and statistics. ``float32_params``, when given, is
     filled with the float32 values of every other parameter of the processed layers (the folded
     norms), before the layer goes back to the model's dtype (bf16 would round them).
+    ``keep_dequantized=False`` drops each linear's weight once its codes exist (the model is then
+    only good for its other parameters) so that peak memory stays the model plus one layer.
     """
+    with torch_threads(settings.threads):
+        return _quantize_layers(model, calib, settings, progress, float32_params, keep_dequantized)
+
+
+def _quantize_layers(model, calib, settings: AWQSettings, progress: bool, float32_params, keep_dequantized: bool):
     if settings.method not in ("awq", "rtn"):
         raise ValueError(f"method must be 'awq' or 'rtn', got {settings.method!r}")
     check_group_size(model, settings.group_size, settings.w_bit)
@@ -438,7 +464,10 @@ def quantize_model(
                 codes, scales, zeros = quantize_tensor(module.weight.data, settings.w_bit, settings.group_size)
                 qlinear = QuantizedLinear(codes, scales, zeros, settings.group_size, settings.w_bit,
                                           bias=None if module.bias is None else module.bias.data.clone())
-                module.weight.data = qlinear.dequantize()
+                if keep_dequantized:
+                    module.weight.data = qlinear.dequantize()
+                else:
+                    module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
                 quantized[f"model.layers.{index}.{name}"] = qlinear
             if float32_params is not None:
                 linear_params = {f"{n}.{p}" for n in LINEAR_NAMES for p in ("weight", "bias")}
@@ -537,6 +566,7 @@ def quantize_checkpoint(
     calib_samples: int = 128,
     calib_seqlen: int = 512,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict:
     """Quantize a HF ``llm/`` folder and write an AutoAWQ GEMM checkpoint to ``out_dir``.
 
@@ -547,13 +577,14 @@ def quantize_checkpoint(
     llm_dir = Path(llm_dir)
     model, tokenizer = load_float_model(llm_dir)
     settings = AWQSettings(w_bit=w_bit, group_size=group_size, method=method,
-                           calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, threads=threads)
     check_group_size(model, group_size, w_bit)
     calib = None
     if method == "awq":
         calib = calibration_ids(tokenizer, load_calibration_text(calib_path), calib_samples, calib_seqlen)
     folded = {}
-    quantized, stats = quantize_model(model, calib, settings, progress=progress, float32_params=folded)
+    quantized, stats = quantize_model(model, calib, settings, progress=progress, float32_params=folded,
+                                      keep_dequantized=False)
     stats["calib_source"] = "pydoc_data.topics" if calib_path is None else Path(calib_path).name
 
     quantized_weights = {f"{name}.weight" for name in quantized} | {f"{name}.bias" for name in quantized}

@@ -328,6 +328,7 @@ def build_llm_onnx(
     awq_dir: Path | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 512,
+    quantize_threads: int | None = None,
 ) -> dict:
     """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
 
@@ -336,7 +337,9 @@ def build_llm_onnx(
     perplexity, int8 +0.02, see benchmarks/results/awq_quality.md), ``"int4"`` (our asymmetric RTN, the
     smallest decoder) or ``"float"``. ``prune_lm_head``: compute logits for the last position only (prefill cost; the runtime
     needs no other). ``awq_dir``: keep the AutoAWQ checkpoint made from a float ``llm_dir`` there
-    (it is needed to rebuild the PyTorch reference; otherwise it is temporary).
+    (it is needed to rebuild the PyTorch reference; otherwise it is temporary). ``quantize_threads``:
+    torch threads for the AWQ/RTN quantizer (None: torch's setting; see ``AWQSettings.threads``),
+    independent of ``threads``, the decoder's ONNX Runtime intra-op threads.
     """
     llm_dir, out_dir = Path(llm_dir), Path(out_dir)
     if precision not in PRECISIONS:
@@ -377,6 +380,7 @@ def build_llm_onnx(
                 awq_stats = quantize_checkpoint(
                     llm_dir, awq_source, w_bit=4, group_size=group_size, method=quant, calib_path=calib_path,
                     calib_samples=calib_samples, calib_seqlen=calib_seqlen, progress=progress,
+                    threads=quantize_threads,
                 )
                 info["quant"] = quant
             awq_config = _read_config(awq_source)
