@@ -975,6 +975,8 @@ def llm_comparison_args(doc: str | None, argv=None, extra=None):
     ap.add_argument("--work-dir", type=Path, default=Path("bench-work"), help="checkpoints, GGUFs and builds (cached)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--bandwidth-mib", type=int, default=512)
+    ap.add_argument("--lm-head", default=None,
+                    help="LM head precision of our builds (build_llm_onnx lm_head: int4 | int8 | float; default: the builder's)")
     ap.add_argument("--ort-spinning", choices=("on", "off", "both"), default="on",
                     help="ONNX Runtime intra-op spinning of our decoder(s) (default on, as the runtime)")
     ap.add_argument("--llama-omp-wait", choices=("default", "passive", "both"), default="default",
@@ -1000,10 +1002,14 @@ def run_llm_comparison(a, peer_factories: Sequence[Callable[[BenchOptions], Cont
             ours.append(engine_contender(d, opts, name=f"vila-edge {Path(d).name}", config=cfg, precision="int4"))
     else:
         ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
+        head = getattr(a, "lm_head", None)
         for g in a.group_size:
-            d = ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-g{g}", group_size=g,
-                                  threads=threads)
-            ours.append(engine_contender(d, opts, name=f"vila-edge ORT int4 g{g}", config=cfg, precision="int4"))
+            kw = {"lm_head": head} if head else {}
+            tag = f"-head-{head}" if head else ""
+            d = ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-g{g}{tag}", group_size=g,
+                                  threads=threads, **kw)
+            ours.append(engine_contender(d, opts, name=f"vila-edge ORT int4 g{g}" + (f" head {head}" if head else ""),
+                                         config=cfg, precision="int4"))
     spins = {"on": [True], "off": [False], "both": [True, False]}[getattr(a, "ort_spinning", "on")]
     variants = []
     for c in ours:
