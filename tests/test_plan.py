@@ -159,3 +159,26 @@ def test_cli_plan_refuses_in_one_line():
     ok = subprocess.run([sys.executable, "-m", "vila_edge.cli", "plan", "nvila-lite-2b", "--device", NANO, "--json"],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and '"fits": true' in ok.stdout
+
+
+def test_build_with_device_refuses_a_plan_that_does_not_fit(tiny_checkpoint, tmp_path):
+    """`vila-edge build --device` runs the planner first: a profile too small for the model stops the build
+    with one line naming the knob, and nothing is written."""
+    import subprocess
+    import sys
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "tiny-board.toml").write_text(
+        'name = "tiny-board"\ndescription = "a board with 4 MiB"\nkind = "jetson"\nmemory_gib = 0.004\n'
+        'usable_fraction = 0.75\nbandwidth_gbs = 10.0\nsm = "sm_87"\nfp16_tflops = 1.0\nfp8 = false\n'
+        'runtime_overhead_mib = 1\ndecode_efficiency = 0.7\nvision_efficiency = 0.45\nfused_attention = true\n')
+    out = tmp_path / "engine"
+    env = {**__import__("os").environ, "VILA_EDGE_PROFILES": str(profiles)}
+    r = subprocess.run([sys.executable, "-m", "vila_edge.cli", "build", str(tiny_checkpoint("nvila")), "-o", str(out),
+                        "--device", "tiny-board", "--llm-precision", "fp32", "--dry-run"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--" in lines[0] and "Traceback" not in r.stderr
+    assert not out.exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,8 +32,8 @@ def info(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (dev layout or flat -hf)."),
     image_size: str = typer.Option("1920x1080", help="Image size for the token count, WIDTHxHEIGHT."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    token_order: Optional[str] = typer.Option(None, help="Override the mlp_downsample token order: row | col."),
-    splice: Optional[str] = typer.Option(None, help="Override the splice layout: v15 | head."),
+    token_order: str | None = typer.Option(None, help="Override the mlp_downsample token order: row | col."),
+    splice: str | None = typer.Option(None, help="Override the splice layout: v15 | head."),
 ):
     """Family, resolved config, tokens per image, parameter counts and weight bytes of a checkpoint."""
     from vila_edge.checkpoint import load_checkpoint
@@ -209,10 +208,23 @@ def build(
     splice: str | None = typer.Option(None, help="Override the splice layout: v15 | head."),
     chat_format: str | None = typer.Option(None, help="Override the chat format: vicuna_v1 | llama_3 | hermes-2 | auto."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for export, quantization and checks."),
+    device: str | None = typer.Option(None, "--device", help="Refuse the build unless the plan fits this device profile "
+                                      "(see `vila-edge plan`), e.g. orin-nano-8gb."),
+    max_context: int | None = typer.Option(None, help="With --device: the KV cache size the plan budgets "
+                                           "(run chat/serve with the same --max-context)."),
+    max_tiles: int | None = typer.Option(None, help="With --device: the most tiles per image the plan budgets."),
 ):
     """Build an engine directory: vision ONNX (+ int8 CPU tower), LLM ONNX, TensorRT engines on GPUs."""
     from vila_edge.builder.build import BuildOptions
     from vila_edge.builder.build import build as run_build
+
+    if device is not None and stage != "engines":
+        from vila_edge.checkpoint import load_checkpoint
+        from vila_edge.plan import check_plan_fits
+
+        ckpt = load_checkpoint(checkpoint, token_order=token_order, splice=splice, chat_format=chat_format)
+        fitted = check_plan_fits(ckpt, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision)
+        typer.echo(f"plan fits {device}: {fitted.memory['total'] / 2**30:.2f} GiB of {fitted.memory['usable'] / 2**30:.2f} GiB usable")
 
     opts = BuildOptions(precision=precision, int8_vision=int8_vision, qdq_vision=qdq_vision, combined_vision=combined_vision,
                         llm_precision=llm_precision, llm_quant=llm_quant, group_size=group_size, skip_llm=skip_llm,
@@ -221,6 +233,11 @@ def build(
     result = run_build(checkpoint, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
     if result.status != "planned":
         typer.echo(str(result.path))
+
+
+from vila_edge.demo.cli import register as _register_demo_commands  # noqa: E402  (demo, eval)
+
+_register_demo_commands(app)
 
 
 @app.command()
@@ -246,11 +263,6 @@ def bench(
                         new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads, device=device,
                         llm_only=llm_only)
     run_bench_cli(list(engines or []), opts, out=out, preset=preset, work_dir=work_dir)
-
-
-from vila_edge.demo.cli import register as _register_demo_commands  # noqa: E402  (demo, eval)
-
-_register_demo_commands(app)
 
 
 def main() -> None:
