@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch0", type=int, default=32)
     ap.add_argument("--steps1", type=int, default=100, help="caption alignment steps")
     ap.add_argument("--batch1", type=int, default=64)
-    ap.add_argument("--steps2", type=int, default=30, help="question answering steps")
+    ap.add_argument("--steps2", type=int, default=100, help="question answering steps")
     ap.add_argument("--batch2", type=int, default=8)
     ap.add_argument("--aux-batch2", type=int, default=16, help="extra images per stage-2 step for the tower's heads")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the attribute-head loss in stage 2")
