@@ -183,24 +183,26 @@ def test_tinychat_v2_checkpoint_converts_to_same_weights(tiny_qwen2, tmp_path):
 
 
 @pytest.mark.slow
-def test_awq_beats_rtn_on_smollm2_short(tmp_path_factory):
-    """Short version of benchmarks/awq_quality.py: int4 g64 on SmolLM2-135M, few samples/windows."""
+def test_awq_beats_rtn_on_smollm2_short():
+    """Short version of benchmarks/awq_quality.py: int4 g64 on SmolLM2-135M (4 x 256 calibration tokens,
+    a 10-point grid, 6 held-out windows of 256; ~1 minute on one core)."""
     from vila_edge.models import smollm2_hf_checkpoint
 
-    torch.manual_seed(0)
     folder = smollm2_hf_checkpoint()
     calib_text, heldout_text = awq.default_corpus()
     results = {}
     for method in ("float", "rtn", "awq"):
         model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
-        heldout = awq.tokenize_text(tokenizer, heldout_text)
         if method != "float":
-            calib = awq.calibration_ids(tokenizer, calib_text, 8, 256) if method == "awq" else None
+            calib = awq.calibration_ids(tokenizer, calib_text, 4, 256) if method == "awq" else None
             settings = awq.AWQSettings(w_bit=4, group_size=64, method=method, n_grid=10, clip_tokens=256)
             awq.quantize_model(model, calib, settings, progress=False)
-        results[method] = awq.perplexity(model, heldout, seqlen=256, max_windows=6)
-    print("SmolLM2 held-out perplexity (short):", {k: round(v, 3) for k, v in results.items()})
+        results[method] = awq.perplexity(model, awq.tokenize_text(tokenizer, heldout_text), seqlen=256, max_windows=6)
+    recovered = (results["rtn"] - results["awq"]) / (results["rtn"] - results["float"])
+    print("SmolLM2 held-out perplexity (short):", {k: round(v, 3) for k, v in results.items()},
+          f"AWQ recovers {recovered:.0%} of RTN's increase")
     assert results["float"] < results["awq"] < results["rtn"]
+    assert recovered >= 0.5
 
 
 def test_bf16_checkpoint_quantizes_with_float32_folded_norms(tmp_path):

@@ -202,7 +202,9 @@ def test_smollm2_int4_decoder_parity(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_dict=True)["input_ids"]
-    oracle = reference_model(tmp_path / "awq", info)
+    assert info["lm_head"]["quant"] == "builder-rtn-int8-symmetric"  # the default head
+    oracle = reference_model(tmp_path / "awq", info, decoder_dir=tmp_path / "decoder")
+    assert_graph_weights_match(tmp_path / "decoder", oracle)
     assert_parity(tmp_path / "decoder", info, oracle, prompt=list(prompt))
 
 
