@@ -37,8 +37,12 @@ def demo_engine(engines_root=DEFAULT_ENGINES, *, say: Callable[[str], None] = pr
     out = root / (CHECKPOINT_NAME if llm_quant == DEFAULT_LLM_QUANT else f"{CHECKPOINT_NAME}-{llm_quant}")
     t = time.time()
     say(f"engines: {out} (int4 {llm_quant.upper()} g{group_size} LLM, ONNX vision; built on first use)")
-    path = build_engine_dir(ckpt, out, precision="int4", llm_quant=llm_quant, group_size=group_size,
-                            progress=progress)
+    import contextlib
+
+    # the ONNX Runtime GenAI builder prints its own log on stdout: keep stdout for the answers
+    with contextlib.redirect_stdout(sys.stderr):
+        path = build_engine_dir(ckpt, out, precision="int4", llm_quant=llm_quant, group_size=group_size,
+                                progress=progress)
     say(f"engines ready: {path} ({time.time() - t:.1f}s)")
     return path
 
