@@ -432,9 +432,7 @@ def build_llm_onnx(
 
         # text embedding table for the runtime, from the same weights the decoder was built from
         embed, _ = _embedding_and_head(source_for_embed, _read_config(source_for_embed))
-        embed_np = embed.numpy() if embed.dtype in (_torch().float32, _torch().float16) else embed.float().numpy()
-        if embed_np.dtype == np.float32 and embed.dtype != _torch().float32:
-            embed_np = embed_np.astype(np.float16)  # bf16 source: float16 keeps the table at 2 bytes/value
+        embed_np = _embedding_array(embed)
         np.save(out_dir / EMBED_FILENAME, embed_np)
 
         genai_path = out_dir / "genai_config.json"
@@ -494,7 +492,10 @@ def build_llm_onnx(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _torch():
+def _embedding_array(embed) -> np.ndarray:
+    """The table as numpy: float32 stays float32; fp16 and bf16 become float16 (2 bytes a value)."""
     import torch
 
-    return torch
+    if embed.dtype == torch.float32:
+        return embed.numpy()
+    return embed.to(torch.float16).numpy()
