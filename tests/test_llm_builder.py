@@ -68,7 +68,7 @@ def ort_greedy(decoder_dir: Path, info: dict, prompt: list[int], steps: int):
     ids, new, logits_per_step, tokens = list(prompt), list(prompt), [], []
     for _ in range(steps):
         feeds = {"inputs_embeds": embed[new][None], "attention_mask": np.ones((1, len(ids)), np.int64), **past}
-        outputs = dict(zip(names, session.run(None, feeds)))
+        outputs = dict(zip(names, session.run(None, feeds), strict=True))
         logits = outputs["logits"][0, -1]
         token = int(np.argmax(logits))
         logits_per_step.append(logits)

@@ -253,13 +253,13 @@ def search_scale(runner, block_fn, linears: list[nn.Linear], x: torch.Tensor, se
         ratio = step / settings.n_grid
         scales = x_mean.pow(ratio).clamp(min=1e-4)
         scales = scales / (scales.max() * scales.min()).sqrt()
-        for module, weight in zip(linears, originals):
+        for module, weight in zip(linears, originals, strict=True):
             module.weight.data = pseudo_quantize(weight * scales, settings.w_bit, settings.group_size) / scales
         loss = _mean_squared_error(runner, block_fn, x, reference)
         losses.append(loss)
         if loss < best[0]:
             best = (loss, ratio, scales.clone())
-    for module, weight in zip(linears, originals):
+    for module, weight in zip(linears, originals, strict=True):
         module.weight.data = weight
     return best[2], {"ratio": best[1], "loss": best[0], "rtn_loss": losses[0]}
 

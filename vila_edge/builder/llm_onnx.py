@@ -54,10 +54,10 @@ def _read_config(folder: Path) -> dict:
 
 def _embedding_and_head(folder: Path, config: dict):
     """(embedding weight, lm_head weight) as float32 torch tensors from a float or AWQ folder."""
-    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, read_tinychat_v2
-
     import torch
     from safetensors import safe_open
+
+    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, read_tinychat_v2
 
     wanted = {"model.embed_tokens.weight", "lm_head.weight"}
     found = {}
@@ -92,10 +92,10 @@ def _stage_with_int4_head(awq_dir: Path, staging: Path, group_size: int, config:
     ``lm_head.{qweight,qzeros,scales}`` turns the head into a MatMulNBits with our own RTN
     codes (which the PyTorch reference can reproduce), instead of the builder's RTN.
     """
+    from safetensors.torch import save_file
+
     from vila_edge.builder.awq import quantize_tensor
     from vila_edge.builder.awq_formats import QuantizedLinear, awq_gemm_tensors
-
-    from safetensors.torch import save_file
 
     staging.mkdir(parents=True, exist_ok=True)
     for path in awq_dir.iterdir():
@@ -220,7 +220,7 @@ def dequantized_weights(decoder_dir: Path | str) -> dict[str, np.ndarray]:
         if prefix.endswith("qkv_proj"):
             base = prefix[: -len("qkv_proj")]
             pieces = (value[:q_rows], value[q_rows:q_rows + kv_rows], value[q_rows + kv_rows:])
-            for name, piece in zip(("q_proj", "k_proj", "v_proj"), pieces):
+            for name, piece in zip(("q_proj", "k_proj", "v_proj"), pieces, strict=True):
                 out[f"{base}{name}.{suffix}"] = piece
         elif prefix.endswith("gate_up_proj") and axis_split:
             base = prefix[: -len("gate_up_proj")]
@@ -355,7 +355,7 @@ def build_llm_onnx(
     from vila_edge.builder.awq import quantize_checkpoint
     from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, tinychat_v2_to_awq_checkpoint
 
-    config = _read_config(llm_dir)
+    _read_config(llm_dir)  # fail early, naming the folder, when it is not an HF model folder
     prequantized = is_awq_checkpoint(llm_dir) or find_tinychat_v2_file(llm_dir) is not None
     if prequantized and precision != "int4":
         raise ValueError(f"{llm_dir} holds AWQ int4 weights; build it with precision='int4' (got {precision!r})")
