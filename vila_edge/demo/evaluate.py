@@ -183,7 +183,7 @@ def write_results(results: Sequence[EvalResult], out_dir: Path, extra: dict | No
              f"{all_results[0].n} generated questions (seed {D.HELD_OUT_SEED}, disjoint from training's), "
              "exact match of the one-word answer, greedy decoding.", "",
              "- reference: the fp32 PyTorch reference (`vila-edge eval ENGINES --demo-set --reference`)",
-             "- engine: the built engines, int4 AWQ LLM + ONNX vision on ONNX Runtime CPU "
+             "- engine: the built engines (`vila-edge demo` build: int4 RTN g32 LLM, fp32 ONNX vision) on ONNX Runtime CPU "
              "(`vila-edge eval ENGINES --demo-set`)", "", markdown_table(all_results), ""]
     for r in all_results:
         lines.append(f"- {r.backend}: {r.source}, {r.seconds:.0f} s")
