@@ -18,8 +18,9 @@ from vila_edge.reference.s2 import (
 from vila_edge.splice import splice
 
 
-def head_flat_square(x):
-    """HEAD DownSampleBlock.flat_square, verbatim view/permute chain (row-major)."""
+def upstream_flat_square(x, final_permute: bool):
+    """DownSampleBlock.flat_square, verbatim view/permute chain. HEAD (NVILA) ends with a permute
+    (row-major cells); V15 (VILA1.5) lacks it (column-major cells), reference doc §4.3."""
     n, w, h, c = x.size()
     if w % 2 == 1:
         x = torch.cat([x, torch.zeros((n, 1, h, c), dtype=x.dtype)], dim=1).contiguous()
@@ -30,22 +31,8 @@ def head_flat_square(x):
     x = x.contiguous().view(n, w, int(h / 2), int(c * 2))
     x = x.permute(0, 2, 1, 3).contiguous()
     x = x.view(n, int(h / 2), int(w / 2), int(c * 4))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    return x
-
-
-def v15_flat_square(x):
-    """V15 DownSampleBlock.flat_square: the same chain without the final permute (column-major)."""
-    n, w, h, c = x.size()
-    if w % 2 == 1:
-        x = torch.cat([x, torch.zeros((n, 1, h, c), dtype=x.dtype)], dim=1).contiguous()
-        n, w, h, c = x.size()
-    if h % 2 == 1:
-        x = torch.cat([x, torch.zeros((n, w, 1, c), dtype=x.dtype)], dim=2).contiguous()
-        n, w, h, c = x.size()
-    x = x.contiguous().view(n, w, int(h / 2), int(c * 2))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    x = x.view(n, int(h / 2), int(w / 2), int(c * 4))
+    if final_permute:
+        x = x.permute(0, 2, 1, 3).contiguous()
     return x
 
 
@@ -58,7 +45,7 @@ def grid5():
 def test_downsample_row_major_matches_head_code_on_5x5():
     x = grid5()
     ours = space_to_depth(x, 2, "row")
-    ref = head_flat_square(x.reshape(1, 5, 5, 2)).reshape(1, -1, 8)
+    ref = upstream_flat_square(x.reshape(1, 5, 5, 2), final_permute=True).reshape(1, -1, 8)
     assert torch.equal(ours, ref)
     # first cell [TL, TR, BL, BR] of rows 0-1, cols 0-1: tokens 1, 2, 6, 7; second cell: cols 2-3
     assert ours[0, 0, ::2].tolist() == [1, 2, 6, 7]
@@ -70,7 +57,7 @@ def test_downsample_row_major_matches_head_code_on_5x5():
 def test_downsample_column_major_matches_v15_code_on_5x5():
     x = grid5()
     ours = space_to_depth(x, 2, "col")
-    ref = v15_flat_square(x.reshape(1, 5, 5, 2)).reshape(1, -1, 8)
+    ref = upstream_flat_square(x.reshape(1, 5, 5, 2), final_permute=False).reshape(1, -1, 8)
     assert torch.equal(ours, ref)
     # column-major: cells (0,0), (1,0), (2,0), (0,1), ...
     assert ours[0, 1, ::2].tolist() == [11, 12, 16, 17]
