@@ -52,7 +52,7 @@ class AWQSettings:
     clip_tokens: int = 512  # calibration tokens used by the clip search
     calib_samples: int = 128
     calib_seqlen: int = 512
-    batch_sequences: int = 8  # sequences per forward chunk (bounds attention memory)
+    batch_sequences: int = 2  # sequences per forward chunk (bounds attention and MLP temporaries)
     # torch intra-op threads while quantizing (None: leave torch's setting). On a CPU shared with other
     # busy processes, 1 thread can be several times faster: the searches run thousands of small
     # element-wise ops, and each parallel op waits for every worker thread to get a core.
@@ -211,7 +211,16 @@ class _ChunkedRunner:
             yield x[start:start + self.batch]
 
     def run(self, fn, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(chunk) for chunk in self.chunks(x)], dim=0)
+        # filled in place: concatenating chunk outputs would hold the result twice at its peak
+        out = None
+        start = 0
+        for chunk in self.chunks(x):
+            y = fn(chunk)
+            if out is None:
+                out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype)
+            out[start:start + y.shape[0]] = y
+            start += y.shape[0]
+        return out
 
     def attention(self, attn: nn.Module):
         def fn(h):
@@ -244,7 +253,8 @@ def _mean_squared_error(runner: _ChunkedRunner, fn, x: torch.Tensor, reference: 
 @torch.no_grad()
 def search_scale(runner, block_fn, linears: list[nn.Linear], x: torch.Tensor, settings: AWQSettings):
     """Grid-search s = mean|x|**ratio for ``linears`` (all fed by ``x``); returns (scales, info)."""
-    x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+    # mean |x| per input channel, without materializing |x|
+    x_mean = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), ord=1, dim=0) / (x.numel() // x.shape[-1])
     reference = runner.run(block_fn, x)
     originals = [m.weight.data.clone() for m in linears]
     best = (math.inf, 0.0, torch.ones_like(x_mean))
@@ -358,19 +368,26 @@ def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], runner: _Chunke
 
 def _capture_linear_inputs(layer: nn.Module, runner: _ChunkedRunner, hidden: torch.Tensor):
     """Run the layer; return (its output, inputs of q/o/gate/down as [n, L, C])."""
-    captured = {"q": [], "o": [], "gate": [], "down": []}
     modules = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj,
                "gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
-    hooks = [
-        module.register_forward_hook(lambda _m, args, _out, key=key: captured[key].append(args[0].detach()))
-        for key, module in modules.items()
-    ]
+    n, length = hidden.shape[:2]
+    # preallocated and filled chunk by chunk (a list + cat would need twice the memory at the end)
+    captured = {key: torch.empty(n, length, m.in_features, dtype=torch.float32) for key, m in modules.items()}
+    filled = dict.fromkeys(modules, 0)
+
+    def keep(key, args):
+        x = args[0].detach()
+        captured[key][filled[key]:filled[key] + x.shape[0]] = x
+        filled[key] += x.shape[0]
+
+    hooks = [module.register_forward_hook(lambda _m, args, _out, key=key: keep(key, args))
+             for key, module in modules.items()]
     try:
         output = runner.run(runner.decoder_layer(layer), hidden)
     finally:
         for hook in hooks:
             hook.remove()
-    return output, {key: torch.cat(values, dim=0) for key, values in captured.items()}
+    return output, captured
 
 
 def peak_rss_mib() -> float | None:
