@@ -170,16 +170,21 @@ def render_markdown(results: list[dict], args: dict) -> str:
         "\"RTN increase recovered\" = (ppl RTN - ppl AWQ) / (ppl RTN - ppl float) at the same bit width.",
     ]
     if checkpoint:
+        awq_stats = checkpoint.get("awq") or {}
         lines.append(
             f"Peak RSS of the whole process quantizing SmolLM2 with AWQ int4 g64 and writing the AutoAWQ "
-            f"checkpoint (`quantize_checkpoint`; model in float32 = 513 MiB, plus Python/torch): "
-            f"{checkpoint['quantize_peak_rss_mib']} MiB. \"model loaded -> quantized\" is the process peak before the "
-            "first layer and after the last one: the growth is the quantizer's own memory (one layer's "
-            "calibration activations and the integer codes)."
+            f"checkpoint (`quantize_checkpoint`, {args['calib_samples']} x {args['calib_seqlen']} calibration "
+            f"tokens): {awq_stats.get('peak_rss_after_mib')} MiB after the last layer, "
+            f"{checkpoint['quantize_peak_rss_mib']} MiB including the checkpoint write. The process starts at "
+            "~420 MiB (Python, torch, and the memory-mapped float32 weights, which are paged in only as layers "
+            "are processed), so the growth includes the model itself (513 MiB) plus the calibration activations, "
+            "the search temporaries and the integer codes; each linear's float weight is dropped once its codes "
+            "exist. The in-memory rows (no checkpoint) also keep a dequantized float32 copy of every linear for "
+            "the evaluation."
         )
     lines += [
         "",
-        f"Machine: {platform.machine()}, {args['threads']} torch threads, shared with other jobs (times are noisy). "
+        f"Machine: {platform.machine()}, torch threads: {args['threads']}, CPU shared with other jobs (times are noisy). "
         "Reproduce: `python benchmarks/awq_quality.py`.",
         "",
     ]

@@ -178,6 +178,26 @@ def test_tinychat_v2_checkpoint_converts_to_same_weights(tiny_qwen2, tmp_path):
     for name in quantized:
         torch.testing.assert_close(dequantized[f"{name}.weight"], model.get_submodule(name).weight.data, rtol=0, atol=0)
 
+    # an llm/ folder holding the .pt (as HF Efficient-Large-Model/*-AWQ ships it) builds as is
+    import shutil
+
+    from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights
+
+    folder = tmp_path / "llm-awq"
+    folder.mkdir()
+    for item in tiny_qwen2.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy2(item, folder / item.name)
+    shutil.copy2(pt, folder / pt.name)
+    info = build_llm_onnx(folder, tmp_path / "decoder", group_size=64, lm_head="float", progress=False, threads=1)
+    assert info["quant"] == "prequantized-tinychat-v2" and info["group_size"] == 64
+    graph = dequantized_weights(tmp_path / "decoder")
+    for name in quantized:
+        torch.testing.assert_close(torch.from_numpy(graph[f"{name}.weight"]), model.get_submodule(name).weight.data,
+                                   rtol=0, atol=0)
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    torch.testing.assert_close(torch.from_numpy(graph[norm]), state[norm].float(), rtol=0, atol=0)
+
 
 # ---- quality on a real model -------------------------------------------------------------------
 

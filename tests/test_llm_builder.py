@@ -156,6 +156,20 @@ def test_int4_decoder_matches_dequantized_pytorch(tmp_path, tiny_llm, family, qu
     assert_parity(out, info, oracle, prompt=[5, 17, 99, 250, 3, 42, 7])
 
 
+def test_prequantized_autoawq_folder_builds_as_is(tmp_path, tiny_llm):
+    from vila_edge.builder.awq import quantize_checkpoint
+    from vila_edge.builder.awq_formats import dequantize_awq_checkpoint
+
+    quantize_checkpoint(tiny_llm("qwen2"), tmp_path / "awq", group_size=32, method="rtn", progress=False)
+    info = build_llm_onnx(tmp_path / "awq", tmp_path / "decoder", group_size=128, lm_head="float", progress=False)
+    assert info["quant"] == "prequantized-autoawq" and info["group_size"] == 32  # the checkpoint's group wins
+    assert info["matmulnbits"]["block_sizes"] == [32] and info["lm_head"] == {"quant": "float"}
+    graph, expected = dequantized_weights(tmp_path / "decoder"), dequantize_awq_checkpoint(tmp_path / "awq")
+    expected.setdefault("lm_head.weight", expected["model.embed_tokens.weight"])  # tied head
+    for name, value in graph.items():
+        np.testing.assert_allclose(value, expected[name].numpy(), rtol=0, atol=0, err_msg=name)
+
+
 def test_fp32_decoder_matches_float_pytorch(tmp_path, tiny_llm):
     llm = tiny_llm("qwen2")
     info = build_llm_onnx(llm, tmp_path / "decoder", precision="fp32", progress=False, threads=1)
