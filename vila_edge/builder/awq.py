@@ -11,8 +11,9 @@ For every decoder layer, one at a time:
 5. quantize asymmetric ``w_bit`` integers with a zero point per group of ``group_size`` inputs.
 
 The next layer's calibration input is the float layer's output (as llm-awq and AutoAWQ do).
-Peak memory is the model plus one layer's activations: the model stays in its own dtype and only
-the layer being quantized is promoted to float32.
+Peak memory is the model plus one layer's calibration activations: the model stays in its own
+dtype, only the layer being quantized is promoted to float32, and when writing a checkpoint each
+linear's float weight is dropped as soon as its integer codes exist.
 
 ``method="rtn"`` skips steps 2-4 (plain round-to-nearest with zero points), for comparison.
 """
@@ -23,7 +24,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +58,6 @@ class AWQSettings:
     # busy processes, 1 thread can be several times faster: the searches run thousands of small
     # element-wise ops, and each parallel op waits for every worker thread to get a core.
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
