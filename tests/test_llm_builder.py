@@ -245,9 +245,11 @@ def test_trtllm_plan_for_vila15_3b(tmp_path):
     assert plan.max_num_tokens == plan.max_input_len
     build = plan.build_config()
     assert build["max_prompt_embedding_table_size"] == 196 and build["max_batch_size"] == 1
+    # the TensorRT-LLM backend reads generation logits (it samples itself): without them it cannot run
+    assert build["gather_generation_logits"] is True
     quant = plan.quantize_kwargs(tmp_path / "ckpt", tmp_path / "calib")
     assert quant["qformat"] == "int4_awq" and quant["awq_block_size"] == 128 and quant["model_dir"] == str(tmp_path / "llm")
-    assert "--max_multimodal_len" in plan.trtllm_build_command("c", "e")
+    assert {"--max_multimodal_len", "--gather_generation_logits"} <= set(plan.trtllm_build_command("c", "e"))
     json.dumps(plan.to_json())
 
 

@@ -90,6 +90,9 @@ class TrtLlmPlan:
             "max_num_tokens": self.max_num_tokens,
             "max_prompt_embedding_table_size": self.max_multimodal_len,
             "strongly_typed": True,
+            # the runtime samples itself (masking, stop strings, repetition penalty like every backend), so
+            # the engine must return the logits of each generated position (backends/trtllm_llm.py)
+            "gather_generation_logits": True,
         }
 
     def trtllm_build_command(self, checkpoint_dir: str, output_dir: str) -> list[str]:
@@ -99,6 +102,7 @@ class TrtLlmPlan:
             "--gemm_plugin", "auto", "--max_batch_size", str(self.max_batch_size),
             "--max_input_len", str(self.max_input_len), "--max_seq_len", str(self.max_seq_len),
             "--max_num_tokens", str(self.max_num_tokens), "--max_multimodal_len", str(self.max_multimodal_len),
+            "--gather_generation_logits",
         ]
 
     def to_json(self) -> dict:
