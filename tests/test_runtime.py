@@ -330,6 +330,23 @@ def test_seeded_sampling_is_reproducible_and_stop_strings_cut(runtime_engine):  
         assert stop not in d.text and d.finish_reason == "stop" and a.text.startswith(d.text)
 
 
+def test_ignore_eos_generates_through_stop_tokens(runtime_engine):  # noqa: F811
+    from dataclasses import replace
+
+    pipe = _pipe(runtime_engine, "vila1.5")
+    first = pipe.generate("Go.", max_new_tokens=6).token_ids
+    cfg = pipe.config
+    # make the greedy answer's first token a stop token: a plain call must then stop right there
+    pipe.config = replace(cfg, llm=replace(cfg.llm, stop_token_ids=(first[0], *cfg.llm.stop_token_ids)))
+    try:
+        stopped = pipe.generate("Go.", max_new_tokens=6)
+        forced = pipe.generate("Go.", max_new_tokens=6, ignore_eos=True)
+    finally:
+        pipe.config = cfg
+    assert stopped.token_ids == [first[0]] and stopped.finish_reason == "stop"
+    assert len(forced.token_ids) == 6 and forced.finish_reason == "length" and forced.token_ids[0] == first[0]
+
+
 def test_generated_ids_stay_in_trained_vocabulary(runtime_engine):  # noqa: F811
     pipe = _pipe(runtime_engine, "nvila")
     cfg = pipe.config.llm

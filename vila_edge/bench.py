@@ -301,18 +301,6 @@ def _manifest_summary(manifest: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _force_length(pipe) -> None:
-    """Benchmarking generates exactly max_new_tokens: drop the stop tokens from the pipeline's config.
-
-    [workaround] the runtime has no `ignore_eos`/`min_new_tokens` parameter yet; `Conversation` reads
-    the stop ids from `pipe.config.llm.stop_token_ids` on each call, so an emptied tuple forces length.
-    """
-    from dataclasses import replace
-
-    cfg = pipe.config
-    pipe.config = replace(cfg, llm=replace(cfg.llm, stop_token_ids=()))
-
-
 def child_pipeline(spec: dict) -> dict:
     """Load one engine directory and run every (image size, prompt length) case."""
     import vila_edge
@@ -320,7 +308,6 @@ def child_pipeline(spec: dict) -> dict:
     t0 = time.perf_counter()
     pipe = vila_edge.load(spec["engine"], device="cpu", threads=spec.get("threads"))
     load_s = time.perf_counter() - t0
-    _force_length(pipe)
     rss_load = _rss()
     cases = [(tuple(s), int(p)) for s in spec["image_sizes"] for p in spec["prompt_tokens"]]
     total = len(cases) * (spec["warmup"] + spec["runs"])
@@ -330,12 +317,13 @@ def child_pipeline(spec: dict) -> dict:
         img = synthetic_image(w, h)
         prompt = prompt_of_tokens(pipe.tokenizer, p)
         for _ in range(spec["warmup"]):
-            pipe.generate(prompt, images=[img], max_new_tokens=spec["warmup_tokens"])
+            pipe.generate(prompt, images=[img], max_new_tokens=spec["warmup_tokens"], ignore_eos=True)
             done += 1
             _progress(done, total)
         runs = []
         for _ in range(spec["runs"]):
-            res = pipe.generate(prompt, images=[img], max_new_tokens=spec["new_tokens"])
+            # benchmarking generates exactly new_tokens: a stop token must not end the run early
+            res = pipe.generate(prompt, images=[img], max_new_tokens=spec["new_tokens"], ignore_eos=True)
             t = res.timings
             runs.append({"preprocess_s": t.preprocess, "vision_s": t.vision, "merge_projector_s": t.merge_projector,
                          "prefill_s": t.prefill, "ttft_s": t.ttft, "decode_s": t.decode,

@@ -27,7 +27,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off
     seed: int | None = None
-    stop: tuple[str, ...] = ()  # extra stop strings (the checkpoint's stop tokens always apply)
+    stop: tuple[str, ...] = ()  # extra stop strings (the checkpoint's stop tokens apply unless ignore_eos)
+    ignore_eos: bool = False  # keep generating through stop tokens (benchmarks: exactly max_new_tokens)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

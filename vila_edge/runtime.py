@@ -367,11 +367,12 @@ class Pipeline:
     def generate(self, prompt: str | Sequence[Turn], images: Sequence | None = None, video=None, *,
                  stream: bool = False, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | str = ()) -> GenerationResult | TextStream:
-        """Answer one prompt (or the last user turn of a conversation given as a list of Turns)."""
+                 stop: Sequence[str] | str = (), ignore_eos: bool = False) -> GenerationResult | TextStream:
+        """Answer one prompt (or the last user turn of a conversation given as a list of Turns).
+        ``ignore_eos`` generates through the checkpoint's stop tokens (exactly max_new_tokens, for benchmarks)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed,
-                                stop=(stop,) if isinstance(stop, str) else tuple(stop))
+                                stop=(stop,) if isinstance(stop, str) else tuple(stop), ignore_eos=ignore_eos)
         conv = Conversation(self)
         if isinstance(prompt, str):
             text, imgs, vid = prompt, images or (), video
@@ -603,7 +604,7 @@ class Conversation:
 
         cfg = pipe.config
         sampler = Sampler(params, cfg.llm.vocab_size, cfg.llm.extra_masked_ids)
-        stops = set(cfg.llm.stop_token_ids)
+        stops = set() if params.ignore_eos else set(cfg.llm.stop_token_ids)
         detok = IncrementalDetokenizer(pipe.tokenizer)
         stopper = StopStrings(params.stop)
         generated: list[int] = []

@@ -16,9 +16,10 @@ from pathlib import Path
 
 DEFAULT_ENGINES = Path("engines")
 # int4 LLM quantization of the demo build. SmolLM2's width (576) needs a group size that divides it (32 or 64).
-# The builder's AWQ calibrates on 128 x 512 tokens with a full-block grid search: on a 2-core CPU that is
-# hours for SmolLM2's 30 layers, so the demo defaults to round-to-nearest int4 (seconds); `--llm-quant awq`
-# builds the AWQ variant.
+# Round-to-nearest, group 32: the demo's vision side was trained against exactly these int4 weights (every
+# second stage-2 step of `vila_edge.demo.train`), and it takes seconds. The builder's AWQ calibrates on
+# 128 x 512 tokens with a full-block grid search (20+ min for SmolLM2 on a 2-core CPU, too long for a first
+# run); `--llm-quant awq` builds that variant.
 DEFAULT_LLM_QUANT = "rtn"
 DEFAULT_GROUP_SIZE = 32
 
