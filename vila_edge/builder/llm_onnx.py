@@ -254,18 +254,19 @@ def dequantized_weights(decoder_dir: Path | str) -> dict[str, np.ndarray]:
 
 
 def _run_builder(builder_input: Path, out_dir: Path, precision: str, extra: dict[str, str], cache_dir: Path,
-                 log_path: Path, progress: bool) -> None:
+                 log_path: Path) -> None:
+    """Run the onnxruntime-genai builder in-process. Its own output (a line per layer and per tensor on
+    stdout, tqdm on stderr, the quantizer's INFO log: hundreds of lines) goes to `log_path`; the caller's
+    step progress is what users see, and a failure quotes the log's tail."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     args = [f"{k}={v}" for k, v in extra.items()]
     log = io.StringIO()
     quiet = contextlib.ExitStack()
-    if not progress:
-        # the builder prints per-tensor progress (stdout, tqdm on stderr) and its quantizer logs INFO lines
-        quiet.enter_context(contextlib.redirect_stdout(log))
-        quiet.enter_context(contextlib.redirect_stderr(log))
-        quiet.enter_context(_logger_level("onnxruntime.quantization", logging.WARNING))
-        quiet.enter_context(_logger_level("onnxruntime.quantization.matmul_nbits_quantizer", logging.WARNING))
+    quiet.enter_context(contextlib.redirect_stdout(log))
+    quiet.enter_context(contextlib.redirect_stderr(log))
+    quiet.enter_context(_logger_level("onnxruntime.quantization", logging.WARNING))
+    quiet.enter_context(_logger_level("onnxruntime.quantization.matmul_nbits_quantizer", logging.WARNING))
     try:
         with quiet:
             options = parse_extra_options(None, str(builder_input), str(out_dir), precision, "cpu", str(cache_dir), args)
@@ -276,8 +277,7 @@ def _run_builder(builder_input: Path, out_dir: Path, precision: str, extra: dict
             f"onnxruntime-genai builder failed on {builder_input} (precision {precision}): {error}\n{tail}"
         ) from error
     finally:
-        if not progress:
-            log_path.write_text(log.getvalue())
+        log_path.write_text(log.getvalue())
 
 
 @contextlib.contextmanager
@@ -428,7 +428,7 @@ def build_llm_onnx(
             extra["nodes_to_exclude"] = "/lm_head/MatMul"
         elif precision == "int4" and info["lm_head"]["quant"] == "builder-rtn-int8-symmetric":
             extra["matmul_mixed_precision"] = "last_matmul:int8"
-        _run_builder(builder_input, out_dir, precision, extra, staging / "cache", staging / "builder.log", progress)
+        _run_builder(builder_input, out_dir, precision, extra, staging / "cache", staging / "builder.log")
 
         # text embedding table for the runtime, from the same weights the decoder was built from
         embed, _ = _embedding_and_head(source_for_embed, _read_config(source_for_embed))
