@@ -123,7 +123,7 @@ def test_vila_edge_demo_names_colour_and_shape(demo_engines):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     answers = {}
-    for q, a in zip(lines, lines[1:]):
+    for q, a in zip(lines, lines[1:], strict=False):
         if q.strip().startswith("Q:") and a.strip().startswith("A:"):
             answers[q.split("Q:", 1)[1].strip()] = a.split("A:", 1)[1].split("[")[0].strip().lower()
     by_type = {q["type"]: answers[q["question"]] for q in sample["questions"]}

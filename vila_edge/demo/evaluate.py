@@ -118,7 +118,7 @@ def evaluate_reference(checkpoint, qas: Sequence[D.QA], *, batch: int = 16,
             progress(min(i + batch, len(qas)), len(qas))
     counts: dict[str, list[int]] = {qt: [0, 0] for qt in D.QUESTION_TYPES}
     mistakes = []
-    for i, (qa, ok) in enumerate(zip(qas, fast)):
+    for i, (qa, ok) in enumerate(zip(qas, fast, strict=True)):
         got = qa.answer
         if not ok:
             got = answer(Image.fromarray(qa.scene.image), qa.question)

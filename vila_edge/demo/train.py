@@ -230,7 +230,7 @@ class VQA:
         logits, tgt, pos = self.answer_logits(items, qas)
         ok = (logits.argmax(-1) == tgt).tolist()
         per = [True] * len(qas)
-        for (b, _), good in zip(pos, ok):
+        for (b, _), good in zip(pos, ok, strict=True):
             per[b] = per[b] and good
         return per
 
@@ -481,7 +481,7 @@ def main(argv=None) -> int:
                 chunk = qas[i:i + 32]
                 with torch.no_grad():
                     ok = judge.correct(proj_eval(tower_eval(pixels([q.scene.image for q in chunk]))), chunk)
-                for q, good in zip(chunk, ok):
+                for q, good in zip(chunk, ok, strict=True):
                     per_type.setdefault(q.qtype, []).append(good)
             acc = {k: round(100 * float(np.mean(v)), 1) for k, v in per_type.items()}
             allv = [g for v in per_type.values() for g in v]
