@@ -149,3 +149,27 @@ def test_demo_model_sees_through_engine_and_reference(demo_engines):
     reference = E.evaluate_reference(E.checkpoint_of(engine_dir), qas)
     assert engine.accuracy["overall"] >= 90 and reference.accuracy["overall"] >= 90, (engine, reference)
     assert min(engine.accuracy.values()) >= 70 and min(reference.accuracy.values()) >= 70, (engine, reference)
+
+
+@pytest.mark.slow
+@needs_weights
+def test_vila_edge_demo_camera_reads_a_frame_and_answers(demo_engines, tmp_path):
+    """`vila-edge demo --camera SRC`: a video file written with OpenCV stands in for the webcam (no camera
+    exists here); the frame it grabs shows a bundled sample, and the answer must name its colour."""
+    import cv2
+
+    sample = json.loads((ASSETS / "samples.json").read_text())[3]
+    colour = next(q["answer"] for q in sample["questions"] if q["type"] == "colour")
+    frame = cv2.resize(cv2.imread(str(ASSETS / sample["file"])), (320, 320), interpolation=cv2.INTER_NEAREST)
+    video = tmp_path / "cam.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 320))
+    for _ in range(5):
+        w.write(frame)
+    w.release()
+    run = subprocess.run([sys.executable, "-m", "vila_edge.cli", "demo", "--camera", str(video), "--prompt",
+                          "What colour is the shape?", "--engines-dir", str(demo_engines)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert "320x320" in run.stdout
+    answer = next(line for line in run.stdout.splitlines() if line.strip().startswith("A:"))
+    assert D.is_correct(answer.split("A:", 1)[1].split("(")[0], colour), run.stdout
