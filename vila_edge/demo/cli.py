@@ -21,8 +21,9 @@ def register(app: typer.Typer) -> None:
                                          help="Where the demo checkpoint and its engines are cached."),
         threads: int | None = typer.Option(None, help="CPU threads (default: physical cores)."),
         max_new_tokens: int = typer.Option(16, help="Maximum tokens per answer."),
-        llm_quant: str = typer.Option("rtn", "--llm-quant", help="int4 LLM quantization of the build: rtn (seconds) "
-                                      "| awq (full calibration: hours on a 2-core CPU)."),
+        llm_quant: str = typer.Option("rtn", "--llm-quant", help="int4 LLM quantization of the build: rtn (seconds; "
+                                      "the demo's vision side was trained against it) | awq (128 x 512 calibration "
+                                      "tokens: tens of minutes on a 2-core CPU)."),
         group_size: int = typer.Option(32, "--group-size", help="int4 group size (SmolLM2 needs 32 or 64)."),
     ):
         """Offline demo: a small VILA1.5-architecture model trained here (SmolLM2-135M + SigLIP-from-scratch);
