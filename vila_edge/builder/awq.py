@@ -566,8 +566,16 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
 
 def load_float_model(llm_dir: Path | str, dtype: torch.dtype | str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, attn_implementation="sdpa")
+    # transformers draws its own "Loading weights" bar; the quantizer's per-layer bar is the one users follow
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, attn_implementation="sdpa")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
     return model.eval(), tokenizer
 
