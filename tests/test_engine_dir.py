@@ -187,9 +187,17 @@ def test_concurrent_build_is_refused_and_a_stale_lock_is_taken_over(built, tiny_
     assert not lock_path(out).exists()
 
 
+def _default_sigint() -> None:
+    # A job started in the background by a non-interactive shell (as CI runners may do) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: the Ctrl-C test would wait forever.
+    # Give the child the disposition a user's terminal gives it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args, env=None, **kw):
     return subprocess.Popen([sys.executable, "-m", "vila_edge.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _wait_for_temp_dir(out: Path, proc, timeout=120.0) -> Path:
