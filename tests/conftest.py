@@ -36,3 +36,15 @@ def checkpoint_copy(tiny_checkpoint, tmp_path):
         return dst
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Quantize and run references on one torch thread: on a CPU shared with other busy processes the
+    quantizer's thousands of small element-wise ops are many times slower with more (see AWQSettings.threads)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -15,14 +15,7 @@ from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights, refe
 PARITY_STEPS = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Quantize and run references on one torch thread: on a CPU shared with other busy processes the
-    quantizer's thousands of small element-wise ops are many times slower with more (see AWQSettings.threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: the quantizer is faster on one thread
 
 
 # ---- tiny HF checkpoints ----------------------------------------------------------------------

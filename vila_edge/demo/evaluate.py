@@ -72,17 +72,26 @@ class EngineAnswerer:
 def evaluate(answer: Callable[[Image.Image, str], str], qas: Sequence[D.QA], *, backend: str, source: str,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     t0 = time.time()
+
+    def judged():
+        for i, qa in enumerate(qas):
+            got = answer(Image.fromarray(qa.scene.image), qa.question)
+            if progress:
+                progress(i + 1, len(qas))
+            yield D.is_correct(got, qa.answer), got
+
+    return _tally(qas, judged(), backend, source, t0)
+
+
+def _tally(qas: Sequence[D.QA], judged, backend: str, source: str, t0: float) -> EvalResult:
+    """EvalResult from one (correct, generated text) pair per question, in order."""
     counts: dict[str, list[int]] = {qt: [0, 0] for qt in D.QUESTION_TYPES}
     mistakes = []
-    for i, qa in enumerate(qas):
-        got = answer(Image.fromarray(qa.scene.image), qa.question)
-        ok = D.is_correct(got, qa.answer)
+    for i, (qa, (ok, got)) in enumerate(zip(qas, judged, strict=True)):
         counts[qa.qtype][0] += int(ok)
         counts[qa.qtype][1] += 1
         if not ok:
             mistakes.append({"index": i, "type": qa.qtype, "question": qa.question, "expected": qa.answer, "got": got})
-        if progress:
-            progress(i + 1, len(qas))
     counts = {k: v for k, v in counts.items() if v[1]}
     acc = {k: round(100.0 * c / n, 1) for k, (c, n) in counts.items()}
     total = sum(n for _, n in counts.values())
@@ -116,23 +125,16 @@ def evaluate_reference(checkpoint, qas: Sequence[D.QA], *, batch: int = 16,
         fast += vqa.correct(items, chunk)
         if progress:
             progress(min(i + batch, len(qas)), len(qas))
-    counts: dict[str, list[int]] = {qt: [0, 0] for qt in D.QUESTION_TYPES}
-    mistakes = []
-    for i, (qa, ok) in enumerate(zip(qas, fast, strict=True)):
-        got = qa.answer
-        if not ok:
-            got = answer(Image.fromarray(qa.scene.image), qa.question)
-            ok = D.is_correct(got, qa.answer)
-        counts[qa.qtype][0] += int(ok)
-        counts[qa.qtype][1] += 1
-        if not ok:
-            mistakes.append({"index": i, "type": qa.qtype, "question": qa.question, "expected": qa.answer, "got": got})
-    counts = {k: v for k, v in counts.items() if v[1]}
-    acc = {k: round(100.0 * c / n, 1) for k, (c, n) in counts.items()}
-    total = sum(n for _, n in counts.values())
-    acc["overall"] = round(100.0 * sum(c for c, _ in counts.values()) / max(1, total), 1)
-    return EvalResult("reference", Path(checkpoint).name + " (fp32 PyTorch)", total, acc, counts,
-                      time.time() - t0, mistakes)
+
+    def judged():
+        for qa, ok in zip(qas, fast, strict=True):
+            if ok:
+                yield True, qa.answer
+            else:  # decode for real and judge the text like the engine's
+                got = answer(Image.fromarray(qa.scene.image), qa.question)
+                yield D.is_correct(got, qa.answer), got
+
+    return _tally(qas, judged(), "reference", Path(checkpoint).name + " (fp32 PyTorch)", t0)
 
 
 def checkpoint_of(engine_or_checkpoint: Path) -> Path:
