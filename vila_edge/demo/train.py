@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vila_edge.demo import DEFAULT_GROUP_SIZE
 from vila_edge.demo import data as D
 from vila_edge.demo.assemble import CHECKPOINT_NAME, VISION, WEIGHTS_DIR, projector_dict, vision_dict, write_checkpoint
 
@@ -292,7 +293,8 @@ def main(argv=None) -> int:
                          "with avx512_bf16; weights and optimizer state stay float32")
     ap.add_argument("--int4-every", type=int, default=2,
                     help="every N-th stage-2 step runs through the int4 (RTN) LLM the demo engine uses (0: never)")
-    ap.add_argument("--int4-group-size", type=int, default=32)
+    ap.add_argument("--int4-group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                    help="must match the demo build's group size (vila_edge.demo.DEFAULT_GROUP_SIZE)")
     ap.add_argument("--norm-weight", type=float, default=0.1, help="weight of the image-token norm penalty")
     ap.add_argument("--stage1-state", type=Path, default=None,
                     help="save the state after stage 1 here, or, if the file exists, resume from it (stages 0-1 "
