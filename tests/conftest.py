@@ -42,9 +42,7 @@ def checkpoint_copy(tiny_checkpoint, tmp_path):
 def one_torch_thread():
     """Quantize and run references on one torch thread: on a CPU shared with other busy processes the
     quantizer's thousands of small element-wise ops are many times slower with more (see AWQSettings.threads)."""
-    import torch
+    from vila_edge.builder.awq import torch_threads
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield

@@ -40,7 +40,7 @@ def demo_engine(engines_root=DEFAULT_ENGINES, *, say: Callable[[str], None] = pr
     say(f"engines: {out} (int4 {llm_quant.upper()} g{group_size} LLM, ONNX vision; built on first use)")
     import contextlib
 
-    # the ONNX Runtime GenAI builder prints its own log on stdout: keep stdout for the answers
+    # stdout carries only the answers (scripts and the tests read it); anything the build prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
         path = build_engine_dir(ckpt, out, precision="int4", llm_quant=llm_quant, group_size=group_size,
                                 progress=progress)
