@@ -133,7 +133,8 @@ def test_corrupt_and_missing_files(tmp_path):
 def test_bgr_frames_and_bytes():
     rgb = np.random.RandomState(3).randint(0, 255, (10, 12, 3), dtype=np.uint8)
     assert np.array_equal(np.asarray(bgr_to_pil(rgb[:, :, ::-1].copy())), rgb)
-    assert np.array_equal(np.asarray(load_image(rgb[:, :, ::-1].copy())), rgb)
+    assert np.array_equal(np.asarray(load_image(rgb[:, :, ::-1].copy(), channels="BGR")), rgb)
+    assert np.array_equal(np.asarray(load_image(rgb)), rgb)  # arrays are RGB unless told otherwise
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     assert np.array_equal(np.asarray(load_image(buf.getvalue())), rgb)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from vila_edge.errors import EngineError, MediaError, VilaEdgeError
+from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
 from vila_edge.generate import SamplingParams
+from vila_edge.prompt import check_text
 
 HELP = "commands: /image PATH (attach to your next message), /reset, /stats, /quit"
 
@@ -251,6 +252,11 @@ def run_interactive(pipe, opts: ChatOptions, con: Console, read_line: Callable[[
             line = line.strip()
             if not line:
                 continue
+            try:
+                check_text(line, "your message")
+            except PromptError as exc:
+                con.note(f"{exc}; type it again")
+                continue
             if line.startswith("/"):
                 cmd, _, arg = line.partition(" ")
                 if cmd in ("/quit", "/exit", "/q"):
@@ -312,6 +318,10 @@ def run_chat(pipe, opts: ChatOptions, con: Console | None = None) -> int:
             return 130
     if opts.as_json:
         raise VilaEdgeError("--json needs --prompt (or --interval)")
+    if hasattr(sys.stdin, "reconfigure"):
+        # Undecodable bytes typed or piped in become lone surrogates that check_text reports for that line,
+        # instead of a UnicodeDecodeError that ends the chat (and leaves the stream's decoder in a bad state).
+        sys.stdin.reconfigure(errors="surrogateescape")
     return run_interactive(pipe, opts, con)
 
 
@@ -333,6 +343,8 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
     """The `vila-edge chat` command (the CLI only parses options)."""
     con = Console()
     imgs = [str(p) for p in images or ()]
+    if prompt is not None:
+        check_text(prompt, "--prompt")  # before loading anything
     check_inputs(imgs, str(video) if video else None)
     say = con.note if not as_json else (lambda m: print(m, file=sys.stderr))
     path = ensure_engine(Path(engines), engine_dir=engine_dir, precision=precision, say=say)

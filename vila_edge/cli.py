@@ -68,7 +68,7 @@ def fixture(
 def plan(
     model: str = typer.Argument(..., help="Checkpoint folder, or a preset name: vila1.5-3b | nvila-lite-2b | nvila-8b."),
     device: str = typer.Option(..., "--device", "-d", help="Device profile (build/profiles/*.toml), e.g. orin-nano-8gb."),
-    max_context: int | None = typer.Option(None, help="KV cache positions (default: the model's max length)."),
+    max_context: int | None = typer.Option(None, min=1, help="KV cache positions (default: the model's max length)."),
     max_tiles: int | None = typer.Option(None, help="Largest tile count of one image (default: the model's max_tiles)."),
     llm_precision: str = typer.Option("int4", help="LLM weights: int4 | int8 | fp8 | fp16."),
     vision_precision: str | None = typer.Option(None, help="Vision tower weights: fp16 | fp32 | fp8 | int8 (default fp16 on GPUs, fp32 on CPUs)."),
@@ -112,7 +112,7 @@ def serve(
     interval: float = typer.Option(2.0, min=0.0, help="Live page: seconds between one caption and the next."),
     caption_tokens: int = typer.Option(48, min=1, help="Live page: max tokens per caption."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
-    threads: int | None = typer.Option(None, help="Engine threads (default: physical cores)."),
+    threads: int | None = typer.Option(None, min=1, help="Engine threads (default: physical cores)."),
     log_level: str = typer.Option("info", help="critical | error | warning | info | debug"),
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health, /metrics) and a live camera page."""
@@ -168,8 +168,8 @@ def chat(
     seed: int | None = typer.Option(None, help="Sampling seed."),
     stop: list[str] = typer.Option(None, "--stop", help="Extra stop string (repeatable)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
-    threads: int | None = typer.Option(None, help="CPU threads (default: physical cores)."),
-    max_context: int | None = typer.Option(None, help="Cap the KV cache (positions)."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads (default: physical cores)."),
+    max_context: int | None = typer.Option(None, min=1, help="Cap the KV cache (positions)."),
     engine_dir: Path | None = typer.Option(None, "--engine-dir", help="Where to build engines when ENGINES is a "
                                            "checkpoint (default ./engines/<name>)."),
     precision: str | None = typer.Option(None, help="LLM precision when building (builder default otherwise)."),
@@ -207,10 +207,10 @@ def build(
     token_order: str | None = typer.Option(None, help="Override the mlp_downsample token order: row | col."),
     splice: str | None = typer.Option(None, help="Override the splice layout: v15 | head."),
     chat_format: str | None = typer.Option(None, help="Override the chat format: vicuna_v1 | llama_3 | hermes-2 | auto."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for export, quantization and checks."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for export, quantization and checks."),
     device: str | None = typer.Option(None, "--device", help="Refuse the build unless the plan fits this device profile "
                                       "(see `vila-edge plan`), e.g. orin-nano-8gb."),
-    max_context: int | None = typer.Option(None, help="With --device: the KV cache size the plan budgets "
+    max_context: int | None = typer.Option(None, min=1, help="With --device: the KV cache size the plan budgets "
                                            "(run chat/serve with the same --max-context)."),
     max_tiles: int | None = typer.Option(None, help="With --device: the most tiles per image the plan budgets."),
 ):
@@ -230,7 +230,12 @@ def build(
                         llm_precision=llm_precision, llm_quant=llm_quant, group_size=group_size, skip_llm=skip_llm,
                         token_order=token_order, splice=splice, chat_format=chat_format, trt_precision=trt_precision,
                         trt_workspace_gb=trt_workspace_gb)
-    result = run_build(checkpoint, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
+    try:
+        result = run_build(checkpoint, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
+    except KeyboardInterrupt:
+        # typer turns Ctrl-C into a silent exit 130; say what happened to the output.
+        print("interrupted: the build stopped and its partial output was removed", file=sys.stderr)
+        raise typer.Exit(130) from None
     if result.status != "planned":
         typer.echo(str(result.path))
 
@@ -251,7 +256,7 @@ def bench(
     new_tokens: int = typer.Option(128, help="Tokens generated per run (stop tokens ignored)."),
     runs: int = typer.Option(3, help="Measured runs per case (the median is reported)."),
     warmup: int = typer.Option(1, help="Unmeasured warm-up runs per engine."),
-    threads: int | None = typer.Option(None, help="Engine threads (default: physical cores)."),
+    threads: int | None = typer.Option(None, min=1, help="Engine threads (default: physical cores)."),
     device: str | None = typer.Option(None, help="Also report the planner's prediction for this device profile."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", "-o", help="Folder for bench_*.json and .png."),
     llm_only: bool = typer.Option(False, help="Decode-only benchmark of the LLM (no image)."),

@@ -11,6 +11,7 @@ tokens were never trained) and the ids in `config.llm.extra_masked_ids` are neve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,22 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating through stop tokens (benchmarks: exactly max_new_tokens)
 
     def __post_init__(self):
+        # Checked before anything else so that a string or NaN from a caller is one clear line, not a TypeError
+        # deep in the sampler (or a silently accepted NaN, which compares False with everything).
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise VilaEdgeError(f"{name}={value!r}: must be an integer")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+                raise VilaEdgeError(f"{name}={value!r}: must be a finite number")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
+            raise VilaEdgeError(f"seed={self.seed!r}: must be an integer or None")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) for x in stop):
+            raise VilaEdgeError(f"stop={self.stop!r}: must be a string or a list of strings")
+        object.__setattr__(self, "stop", tuple(x for x in stop if x))
         if self.max_new_tokens < 1:
             raise VilaEdgeError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
         if self.temperature < 0:
@@ -41,9 +58,6 @@ class SamplingParams:
             raise VilaEdgeError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise VilaEdgeError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 = off)")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
     @property
     def greedy(self) -> bool:

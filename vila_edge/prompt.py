@@ -11,6 +11,8 @@ Either way the result is a list of ids where media positions are marked, ready f
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vila_edge.config import VilaConfig
@@ -18,6 +20,8 @@ from vila_edge.errors import PromptError
 from vila_edge.tokenizer import MEDIA_TOKENS, SENTINEL_TOKEN, Tokenizer
 
 IMAGE_PLACEHOLDER = -200  # llava.constants.IMAGE_TOKEN_INDEX (V15)
+# The media markers `user_content` puts before a message's text.
+MEDIA_PREFIX = re.compile("^(?:(?:" + "|".join(re.escape(m) for m in MEDIA_TOKENS.values()) + ")\n?)*")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -72,8 +76,7 @@ def user_content(cfg: VilaConfig, text: str, *, n_images: int = 0, n_tiles: int 
       media item); a video is one "<vila/video>".
     Literal markers typed by the user are removed (HEAD `extract_media` does the same).
     """
-    for marker in MEDIA_TOKENS.values():
-        text = text.replace(marker, "")
+    text = strip_media_markers(text)
     if cfg.splice == "v15":
         media = "<image>\n" * (n_images + (n_frames if video else 0))
     else:
@@ -86,25 +89,87 @@ def user_content(cfg: VilaConfig, text: str, *, n_images: int = 0, n_tiles: int 
     return media + text
 
 
-def tokenize(cfg: VilaConfig, tokenizer: Tokenizer, prompt: str, *, first: bool = True) -> list[int]:
+def strip_media_markers(text: str) -> str:
+    """Remove media markers a user typed, until none is left ("<ima<image>ge>" must not leave an "<image>")."""
+    while any(marker in text for marker in MEDIA_TOKENS.values()):
+        for marker in MEDIA_TOKENS.values():
+            text = text.replace(marker, "")
+    return text
+
+
+def check_text(text, what: str = "prompt") -> str:
+    """A prompt from a caller: a str that encodes as UTF-8 (a lone surrogate, e.g. from undecodable bytes in
+    argv or JSON's "\\ud800", cannot be tokenized)."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what}={text!r}: must be a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"{what}: character {exc.start} is not valid UTF-8 text ({text[exc.start]!r}); "
+                          "send UTF-8 encoded text") from None
+    return text
+
+
+def literal_spans(prompt: str, messages: Sequence[Message]) -> list[tuple[int, int]]:
+    """Where each message's own text (after its media markers) sits in the rendered prompt, in order."""
+    spans, cursor = [], 0
+    for m in messages:
+        text = MEDIA_PREFIX.sub("", m.content, count=1)
+        for candidate in (text, text.strip()):  # templates may trim the content
+            at = prompt.find(candidate, cursor) if candidate else -1
+            if at >= 0:
+                spans.append((at, at + len(candidate)))
+                cursor = at + len(candidate)
+                break
+    return spans
+
+
+def _encode_guarded(tokenizer: Tokenizer, text: str, spans: Sequence[tuple[int, int]], add_special_tokens: bool) -> list[int]:
+    """Encode `text`; special tokens that fall inside a span of message text are re-encoded as literal text.
+    A prompt without such tokens (every honest one) gets exactly the ids of a plain `encode`."""
+    ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=add_special_tokens)
+    special = tokenizer.special_ids
+    forged = [(a, b) for a, b in spans
+              if any(t in special and a <= lo and hi <= b and hi > lo for t, (lo, hi) in zip(ids, offsets, strict=True))]
+    if not forged:
+        return ids
+    out, pos = [], 0
+    for k, (a, b) in enumerate(forged):
+        if k == 0 or text[pos:a]:
+            out += tokenizer.encode(text[pos:a], add_special_tokens=add_special_tokens and k == 0)
+        out += tokenizer.encode_literal(text[a:b])
+        pos = b
+    if text[pos:]:
+        out += tokenizer.encode(text[pos:], add_special_tokens=False)
+    return out
+
+
+def tokenize(cfg: VilaConfig, tokenizer: Tokenizer, prompt: str, *, first: bool = True,
+             messages: Sequence[Message] = ()) -> list[int]:
     """Prompt text -> ids with media positions marked (IMAGE_PLACEHOLDER for V15, media token ids for HEAD).
 
-    `first` is False when the text continues a conversation whose BOS was already emitted.
+    `first` is False when the text continues a conversation whose BOS was already emitted. `messages` are the
+    messages rendered into `prompt`: their text is encoded literally (special-token strings in it are text).
     """
+    spans = literal_spans(prompt, messages)
     if cfg.splice == "v15":
         ids: list[int] = []
         chunks = prompt.split(MEDIA_TOKENS["image"])
         bos = tokenizer.adds_bos
+        start = 0
         for k, chunk in enumerate(chunks):
             if k:
                 ids.append(IMAGE_PLACEHOLDER)
-            piece = tokenizer.encode(chunk, add_special_tokens=True)
+            local = [(max(a, start) - start, min(b, start + len(chunk)) - start) for a, b in spans
+                     if a < start + len(chunk) and b > start]
+            piece = _encode_guarded(tokenizer, chunk, local, True)
             if bos and (k or not first):
                 piece = piece[1:]
             ids += piece
+            start += len(chunk) + len(MEDIA_TOKENS["image"])
         return ids
     add = first and not prompt.startswith(tokenizer.bos_token or "\0")
-    return tokenizer.encode(prompt, add_special_tokens=add)
+    return _encode_guarded(tokenizer, prompt, spans, add)
 
 
 def media_positions(cfg: VilaConfig, ids: list[int]) -> list[int]:

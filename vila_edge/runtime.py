@@ -37,9 +37,9 @@ from vila_edge.backends.base import ContextOverflow, LLMEngine, VisionEngine
 from vila_edge.config import VilaConfig
 from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
 from vila_edge.generate import IncrementalDetokenizer, Sampler, SamplingParams, StopStrings
-from vila_edge.media.image import load_image
+from vila_edge.media.image import as_image_list, load_image
 from vila_edge.media.tiling import Tiles, preprocess_image
-from vila_edge.prompt import IMAGE_PLACEHOLDER, Message, render, tokenize, user_content
+from vila_edge.prompt import IMAGE_PLACEHOLDER, Message, check_text, render, tokenize, user_content
 from vila_edge.splice import splice, spliced_length
 from vila_edge.tokenizer import SENTINEL_TOKEN, Tokenizer
 
@@ -343,7 +343,8 @@ class Pipeline:
                      timings: Timings | None = None) -> tuple[Message, list[np.ndarray]]:
         """A user message with its media markers, and its media items in marker order."""
         t = timings if timings is not None else Timings()
-        images = list(images or ())
+        text = check_text(text)
+        images = as_image_list(images)
         single = len(images) == 1
         items: list[np.ndarray] = []
         n_tiles = None
@@ -371,18 +372,16 @@ class Pipeline:
         """Answer one prompt (or the last user turn of a conversation given as a list of Turns).
         ``ignore_eos`` generates through the checkpoint's stop tokens (exactly max_new_tokens, for benchmarks)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed,
-                                stop=(stop,) if isinstance(stop, str) else tuple(stop), ignore_eos=ignore_eos)
+                                repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
         conv = Conversation(self)
         if isinstance(prompt, str):
-            text, imgs, vid = prompt, images or (), video
+            text, imgs, vid = prompt, as_image_list(images), video
         else:
-            turns = list(prompt)
-            if not turns or turns[-1].role != "user":
-                raise PromptError("the conversation must end with a user turn")
+            turns = _check_turns(prompt)
             conv.add_history(turns[:-1])
-            text, imgs, vid = turns[-1].text, list(turns[-1].images or ()) + list(images or ()), (
+            text, imgs, vid = turns[-1].text, as_image_list(turns[-1].images) + as_image_list(images), (
                 turns[-1].video if turns[-1].video is not None else video)
+        check_text(text)  # here, not at the first streamed token
         events = conv.ask_events(text, images=imgs, video=vid, params=params)
         if stream:
             return TextStream(events)
@@ -396,11 +395,14 @@ class Pipeline:
         """One TokenEvent per generated token (what servers count); returns the GenerationResult."""
         conv = Conversation(self)
         if isinstance(prompt, str):
-            return conv.ask_events(prompt, images=images or (), video=video, params=params or SamplingParams())
-        turns = list(prompt)
+            check_text(prompt)
+            return conv.ask_events(prompt, images=as_image_list(images), video=video, params=params or SamplingParams())
+        turns = _check_turns(prompt)
         conv.add_history(turns[:-1])
         last = turns[-1]
-        return conv.ask_events(last.text, images=last.images, video=last.video, params=params or SamplingParams())
+        check_text(last.text)
+        return conv.ask_events(last.text, images=as_image_list(last.images), video=last.video,
+                               params=params or SamplingParams())
 
     def prompt_embeds(self, prompt: str, images: Sequence | None = None, video=None) -> np.ndarray:
         """The spliced input embeddings [L, D] of a one-turn prompt (what the LLM is prefilled with)."""
@@ -508,7 +510,7 @@ class Conversation:
     def _full_prompt(self, messages, items, *, add_generation_prompt=True) -> tuple[list[int], list[np.ndarray]]:
         cfg, tok = self.pipe.config, self.pipe.tokenizer
         text = render(cfg.llm.chat_format, messages, tok, add_generation_prompt=add_generation_prompt)
-        return tokenize(cfg, tok, text, first=True), list(items)
+        return tokenize(cfg, tok, text, first=True, messages=messages), list(items)
 
     def _continuation(self, user: Message) -> list[int] | None:
         """Ids that follow the cached tokens for a new user turn, or None if the template does not allow
@@ -523,7 +525,7 @@ class Conversation:
         if SENTINEL_TOKEN not in prev or not full.startswith(prev):
             return None
         closing = prev.split(SENTINEL_TOKEN, 1)[1]
-        ids = tokenize(cfg, tok, closing + full[len(prev):], first=False)
+        ids = tokenize(cfg, tok, closing + full[len(prev):], first=False, messages=[user])
         if self.pending is not None and not (ids and ids[0] == self.pending):
             ids = [self.pending] + ids
         return ids
@@ -671,6 +673,17 @@ class Conversation:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_turns(prompt) -> list[Turn]:
+    if prompt is None or isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise PromptError(f"prompt={prompt!r}: pass a string or a list of Turn objects")
+    turns = list(prompt)
+    if not all(isinstance(t, Turn) for t in turns):
+        raise PromptError("prompt: a conversation is a list of vila_edge.Turn objects")
+    if not turns or turns[-1].role != "user":
+        raise PromptError("the conversation must end with a user turn")
+    return turns
 
 
 def read_manifest(engine_dir: Path) -> dict:

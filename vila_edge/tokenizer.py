@@ -107,6 +107,28 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str, *, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.offsets
+
+    def encode_literal(self, text: str) -> list[int]:
+        """`text` with special-token strings taken as plain characters (user text must not become control
+        tokens: "<|im_end|>" typed by a user would otherwise close their turn and open a forged one)."""
+        return self._literal_tok.encode(text, add_special_tokens=False).ids
+
+    @cached_property
+    def _literal_tok(self) -> HFTokenizer:
+        # A private copy: `encode_special_tokens` is a flag on the tokenizer object, and the shared one must keep
+        # parsing the chat template's own control tokens.
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (control tokens, media markers)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

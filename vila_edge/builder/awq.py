@@ -403,10 +403,12 @@ def peak_rss_mib() -> float | None:
 
 
 def _progress_bar(enabled: bool):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # stderr, like the build's own step lines: stdout carries results (the engine path, JSON) for scripts.
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled)
+                    TimeElapsedColumn(), disable=not enabled, console=Console(stderr=True))
 
 
 @contextlib.contextmanager

@@ -217,6 +217,18 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= (1 << 27) else f"{n / (1 << 20):.1f} MiB"
 
 
+def check_output_path(source: Path, out: Path) -> None:
+    """Refuse an output that would overwrite the checkpoint (`--force` replaces the output directory) or that
+    is not a directory. One line, before anything is written."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        where = "is" if dst == src else "is inside" if dst.is_relative_to(src) else "contains"
+        raise VilaEdgeError(f"-o {out}: the output {where} the checkpoint {source}; choose a folder outside it, "
+                            f"e.g. -o engines/{src.name}")
+    if out.exists() and not out.is_dir():
+        raise VilaEdgeError(f"-o {out}: exists and is not a directory; choose another output folder")
+
+
 def _is_engine_source(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
@@ -505,6 +517,7 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
     ckpt = load_checkpoint(source, token_order=options.token_order, splice=options.splice,
                            chat_format=options.chat_format)
     out = Path(output) if output else Path("engines") / ckpt.name
+    check_output_path(source, out)
     if stage == "engines":
         if not _is_engine_source(out):
             raise EngineError(f"{out}: no exported engine directory to compile; run `vila-edge build {source} -o {out} "

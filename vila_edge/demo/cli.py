@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N bundled sample images."),
         engines_dir: Path = typer.Option(Path("engines"), "--engines-dir",
                                          help="Where the demo checkpoint and its engines are cached."),
-        threads: int | None = typer.Option(None, help="CPU threads (default: physical cores)."),
+        threads: int | None = typer.Option(None, min=1, help="CPU threads (default: physical cores)."),
         max_new_tokens: int = typer.Option(16, help="Maximum tokens per answer."),
         llm_quant: str = typer.Option("rtn", "--llm-quant", help="int4 LLM quantization of the build: rtn (seconds; "
                                       "the demo's vision side was trained against it) | awq (128 x 512 calibration "
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         per_type: int = typer.Option(100, "--per-type", min=1, help="Questions per question type."),
         out: Path | None = typer.Option(Path("benchmarks/results"), "--out", "-o",
                                         help="Folder for demo_eval.json / demo_eval.md (merged per backend)."),
-        threads: int | None = typer.Option(None, help="CPU threads (engines)."),
+        threads: int | None = typer.Option(None, min=1, help="CPU threads (engines)."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ):
         """Accuracy per question type on a held-out question set (only --demo-set exists so far)."""

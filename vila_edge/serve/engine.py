@@ -202,7 +202,8 @@ class PipelineEngine:
                     n_tiles = lay.n_items
                 lengths += [lay.feature_tokens] * lay.n_items
             msgs.append(Message("user", user_content(cfg, t.text, n_images=n, n_tiles=n_tiles)))
-        ids = tokenize(cfg, tok, render(cfg.llm.chat_format, msgs, tok, add_generation_prompt=True), first=True)
+        ids = tokenize(cfg, tok, render(cfg.llm.chat_format, msgs, tok, add_generation_prompt=True), first=True,
+                       messages=msgs)
         return spliced_length(ids, lengths, media_ids=pipe.media_ids, n_end=len(pipe.end_ids))
 
     def generate_stream(self, messages, images, params: GenParams):
