@@ -307,7 +307,16 @@ def load_checkpoint(path, *, token_order: str | None = None, splice: str | None 
                     chat_format: str | None = None, validate: bool = True) -> Checkpoint:
     """Read and validate a checkpoint. Overrides: projector token order ("row"/"col"), splice layout
     ("v15"/"head"), chat format. Raises CheckpointError naming the file on any problem."""
-    root = Path(path)
+    try:
+        return _load_checkpoint(Path(path), token_order, splice, chat_format, validate)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as exc:
+        # The specific checks name the key; a config value of the wrong type or range that none of them
+        # anticipated (found by fuzzing: null, a list, a string where a number belongs) ends here, still one line.
+        raise CheckpointError(f"{path}: a config value has the wrong type or is out of range ({type(exc).__name__}: "
+                              f"{exc}); compare its config.json files with the released checkpoint's") from None
+
+
+def _load_checkpoint(root: Path, token_order, splice, chat_format, validate) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint folder not found")
     top_path = root / "config.json"
