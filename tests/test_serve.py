@@ -34,6 +34,7 @@ from vila_edge.serve import BackgroundServer  # noqa: E402
 from vila_edge.serve.app import ServeSettings, create_app  # noqa: E402
 from vila_edge.serve.engine import ChatMessage, GenParams, PipelineEngine, StandInEngine  # noqa: E402
 from vila_edge.serve.openai_schema import Limits  # noqa: E402
+from vila_edge.serve.remote import parse_networks  # noqa: E402
 
 LIMITS = Limits(max_body_bytes=400_000, max_image_bytes=150_000, max_image_pixels=1_000_000, max_images=2,
                 max_tokens=64)
@@ -358,7 +359,8 @@ def test_remote_images_when_allowed(engine):
     t.start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        app = create_app(engine, ServeSettings(limits=LIMITS, allow_remote_images=True))
+        app = create_app(engine, ServeSettings(limits=LIMITS, allow_remote_images=True,
+                                               remote_image_networks=parse_networks(["127.0.0.0/8"])))
         with BackgroundServer(app) as srv:
             r = post(srv, {"messages": image_message(url=base + "/cat.png"), "max_tokens": 4, "temperature": 0})
             assert r.status_code == 200, r.text

@@ -99,7 +99,8 @@ def serve(
     port: int = typer.Option(8000, help="Port (0: a free one, printed at start)."),
     api_key: str | None = typer.Option(None, envvar="VILA_EDGE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' (env VILA_EDGE_API_KEY)."),
-    allow_remote_images: bool = typer.Option(False, help="Also fetch http(s) image URLs (default: data URLs only)."),
+    allow_remote_images: bool = typer.Option(False, help="Also fetch http(s) image URLs from public addresses (default: data URLs only)."),
+    allow_image_network: list[str] = typer.Option([], help="With --allow-remote-images: a private network image URLs may point into, CIDR (repeatable), e.g. 192.168.1.0/24 for LAN cameras."),
     max_queue: int = typer.Option(8, min=0, help="Requests that may wait for the engine; beyond: HTTP 429."),
     request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds from acceptance to the last token."),
     max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for (and the default)."),
@@ -120,13 +121,15 @@ def serve(
     from vila_edge.serve.app import ServeSettings, create_app
     from vila_edge.serve.engine import load_engines
     from vila_edge.serve.openai_schema import Limits
+    from vila_edge.serve.remote import parse_networks
 
     mib = 1024 * 1024
     settings = ServeSettings(
         limits=Limits(max_body_bytes=int(max_body_mb * mib), max_image_bytes=int(max_image_mb * mib),
                       max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens),
         max_queue=max_queue, request_timeout=request_timeout, allow_remote_images=allow_remote_images,
-        api_key=api_key or None, camera_prompt=prompt, camera_interval=interval, camera_max_tokens=caption_tokens)
+        remote_image_networks=parse_networks(allow_image_network),
+        api_key=api_key or None, allowed_hosts=(host,), camera_prompt=prompt, camera_interval=interval, camera_max_tokens=caption_tokens)
     sock = bind_socket(host, port)  # before loading engines: a busy port fails fast
     models = load_engines(engines, device=device, threads=threads)
     cam = None

@@ -125,6 +125,13 @@ class Tokenizer:
         return tok
 
     @cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token covers (vocabulary strings are at least as long as their
+        text: byte-level symbols stand for one byte each). A text of more than `n * max_token_chars` characters
+        needs more than `n` tokens, which the server checks before tokenizing anything."""
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    @cached_property
     def special_ids(self) -> frozenset[int]:
         """Ids of the added tokens marked special (control tokens, media markers)."""
         return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)

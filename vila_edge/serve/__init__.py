@@ -51,7 +51,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except socket.gaierror as exc:
         raise VilaEdgeError(f"--host {host!r}: cannot resolve ({exc.strerror})") from None
     family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and accepted sockets
+    # inherit it. With Nagle on, every keep-alive request after the first waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)

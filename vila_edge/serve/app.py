@@ -8,6 +8,7 @@ and token counting in the default thread pool.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import io
 import json
@@ -26,7 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vila_edge.serve import openai_schema as oa
 from vila_edge.serve.engine import ChatMessage, Engine, GenParams
+from vila_edge.serve.guards import RequestGuard
 from vila_edge.serve.metrics import ServerMetrics
+from vila_edge.serve.remote import fetch_image
 from vila_edge.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger("vila_edge.serve")
@@ -40,8 +43,10 @@ class ServeSettings:
     max_queue: int = 8  # requests waiting for the engine (beyond the running one); more get 429
     request_timeout: float = 300.0  # seconds from acceptance to the last token (queue wait included)
     allow_remote_images: bool = False
-    remote_timeout: float = 10.0
+    remote_timeout: float = 10.0  # for the whole fetch, redirects included
+    remote_image_networks: tuple = ()  # private networks image URLs may point into (LAN cameras); see serve.remote
     api_key: str | None = None
+    allowed_hosts: tuple = ()  # Host names accepted without an API key besides IP literals and localhost
     # live camera page
     camera_prompt: str = "Describe what you see in one sentence."
     camera_interval: float = 2.0  # seconds between the end of one caption and the next frame
@@ -123,26 +128,6 @@ def decode_image(data: bytes, param: str, limits: oa.Limits):
         raise oa.bad(f"cannot decode image ({type(exc).__name__})", param, "invalid_image") from None
 
 
-async def fetch_remote(ref: oa.ImageRef, limits: oa.Limits, timeout: float) -> bytes:
-    import httpx
-
-    try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=3,
-                                     trust_env=False) as client:
-            async with client.stream("GET", ref.url, headers={"Accept": "image/*"}) as resp:
-                if resp.status_code != 200:
-                    raise oa.bad(f"fetching the image gave HTTP {resp.status_code}", ref.param, "image_fetch_failed")
-                buf = bytearray()
-                async for piece in resp.aiter_bytes():
-                    buf += piece
-                    if len(buf) > limits.max_image_bytes:
-                        raise oa.bad(f"remote image exceeds {limits.max_image_bytes} bytes", ref.param,
-                                     "image_too_large")
-                return bytes(buf)
-    except httpx.HTTPError as exc:
-        raise oa.bad(f"cannot fetch the image ({type(exc).__name__})", ref.param, "image_fetch_failed") from None
-
-
 def to_engine_messages(req: oa.ChatRequest) -> list[ChatMessage]:
     out = []
     for m in req.messages:
@@ -154,35 +139,6 @@ def to_engine_messages(req: oa.ChatRequest) -> list[ChatMessage]:
 
 def _sse(obj) -> str:
     return "data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n\n"
-
-
-class _RouteMetrics:
-    """Pure ASGI middleware: count responses by route and status (after the response started)."""
-
-    ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", "/stream.mjpg", "/captions")
-
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        if path in self.ROUTES:
-            route = path
-        elif path.startswith("/static/"):
-            route = "/static"
-        elif path.startswith("/v1/models/"):
-            route = "/v1/models/{id}"
-        else:
-            route = "other"
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.requests.inc(1, route, str(message["status"]))
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +153,10 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
     if not engine_list:
         raise ValueError("at least one engine is needed")
     by_id = {e.model_id: e for e in engine_list}
-    limits = settings.limits
+    # text that no engine's context could hold is refused before it is tokenized (tokenizing 20 MB holds the
+    # GIL for seconds and stalls every other request)
+    text_bound = max(getattr(e, "max_prompt_chars", settings.limits.max_text_chars) for e in engine_list)
+    limits = dataclasses.replace(settings.limits, max_text_chars=min(settings.limits.max_text_chars, text_bound))
     scheduler = Scheduler(max_queue=settings.max_queue)
     metrics = ServerMetrics(lambda: scheduler.queue_length, lambda: scheduler.active)
     scheduler.metrics = metrics
@@ -227,7 +186,8 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
     app.state.settings = settings
     app.state.live = live
     app.state.begin_shutdown = (lambda: live.begin_shutdown()) if live is not None else (lambda: None)
-    app.add_middleware(_RouteMetrics, metrics=metrics)
+    app.add_middleware(RequestGuard, metrics=metrics, api_key_set=bool(settings.api_key),
+                       allowed_hosts=settings.allowed_hosts)
 
     # ---- errors: always the OpenAI shape, never a traceback ----------------------------------------
     @app.exception_handler(oa.APIError)
@@ -245,11 +205,6 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return _error(400, "invalid request", code="invalid_request")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, "internal server error (see the server log)", type="server_error", code="internal_error")
 
     # ---- auth ------------------------------------------------------------------------------------
     def check_auth(request: Request, *, allow_query: bool = False) -> None:
@@ -351,7 +306,7 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
                     raise oa.bad("http(s) image URLs are disabled on this server (start it with "
                                  "--allow-remote-images); send the image as a data URL", ref.param,
                                  "remote_images_disabled")
-                data = await fetch_remote(ref, limits, settings.remote_timeout)
+                data = await fetch_image(ref, limits, settings.remote_timeout, settings.remote_image_networks)
             else:
                 data = ref.data
             images.append(await asyncio.to_thread(decode_image, data, ref.param, limits))

@@ -49,6 +49,7 @@ class GenParams:
 class Engine(Protocol):
     model_id: str
     max_context: int
+    max_prompt_chars: int  # characters of message text that certainly exceed max_context
 
     def count_tokens(self, messages: Sequence[ChatMessage], images: Sequence[Image.Image]) -> int: ...
 
@@ -76,6 +77,7 @@ class StandInEngine:
                  token_delay: float = 0.002, image_tokens: int = 64, eos: bool = True):
         self.model_id = model_id
         self.max_context = max_context
+        self.max_prompt_chars = max_context * 16
         self.answer_tokens = answer_tokens
         self.token_delay = token_delay
         self.image_tokens = image_tokens
@@ -149,6 +151,8 @@ class PipelineEngine:
         self.pipeline = pipeline
         self.model_id = model_id
         self.max_context = int(pipeline_max_context(pipeline))
+        # Text longer than this cannot fit the context whatever it says: refused before it is tokenized.
+        self.max_prompt_chars = self.max_context * pipeline.tokenizer.max_token_chars
 
     @classmethod
     def load(cls, engine_dir, model_id: str | None = None, **load_kwargs) -> PipelineEngine:

@@ -48,6 +48,8 @@ class Limits:
     max_tokens: int = 1024  # cap on max_tokens (and the default when the request gives none)
     max_messages: int = 64
     max_stop: int = 4  # OpenAI's own limit on stop sequences
+    # Characters of message text; create_app lowers it to what the model's context can hold at all.
+    max_text_chars: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -162,9 +164,9 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if stop_raw is None:
         stop: tuple[str, ...] = ()
     elif isinstance(stop_raw, str):
-        stop = (stop_raw,)
+        stop = (_utf8_text(stop_raw, "stop"),)
     elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw):
-        stop = tuple(stop_raw)
+        stop = tuple(_utf8_text(s, "stop") for s in stop_raw)
     else:
         raise bad("'stop' must be a string or an array of strings", "stop", "invalid_type")
     if len(stop) > limits.max_stop:
@@ -184,6 +186,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
 
     messages: list[ParsedMessage] = []
     images: list[ImageRef] = []
+    text_chars = 0
     for i, m in enumerate(raw_messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -194,6 +197,10 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
             raise bad(f"'{where}.role' must be one of system, developer, user, assistant ({kind} not supported)",
                       f"{where}.role", "invalid_value")
         parts = _parse_content(m.get("content"), f"{where}.content", role, images, limits)
+        text_chars += sum(len(p.text) for p in parts)
+        if text_chars > limits.max_text_chars:
+            raise bad(f"the messages hold more than {limits.max_text_chars} characters of text, more than the model's "
+                      "context can hold; shorten them", "messages", "context_length_exceeded")
         messages.append(ParsedMessage(_ROLES[role], parts))
     if messages[-1].role != "user":
         raise bad("the last message must come from the user", f"messages[{len(messages) - 1}].role")
@@ -202,9 +209,19 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, images=images)
 
 
+def _utf8_text(text: str, where: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800") that no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(f"'{where}' holds an unpaired surrogate at character {exc.start}; send valid UTF-8 text", where,
+                  "invalid_text") from None
+    return text
+
+
 def _parse_content(content: Any, where: str, role: str, images: list[ImageRef], limits: Limits) -> list[Part]:
     if isinstance(content, str):
-        return [Part(text=content)]
+        return [Part(text=_utf8_text(content, where))]
     if content is None:
         if role == "assistant":
             return [Part(text="")]
@@ -222,7 +239,7 @@ def _parse_content(content: Any, where: str, role: str, images: list[ImageRef], 
             text = p.get("text")
             if not isinstance(text, str):
                 raise bad(f"'{pw}.text' must be a string, got {_type_name(text)}", f"{pw}.text", "invalid_type")
-            parts.append(Part(text=text))
+            parts.append(Part(text=_utf8_text(text, f"{pw}.text")))
         elif ptype == "image_url":
             if role != "user":
                 raise bad(f"'{pw}': images are only accepted in user messages", pw)
