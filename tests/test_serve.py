@@ -300,7 +300,8 @@ def test_http_level_errors(server):
     r = httpx.get(server.url + "/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     # chunked body without Content-Length, over the limit
-    r = httpx.post(server.url + "/v1/chat/completions", content=iter([b"x" * 100_000] * 5), timeout=30)
+    r = httpx.post(server.url + "/v1/chat/completions", content=iter([b"x" * 100_000] * 5), timeout=30,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     # the server is still fine
     assert post(server, {"messages": _MSG, "max_tokens": 2}).status_code == 200

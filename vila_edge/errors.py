@@ -16,6 +16,10 @@ class MediaError(VilaEdgeError):
     """An image, video or camera source cannot be read."""
 
 
+class ImageTooLarge(MediaError):
+    """An image has more pixels than the cap (checked from its header, before decoding)."""
+
+
 class EngineError(VilaEdgeError):
     """An engine directory is missing, stale or was built for another checkpoint or device."""
 

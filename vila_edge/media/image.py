@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vila_edge.errors import MediaError
+from vila_edge.errors import ImageTooLarge, MediaError
 
 ImageLike = "str | Path | Image.Image | np.ndarray | bytes"
 
@@ -62,7 +62,7 @@ def check_size(width: int, height: int, label: str, max_pixels: int = MAX_PIXELS
     if width < 1 or height < 1:
         raise MediaError(f"{label}: image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise MediaError(f"{label}: image too large ({width}x{height} = {width * height} pixels; at most "
+        raise ImageTooLarge(f"{label}: image too large ({width}x{height} = {width * height} pixels; at most "
                          f"{max_pixels}); downscale it first")
 
 
@@ -101,7 +101,7 @@ def load_image(source, *, name: str | None = None, channels: str = "RGB", max_pi
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:  # above 2x Pillow's limit it refuses at open, before our check
-        raise MediaError(f"{label}: image too large ({exc}); downscale it first") from None
+        raise ImageTooLarge(f"{label}: image too large ({exc}); downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"{label}: cannot decode image ({exc.__class__.__name__}: {exc}); use a PNG/JPEG/WebP file") from None
 
