@@ -264,8 +264,9 @@ def test_position_ids_mark_media_rows(runtime_engine):  # noqa: F811
     pipe = _pipe(runtime_engine, "nvila")
     user, items = pipe.user_message("Hi", [_image()])
     ids, items = pipe.chat()._full_prompt([user], items)
-    pos = pipe.position_ids(ids, items)
-    assert len(pos) == pipe.positions(ids, items) == pipe.prompt_embeds("Hi", [_image()]).shape[0]
+    chunks = pipe.prompt_chunks(ids, items)
+    pos = chunks.position_ids()
+    assert len(pos) == chunks.n_positions == pipe.prompt_embeds("Hi", [_image()]).shape[0]
     assert pos.count(-1) == sum(len(x) for x in items)
     assert set(pos) - {-1} <= set(ids) | set(pipe.end_ids)
 
@@ -300,7 +301,7 @@ def test_kv_buffer_is_shared_and_updated_in_place(runtime_engine):  # noqa: F811
     np.testing.assert_allclose(l_again, l_full, rtol=0, atol=1e-5)
     assert llm._kv_np[0][0].__array_interface__["data"][0] == ptr
     llm.reset()
-    pipe._kv_owner = None
+    pipe.kv.release()
 
 
 # ---- streaming, sampling --------------------------------------------------------------------

@@ -30,9 +30,10 @@ httpx = pytest.importorskip("httpx")
 from conftest_runtime import runtime_engine  # noqa: E402,F401  (session fixture: tiny engine directories)
 from PIL import Image  # noqa: E402
 
+from vila_edge.generate import SamplingParams  # noqa: E402
 from vila_edge.serve import BackgroundServer  # noqa: E402
 from vila_edge.serve.app import ServeSettings, create_app  # noqa: E402
-from vila_edge.serve.engine import ChatMessage, GenParams, PipelineEngine, StandInEngine  # noqa: E402
+from vila_edge.serve.engine import ChatMessage, PipelineEngine, StandInEngine  # noqa: E402
 from vila_edge.serve.openai_schema import Limits  # noqa: E402
 from vila_edge.serve.remote import parse_networks  # noqa: E402
 
@@ -92,7 +93,7 @@ def direct_answer(engine, text, images, max_tokens, **sampling):
     """What the runtime itself answers (no server), as the server should."""
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
     return "".join(engine.generate_stream([ChatMessage("user", text, len(pil))], pil,
-                                          GenParams(max_tokens=max_tokens, **sampling)))
+                                          SamplingParams(max_new_tokens=max_tokens, **sampling)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +412,7 @@ def test_queue_full_gives_429_and_accepted_requests_complete():
             t.join(30)
         codes = sorted(r.status_code for r in results)
         assert codes.count(200) >= 3 and set(codes) <= {200, 429}, codes
-        full = eng.answer([ChatMessage("user", "hi")], [], GenParams(max_tokens=64))
+        full = eng.answer([ChatMessage("user", "hi")], [], SamplingParams(max_new_tokens=64))
         for r in results:
             if r.status_code == 200:
                 assert r.json()["choices"][0]["message"]["content"] == full

@@ -359,35 +359,16 @@ def child_llm(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     vocab = min(eng.vocab_size, eng.embed_table.shape[0])
     prompt = rng.integers(0, vocab, p)
-    total = spec["warmup"] + spec["runs"]
+    from vila_edge.generate import decode_one_token, timed_greedy_run, timed_runs
 
     def one(tokens: int) -> dict:
         eng.reset()
         x = eng.embed(prompt)
-        s = time.perf_counter()
-        logits = eng.forward(x)
-        prefill = time.perf_counter() - s
-        steps = []
-        for _ in range(tokens):
-            s = time.perf_counter()
-            tok = int(np.argmax(logits[:vocab]))
-            logits = eng.forward(eng.embed([tok]))
-            steps.append(time.perf_counter() - s)
-        dec = sum(steps)
-        return {"prefill_s": prefill, "decode_s": dec, "generated_tokens": tokens, "prompt_positions": p,
-                "decode_tok_s": tokens / dec if dec > 0 else 0.0, "prefill_tok_s": p / prefill if prefill else 0.0,
-                "ttft_s": prefill}
+        return timed_greedy_run(lambda: eng.forward(x), lambda tok: decode_one_token(eng, tok),
+                                lambda logits: int(np.argmax(logits[:vocab])), p, tokens)
 
-    done = 0
-    for _ in range(spec["warmup"]):
-        one(spec["warmup_tokens"])
-        done += 1
-        _progress(done, total)
-    runs = []
-    for _ in range(spec["runs"]):
-        runs.append(one(n))
-        done += 1
-        _progress(done, total)
+    runs = timed_runs(one, warmup=spec["warmup"], warmup_tokens=spec["warmup_tokens"], runs=spec["runs"], tokens=n,
+                      on_progress=_progress)
     desc = eng.describe()
     kv = eng.kv_bytes()
     return {"cases": [{"image": None, "prompt_tokens": p, "runs": runs}], "load_s": load_s,

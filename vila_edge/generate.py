@@ -1,4 +1,8 @@
-"""Token selection and text output for the runtime: sampling, incremental detokenization, stop strings.
+"""Generation: token selection, text output, and the loop, one step per function (gpt-fast's shape).
+
+`SamplingParams` is the one home of sampling settings (the Python API's keywords, `vila-edge chat`, the
+server's requests all become one); `StopStrings` is the one stop-string matcher (the runtime's answers,
+the server's scheduler).
 
 Sampling follows Hugging Face `generate` (what VILA's `generate_content` calls), in its order:
 repetition penalty (on the tokens generated so far: with `inputs_embeds` upstream has no prompt ids)
@@ -7,17 +11,33 @@ seeded `numpy.random.Generator`, so a seed reproduces a run exactly.
 
 Logits at or beyond the checkpoint's trained vocabulary (`config.llm.vocab_size`: rows added for media
 tokens were never trained) and the ids in `config.llm.extra_masked_ids` are never chosen.
+
+The loop, on any LLM engine:
+
+    logits = prefill(llm, chunks)                    # the prompt (a splice.PromptChunks) into the KV cache
+    for token, finish in generate_tokens(logits, lambda t: decode_one_token(llm, t), sampler,
+                                         max_new_tokens=64, stop_ids={eos}):
+        ...                                          # pick a token, yield it, feed it back
+
+`Answer` puts text on top of the tokens (incremental detokenizer, stop strings) for the runtime's
+`Conversation`. `timed_greedy_run` and `timed_runs` are the measuring loop of the benchmarks: our
+engine (`vila_edge.bench`) and the peers (llama.cpp, transformers: `benchmarks/peers/`) all run the
+same prefill -> forced greedy decode -> warm-up / runs, each with its own step functions.
+
+`KVCache` makes explicit which conversation's tokens an LLM engine's cache holds: a conversation that
+finds the cache still its own continues on it, any other starts over.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from vila_edge.errors import VilaEdgeError
+from vila_edge.errors import EngineError, VilaEdgeError
 
 
 @dataclass(frozen=True)
@@ -167,22 +187,26 @@ class IncrementalDetokenizer:
 
 @dataclass
 class StopStrings:
-    """Holds back just enough text to never stream the beginning of a stop string."""
+    """Cut text at the first of `stops`, holding back only a tail that could still become one (so the
+    beginning of a stop string is never streamed). The one stop-string matcher: the runtime's answers and
+    the server's scheduler both feed their text through it."""
 
     stops: tuple[str, ...]
     text: str = ""
     emitted: int = 0
     hit: str | None = None
-    _hold: int = field(init=False, default=0)
+    _longest: int = field(init=False, default=0)
 
     def __post_init__(self):
-        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self.stops = tuple(s for s in self.stops if s)
+        self._longest = max((len(s) for s in self.stops), default=0)
 
     def feed(self, delta: str, *, final: bool = False) -> str:
+        """Add `delta`; return the text that is now safe to show (`final`: the rest, no stop string came)."""
         if self.hit is not None:
             return ""
         self.text += delta
-        start = max(0, self.emitted - self._hold)
+        start = max(0, self.emitted - self._longest)
         best = None
         for s in self.stops:
             i = self.text.find(s, start)
@@ -194,12 +218,22 @@ class StopStrings:
             out = self.text[self.emitted:]
             self.emitted = len(self.text)
             return out
-        safe = len(self.text) if final else len(self.text) - self._hold
+        safe = len(self.text) if final else len(self.text) - self._held_back()
         if safe <= self.emitted:
             return ""
         out = self.text[self.emitted:safe]
         self.emitted = safe
         return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is the beginning of a stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
 
 
 def decode_stream(tokenizer, ids: Iterable[int]) -> Iterable[str]:
@@ -212,3 +246,193 @@ def decode_stream(tokenizer, ids: Iterable[int]) -> Iterable[str]:
     d = det.flush()
     if d:
         yield d
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+Pick = Callable[[np.ndarray, Sequence[int]], int]  # (logits, generated so far) -> next token
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it adds ("" while a character or a possible stop string is
+    incomplete). A final event with token_id None carries text released at the end."""
+
+    token_id: int | None
+    text: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------
+
+
+def prefill(llm, chunks) -> np.ndarray:
+    """Append the prompt's positions to the cache; logits of the last one."""
+    return llm.forward_ids(chunks.position_ids(), chunks.embeds(llm.embed))
+
+
+def decode_one_token(llm, token: int) -> np.ndarray:
+    """Append one generated token; logits of the next."""
+    return llm.forward_ids([token], llm.embed([token]))
+
+
+def generate_tokens(logits, decode_one_token: Callable[[int], object], pick: Pick, *, max_new_tokens: int,
+                    stop_ids: Sequence[int] | set[int] = (), has_room: Callable[[], bool] | None = None,
+                    ) -> Iterator[tuple[int, str | None]]:
+    """Pick a token from `logits`, yield (token, finish), feed it back with `decode_one_token`, repeat.
+
+    `finish` is None while the loop goes on, else why this token is the last: "stop" (a stop token, which
+    is never fed back), "length" (max_new_tokens), "context" (`has_room()` says the cache is full). The
+    caller may also stop early by not asking for the next token.
+    """
+    generated: list[int] = []
+    while True:
+        token = pick(logits, generated)
+        generated.append(token)
+        if token in stop_ids:
+            finish = "stop"
+        elif len(generated) >= max_new_tokens:
+            finish = "length"
+        elif has_room is not None and not has_room():
+            finish = "context"
+        else:
+            finish = None
+        yield token, finish
+        if finish is not None:
+            return
+        logits = decode_one_token(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text on top
+# ---------------------------------------------------------------------------------------------
+
+
+class Answer:
+    """One answer while it is generated: its tokens, text, why it ended and its decode time. Readable at
+    any point, also after its event stream was closed half-way ("interrupted")."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStrings(tuple(stop))
+        self.token_ids: list[int] = []
+        self.finish = "interrupted"
+        self.decode_s = 0.0  # picking, detokenizing and decode steps (not the caller's time between tokens)
+        self.first_token_at: float | None = None  # perf_counter when the first token was chosen
+
+    @property
+    def text(self) -> str:
+        return self.stops.text if self.stops.hit is not None else self.detok.text
+
+    def events(self, tokens: Iterator[tuple[int, str | None]]) -> Iterator[TokenEvent]:
+        """One TokenEvent per token of `tokens` (a `generate_tokens` loop) but a stop token, stop strings
+        cut; a last event (token_id None) releases the text held back at the end."""
+        while True:
+            t0 = time.perf_counter()
+            token, finish = next(tokens)
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.token_ids.append(token)
+            if finish == "stop":  # a stop token: no text
+                self.decode_s += time.perf_counter() - t0
+                self.finish = "stop"
+                break
+            piece = self.stops.feed(self.detok.push(token))
+            self.decode_s += time.perf_counter() - t0
+            yield TokenEvent(token, piece)
+            if self.stops.hit is not None:
+                self.finish = "stop"
+                break
+            if finish is not None:
+                self.finish = finish
+                break
+        tail = self.stops.feed(self.detok.flush(), final=True)
+        if tail:
+            yield TokenEvent(None, tail)
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV cache's holder
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """An LLM engine's cache and the one holder (a Conversation) whose tokens are in it."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.holder: object | None = None
+
+    @property
+    def length(self) -> int:
+        return self.llm.length
+
+    def holds(self, owner, length: int) -> bool:
+        """Does the cache still hold exactly `owner`'s `length` positions?"""
+        return self.holder is owner and self.llm.length == length
+
+    def take(self, owner, *, keep: bool) -> None:
+        """`owner` writes to the cache now; `keep`: it continues on its own cached positions."""
+        if not keep:
+            self.llm.reset()
+        self.holder = owner
+
+    def release(self, owner=None) -> None:
+        """Nobody's tokens are trusted in the cache any more (any holder, or only `owner`'s)."""
+        if owner is None or self.holder is owner:
+            self.holder = None
+
+    def clear(self, owner) -> None:
+        """`owner` is done with its tokens: empty the cache if it holds them."""
+        if self.holder is owner:
+            self.llm.reset()
+            self.holder = None
+
+    def truncate(self, owner, length: int) -> None:
+        """Roll the cache back to `length` positions; when the engine cannot, `owner` loses it."""
+        if self.llm.length == length:
+            return
+        try:
+            self.llm.truncate(length)
+        except (EngineError, ValueError):  # an engine that cannot roll back: re-prefill next turn
+            self.release(owner)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks: the same loop, timed
+# ---------------------------------------------------------------------------------------------
+
+
+def timed_greedy_run(prefill_fn: Callable[[], object], decode_one_token: Callable[[int], object],
+                     pick: Callable[[object], int], prompt_positions: int, tokens: int) -> dict:
+    """Prefill, then `tokens` forced greedy decode steps (pick + decode_one_token; no stop tokens).
+    The decode time runs from the first token chosen to the last step's token chosen."""
+    s = time.perf_counter()
+    logits = prefill_fn()
+    prefill_s = time.perf_counter() - s
+    start = None
+    for k, _ in enumerate(generate_tokens(logits, decode_one_token, lambda lg, _: pick(lg),
+                                          max_new_tokens=tokens + 1)):
+        if k == 0:
+            start = time.perf_counter()
+    dec = time.perf_counter() - start
+    return {"prefill_s": prefill_s, "decode_s": dec, "generated_tokens": tokens, "prompt_positions": prompt_positions,
+            "decode_tok_s": tokens / dec if dec > 0 else 0.0,
+            "prefill_tok_s": prompt_positions / prefill_s if prefill_s else 0.0, "ttft_s": prefill_s}
+
+
+def timed_runs(one: Callable[[int], dict], *, warmup: int, warmup_tokens: int, runs: int, tokens: int,
+               on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """`warmup` untimed runs of `warmup_tokens`, then `runs` of `tokens`; the runs' results."""
+    total = warmup + runs
+    out = []
+    for k in range(total):
+        r = one(warmup_tokens if k < warmup else tokens)
+        if k >= warmup:
+            out.append(r)
+        if on_progress is not None:
+            on_progress(k + 1, total)
+    return out

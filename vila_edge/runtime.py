@@ -20,10 +20,16 @@ The splice (V15 `-200` placeholder vs HEAD media tokens + end tokens) follows `c
 
 Each call yields text as it is generated (incremental detokenization, never half a UTF-8 character)
 and records per-stage timings: preprocess, vision, merge+projector, prefill, decode.
+
+The prompt goes to the LLM as a `PromptChunks` (vila_edge.splice: text ids and media items, each knowing
+its positions); the loop is `vila_edge.generate`'s (prefill, decode_one_token, generate_tokens);
+`Conversation` keeps the conversation's bookkeeping (history, KV prefix reuse, context fitting, rollback)
+and holds the LLM's cache through the pipeline's `KVCache`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -36,11 +42,20 @@ import numpy as np
 from vila_edge.backends.base import ContextOverflow, LLMEngine, VisionEngine
 from vila_edge.config import VilaConfig
 from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
-from vila_edge.generate import IncrementalDetokenizer, Sampler, SamplingParams, StopStrings
+from vila_edge.generate import (
+    Answer,
+    KVCache,
+    Sampler,
+    SamplingParams,
+    TokenEvent,
+    decode_one_token,
+    generate_tokens,
+    prefill,
+)
 from vila_edge.media.image import as_image_list, load_image
 from vila_edge.media.tiling import Tiles, preprocess_image
 from vila_edge.prompt import IMAGE_PLACEHOLDER, Message, check_text, render, tokenize, user_content
-from vila_edge.splice import splice, spliced_length
+from vila_edge.splice import PromptChunks, prompt_chunks
 from vila_edge.tokenizer import SENTINEL_TOKEN, Tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -89,15 +104,6 @@ class GenerationResult:
     def as_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
                 "timings": self.timings.as_dict(), "notices": self.notices}
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token and the text it adds ("" while a character or a possible stop string is
-    incomplete). A final event with token_id None carries text released at the end."""
-
-    token_id: int | None
-    text: str
 
 
 class TextStream:
@@ -186,7 +192,7 @@ class Pipeline:
         self.engine_dir = engine_dir
         self.manifest = manifest or {}
         self.max_context = min(llm.max_context, config.llm.max_length)
-        self._kv_owner: object | None = None  # the Conversation whose tokens are in the LLM's cache
+        self.kv = KVCache(llm)  # which Conversation's tokens are in the LLM's cache
         self._gpu_merge = None
         if getattr(vision, "on_gpu", False):
             try:
@@ -210,20 +216,25 @@ class Pipeline:
     def embed(self, ids) -> np.ndarray:
         return self.llm.embed(ids)
 
-    def position_ids(self, ids: Sequence[int], items: Sequence[np.ndarray]) -> list[int]:
-        """Token id of every spliced position (-1 for media feature rows), in splice order."""
-        marks, end = self.media_ids, list(self.end_ids)
-        out: list[int] = []
-        it = iter(items)
-        for t in ids:
-            if t in marks:
-                out += [-1] * len(next(it)) + end
-            else:
-                out.append(int(t))
-        return out
+    # ---- prompts ---------------------------------------------------------------------------
+    def prompt_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """A whole conversation rendered with the checkpoint's chat template and tokenized (media markers in place)."""
+        tok = self.tokenizer
+        text = render(self.config.llm.chat_format, messages, tok, add_generation_prompt=add_generation_prompt)
+        return tokenize(self.config, tok, text, first=True, messages=messages)
 
-    def positions(self, ids: Sequence[int], items: Sequence[np.ndarray]) -> int:
-        return spliced_length(ids, [len(x) for x in items], media_ids=self.media_ids, n_end=len(self.end_ids))
+    def prompt_chunks(self, ids: Sequence[int], media: Sequence) -> PromptChunks:
+        """`ids` cut at its media markers; `media`: each marker's features [n, D], or only its row count."""
+        return prompt_chunks(ids, media, media_ids=self.media_ids, end_ids=self.end_ids)
+
+    def decode_tokens(self, logits: np.ndarray, params: SamplingParams, *,
+                      has_room: Callable[[], bool] | None = None) -> Iterator[tuple[int, str | None]]:
+        """The generation loop of this model: its sampler, its stop tokens, this LLM's decode step."""
+        cfg = self.config.llm
+        sampler = Sampler(params, cfg.vocab_size, cfg.extra_masked_ids)
+        stops = set() if params.ignore_eos else set(cfg.stop_token_ids)
+        return generate_tokens(logits, functools.partial(decode_one_token, self.llm), sampler,
+                               max_new_tokens=params.max_new_tokens, stop_ids=stops, has_room=has_room)
 
     # ---- vision path -----------------------------------------------------------------------
     def _merge(self, feats: np.ndarray, tiles: Tiles) -> np.ndarray:
@@ -366,26 +377,14 @@ class Pipeline:
         return Conversation(self, reuse_kv=reuse_kv, on_notice=on_notice)
 
     def generate(self, prompt: str | Sequence[Turn], images: Sequence | None = None, video=None, *,
-                 stream: bool = False, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | str = (), ignore_eos: bool = False) -> GenerationResult | TextStream:
+                 stream: bool = False, params: SamplingParams | None = None,
+                 **sampling) -> GenerationResult | TextStream:
         """Answer one prompt (or the last user turn of a conversation given as a list of Turns).
-        ``ignore_eos`` generates through the checkpoint's stop tokens (exactly max_new_tokens, for benchmarks)."""
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
-        conv = Conversation(self)
-        if isinstance(prompt, str):
-            text, imgs, vid = prompt, as_image_list(images), video
-        else:
-            turns = _check_turns(prompt)
-            conv.add_history(turns[:-1])
-            text, imgs, vid = turns[-1].text, as_image_list(turns[-1].images) + as_image_list(images), (
-                turns[-1].video if turns[-1].video is not None else video)
-        check_text(text)  # here, not at the first streamed token
-        events = conv.ask_events(text, images=imgs, video=vid, params=params)
+        Sampling: `params`, or SamplingParams' fields as keywords (max_new_tokens=, temperature=, stop=, ...;
+        ``ignore_eos`` generates through the checkpoint's stop tokens: exactly max_new_tokens, for benchmarks)."""
+        s = TextStream(self.generate_events(prompt, images, video, params=params or SamplingParams(**sampling)))
         if stream:
-            return TextStream(events)
-        s = TextStream(events)
+            return s
         for _ in s:
             pass
         return s.result
@@ -395,21 +394,19 @@ class Pipeline:
         """One TokenEvent per generated token (what servers count); returns the GenerationResult."""
         conv = Conversation(self)
         if isinstance(prompt, str):
-            check_text(prompt)
-            return conv.ask_events(prompt, images=as_image_list(images), video=video, params=params or SamplingParams())
-        turns = _check_turns(prompt)
-        conv.add_history(turns[:-1])
-        last = turns[-1]
-        check_text(last.text)
-        return conv.ask_events(last.text, images=as_image_list(last.images), video=last.video,
-                               params=params or SamplingParams())
+            text, imgs, vid = prompt, as_image_list(images), video
+        else:
+            turns = _check_turns(prompt)
+            conv.add_history(turns[:-1])
+            text, imgs, vid = turns[-1].text, as_image_list(turns[-1].images) + as_image_list(images), (
+                turns[-1].video if turns[-1].video is not None else video)
+        check_text(text)  # here, not at the first streamed token
+        return conv.ask_events(text, images=imgs, video=vid, params=params or SamplingParams())
 
     def prompt_embeds(self, prompt: str, images: Sequence | None = None, video=None) -> np.ndarray:
         """The spliced input embeddings [L, D] of a one-turn prompt (what the LLM is prefilled with)."""
-        conv = Conversation(self)
         user, items = self.user_message(prompt, images or (), video)
-        ids, items = conv._full_prompt([user], items)
-        return splice(ids, self.embed, items, media_ids=self.media_ids, end_ids=self.end_ids)
+        return self.prompt_chunks(self.prompt_ids([user]), items).embeds(self.embed)
 
     def first_token_logits(self, prompt: str, images: Sequence | None = None, video=None) -> np.ndarray:
         """Logits of the first answer token, masked like the sampler sees them (debugging, parity checks).
@@ -418,7 +415,7 @@ class Pipeline:
 
         embeds = self.prompt_embeds(prompt, images, video)
         self.llm.reset()
-        self._kv_owner = None
+        self.kv.release()
         logits = self.llm.forward(embeds)
         self.llm.reset()
         return mask_logits(logits, self.config.llm.vocab_size, self.config.llm.extra_masked_ids)
@@ -426,14 +423,8 @@ class Pipeline:
     def count_positions(self, prompt: str | Sequence[Turn], images: Sequence | None = None, video=None) -> int:
         """LLM positions the prompt occupies (media included); runs the vision path."""
         conv = Conversation(self)
-        if isinstance(prompt, str):
-            turns = [Turn("user", prompt, images or (), video)]
-        else:
-            turns = list(prompt)
-        conv.add_history(turns)
-        ids, items = conv._full_prompt(conv.messages, [it for its in conv.turn_items for it in its],
-                                       add_generation_prompt=True)
-        return self.positions(ids, items)
+        conv.add_history([Turn("user", prompt, images or (), video)] if isinstance(prompt, str) else list(prompt))
+        return self.prompt_chunks(self.prompt_ids(conv.messages), conv.media()).n_positions
 
     def describe(self) -> dict:
         d = {"family": self.config.family, "max_context": self.max_context,
@@ -455,18 +446,21 @@ class Pipeline:
 
 
 class Conversation:
-    """A chat whose KV cache stays in the LLM engine between turns.
+    """A chat whose KV cache stays in the LLM engine between turns: the conversation's bookkeeping.
 
     The cache holds exactly `segments` (token ids with media markers + their media items): the first
     prompt, each answer's tokens, and each later turn's continuation (the text that closes the previous
     answer and opens the new turn, tokenized as it would be inside the whole conversation). A new turn
-    prefills only its continuation. `reuse_kv=False` re-prefills all segments every turn (same tokens,
-    used to check the reuse). When a turn does not fit, the oldest turns are dropped, the remaining
-    conversation is re-rendered and re-prefilled, and a notice says so.
+    prefills only its continuation, when the pipeline's `KVCache` says the cache still holds this
+    conversation. `reuse_kv=False` re-prefills all segments every turn (same tokens, used to check the
+    reuse). When a turn does not fit, the oldest turns are dropped, the remaining conversation is
+    re-rendered and re-prefilled, and a notice says so. An answer cut short (closed event stream) is
+    kept, and the cache rolled back to it. The generation itself is the loop of `vila_edge.generate`.
     """
 
     def __init__(self, pipeline: Pipeline, *, reuse_kv: bool = True, on_notice: Callable[[str], None] | None = None):
         self.pipe = pipeline
+        self.kv = pipeline.kv
         self.reuse_kv = reuse_kv
         self.on_notice = on_notice
         self.messages: list[Message] = []
@@ -484,9 +478,11 @@ class Conversation:
         self.segments.clear()
         self.pending = None
         self.cache_positions = 0
-        if self.pipe._kv_owner is self:
-            self.pipe.llm.reset()
-            self.pipe._kv_owner = None
+        self.kv.clear(self)
+
+    def media(self) -> list[np.ndarray]:
+        """The media items of all user messages, in order."""
+        return [x for its in self.turn_items for x in its]
 
     def add_history(self, turns: Sequence[Turn]) -> None:
         """Earlier turns (user / assistant, alternating) prefilled together with the next question."""
@@ -508,9 +504,7 @@ class Conversation:
             self.on_notice(msg)
 
     def _full_prompt(self, messages, items, *, add_generation_prompt=True) -> tuple[list[int], list[np.ndarray]]:
-        cfg, tok = self.pipe.config, self.pipe.tokenizer
-        text = render(cfg.llm.chat_format, messages, tok, add_generation_prompt=add_generation_prompt)
-        return tokenize(cfg, tok, text, first=True, messages=messages), list(items)
+        return self.pipe.prompt_ids(messages, add_generation_prompt=add_generation_prompt), list(items)
 
     def _continuation(self, user: Message) -> list[int] | None:
         """Ids that follow the cached tokens for a new user turn, or None if the template does not allow
@@ -530,6 +524,59 @@ class Conversation:
             ids = [self.pending] + ids
         return ids
 
+    def _fit(self, user: Message, items: list[np.ndarray], params: SamplingParams,
+             notices: list[str]) -> tuple[list[int], list[np.ndarray], bool]:
+        """(ids, media items) to prefill for the new turn, and whether they continue the cached conversation.
+        Drops the oldest turns while the whole conversation does not fit."""
+        limit = self.pipe.max_context
+        new_ids = self._continuation(user) if self.segments else None
+        if new_ids is not None:
+            reuse = self.reuse_kv and self.kv.holds(self, self.cache_positions)
+            if reuse:
+                ids, its, base = new_ids, items, self.cache_positions
+            else:
+                ids = [i for s in self.segments for i in s[0]] + new_ids
+                its, base = [x for s in self.segments for x in s[1]] + items, 0
+            total = base + self.pipe.prompt_chunks(ids, its).n_positions
+            if total + 1 <= limit and (total + params.max_new_tokens <= limit or len(self.messages) < 2):
+                return ids, its, reuse
+        # (re-)render the whole conversation, dropping the oldest turns while it does not fit
+        msgs, turn_items = list(self.messages), list(self.turn_items)
+        dropped = 0
+        while True:
+            ids, its = self._full_prompt(msgs + [user], [x for t in turn_items for x in t] + items)
+            total = self.pipe.prompt_chunks(ids, its).n_positions
+            if (total + params.max_new_tokens <= limit) or len(msgs) < 2:
+                break
+            msgs, turn_items = msgs[2:], turn_items[1:]
+            dropped += 1
+        if total + 1 > limit:
+            raise ContextOverflow(total + 1, limit)
+        if dropped:
+            self._notice(f"context full ({limit} positions): dropped the {dropped} oldest turn(s) and "
+                         f"re-prefilled the remaining conversation ({total} positions)", notices)
+        self.messages, self.turn_items = msgs, turn_items
+        return ids, its, False
+
+    def _end_turn(self, answer: Answer, before_prefill: int, after_prefill: int) -> None:
+        """Record the answer (or forget the turn when not one token came) and roll the cache back to it."""
+        generated = answer.token_ids
+        if generated:
+            # the cache holds every generated token but the last one (an interrupt that landed inside a
+            # decode step may have left one more: roll it back, or re-prefill next turn)
+            self.kv.truncate(self, after_prefill + len(generated) - 1)
+            self.segments.append((generated[:-1], []))
+            self.pending = generated[-1]
+            text = answer.text
+            self.messages.append(Message("assistant", text.strip() if self.pipe.config.splice == "v15" else text))
+        else:  # interrupted before the first token: forget the turn
+            self.segments.pop()
+            self.messages.pop()
+            self.turn_items.pop()
+            self.kv.truncate(self, before_prefill)
+        self.cache_positions = self.kv.length
+        self.turns += 1
+
     # ---- one turn --------------------------------------------------------------------------
     def ask(self, text: str, images: Sequence = (), video=None, *, stream: bool = False,
             params: SamplingParams | None = None, **sampling) -> GenerationResult | TextStream:
@@ -543,130 +590,45 @@ class Conversation:
 
     def ask_events(self, text: str, *, images: Sequence = (), video=None,
                    params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Fit the turn, prefill it, stream the answer's tokens; the GenerationResult is the return value."""
         params = params or SamplingParams()
-        pipe = self.pipe
         t = Timings()
         start = time.perf_counter()
-        user, items = pipe.user_message(text, images, video, timings=t)
+        user, items = self.pipe.user_message(text, images, video, timings=t)
         notices: list[str] = []
-        llm = pipe.llm
-        limit = pipe.max_context
+        ids, prefill_items, reuse = self._fit(user, items, params, notices)
 
-        new_ids = self._continuation(user) if self.segments else None
-        reuse = (new_ids is not None and self.reuse_kv and pipe._kv_owner is self
-                 and llm.length == self.cache_positions)
-        fits = False
-        if new_ids is not None:
-            if reuse:
-                prefill_ids, prefill_items = new_ids, items
-                total = self.cache_positions + pipe.positions(new_ids, items)
-            else:
-                prefill_ids = [i for s in self.segments for i in s[0]] + new_ids
-                prefill_items = [x for s in self.segments for x in s[1]] + items
-                total = pipe.positions(prefill_ids, prefill_items)
-            fits = total + 1 <= limit and (total + params.max_new_tokens <= limit or len(self.messages) < 2)
-        if not fits:
-            # (re-)render the whole conversation, dropping the oldest turns while it does not fit
-            msgs, turn_items = list(self.messages), list(self.turn_items)
-            dropped = 0
-            while True:
-                flat = [x for its in turn_items for x in its] + items
-                prefill_ids, prefill_items = self._full_prompt(msgs + [user], flat)
-                total = pipe.positions(prefill_ids, prefill_items)
-                if (total + params.max_new_tokens <= limit) or len(msgs) < 2:
-                    break
-                msgs, turn_items = msgs[2:], turn_items[1:]
-                dropped += 1
-            if total + 1 > limit:
-                raise ContextOverflow(total + 1, limit)
-            if dropped:
-                self._notice(f"context full ({limit} positions): dropped the {dropped} oldest turn(s) and "
-                             f"re-prefilled the remaining conversation ({total} positions)", notices)
-            self.messages, self.turn_items = msgs, turn_items
-            reuse = False
-
-        # prefill
         t0 = time.perf_counter()
         if not reuse:
-            llm.reset()
             self.segments = []
-        base = llm.length
-        embeds = splice(prefill_ids, pipe.embed, prefill_items, media_ids=pipe.media_ids, end_ids=pipe.end_ids)
-        pipe._kv_owner = self
-        logits = llm.forward_ids(pipe.position_ids(prefill_ids, prefill_items), embeds)
+        self.kv.take(self, keep=reuse)
+        before = self.kv.length
+        chunks = self.pipe.prompt_chunks(ids, prefill_items)
+        logits = prefill(self.kv.llm, chunks)
         t.prefill = time.perf_counter() - t0
-        t.prefill_positions = embeds.shape[0]
-        t.prompt_positions = llm.length
-        self.segments.append((list(prefill_ids), list(prefill_items)))
+        t.prefill_positions = chunks.n_positions
+        t.prompt_positions = after = self.kv.length
+        self.segments.append((list(ids), list(prefill_items)))
         self.messages.append(user)
         self.turn_items.append(items)
-        self.cache_positions = llm.length
+        self.cache_positions = after
         self.pending = None
-        after_prefill = llm.length
 
-        cfg = pipe.config
-        sampler = Sampler(params, cfg.llm.vocab_size, cfg.llm.extra_masked_ids)
-        stops = set() if params.ignore_eos else set(cfg.llm.stop_token_ids)
-        detok = IncrementalDetokenizer(pipe.tokenizer)
-        stopper = StopStrings(params.stop)
-        generated: list[int] = []
-        finish = "interrupted"
-        t_dec = 0.0
+        limit = self.pipe.max_context
+        answer = Answer(self.pipe.tokenizer, params.stop)
         try:
-            while True:
-                td = time.perf_counter()
-                tok_id = sampler(logits, generated)
-                if not generated:
-                    t.ttft = time.perf_counter() - start
-                generated.append(tok_id)
-                if tok_id in stops:
-                    t_dec += time.perf_counter() - td
-                    finish = "stop"
-                    break
-                piece = stopper.feed(detok.push(tok_id))
-                t_dec += time.perf_counter() - td
-                yield TokenEvent(tok_id, piece)
-                if stopper.hit is not None:
-                    finish = "stop"
-                    break
-                if len(generated) >= params.max_new_tokens:
-                    finish = "length"
-                    break
-                if llm.length + 1 > limit:
-                    finish = "context"
-                    self._notice(f"context full ({limit} positions): answer cut; /reset or ask again to drop "
-                                 f"old turns", notices)
-                    break
-                td = time.perf_counter()
-                logits = llm.forward_ids([tok_id], llm.embed([tok_id]))
-                t_dec += time.perf_counter() - td
-            tail = stopper.feed(detok.flush(), final=True)
-            if tail:
-                yield TokenEvent(None, tail)
+            yield from answer.events(self.pipe.decode_tokens(logits, params,
+                                                             has_room=lambda: self.kv.length + 1 <= limit))
         finally:
-            t.decode = t_dec
-            t.generated_tokens = len(generated)
-            answer = stopper.text if stopper.hit is not None else detok.text
-            if generated:
-                # the cache holds every generated token but the last one (an interrupt that landed inside
-                # a decode step may have left one more: roll it back, or re-prefill next turn)
-                want = after_prefill + len(generated) - 1
-                if llm.length != want:
-                    try:
-                        llm.truncate(want)
-                    except (EngineError, ValueError):
-                        pipe._kv_owner = None
-                self.segments.append((generated[:-1], []))
-                self.pending = generated[-1]
-                self.messages.append(Message("assistant", answer.strip() if cfg.splice == "v15" else answer))
-            else:  # interrupted before the first token: forget the turn
-                self.segments.pop()
-                self.messages.pop()
-                self.turn_items.pop()
-                llm.truncate(base)
-            self.cache_positions = llm.length
-            self.turns += 1
-            self.last = GenerationResult(answer, list(generated), finish, t, notices)
+            if answer.finish == "context":
+                self._notice(f"context full ({limit} positions): answer cut; /reset or ask again to drop "
+                             f"old turns", notices)
+            if answer.first_token_at is not None:
+                t.ttft = answer.first_token_at - start
+            t.decode = answer.decode_s
+            t.generated_tokens = len(answer.token_ids)
+            self._end_turn(answer, before, after)
+            self.last = GenerationResult(answer.text, list(answer.token_ids), answer.finish, t, notices)
         return self.last
 
 

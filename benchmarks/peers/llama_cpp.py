@@ -34,6 +34,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 import numpy as np  # noqa: E402
 
 from vila_edge import bench  # noqa: E402
+from vila_edge.generate import timed_greedy_run, timed_runs  # noqa: E402
 
 _NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -211,38 +212,27 @@ def child(spec: dict) -> dict:
     def logits() -> np.ndarray:
         return np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(nv,))
 
+    tok = (L.llama_token * 1)()
+
+    def decode_one_token(t: int) -> np.ndarray:
+        tok[0] = t
+        if L.llama_decode(ctx, L.llama_batch_get_one(tok, 1)) != 0:
+            raise SystemExit("llama_decode failed (decode)")
+        return logits()
+
     def one(tokens: int) -> dict:
         L.llama_memory_clear(mem, True)
         arr = (L.llama_token * p)(*[int(i) for i in prompt])
-        s = time.perf_counter()
-        if L.llama_decode(ctx, L.llama_batch_get_one(arr, p)) != 0:
-            raise SystemExit("llama_decode failed (prefill)")
-        lg = logits()
-        prefill = time.perf_counter() - s
-        tok = (L.llama_token * 1)()
-        steps = []
-        for _ in range(tokens):
-            s = time.perf_counter()
-            tok[0] = int(np.argmax(lg))
-            if L.llama_decode(ctx, L.llama_batch_get_one(tok, 1)) != 0:
-                raise SystemExit("llama_decode failed (decode)")
-            lg = logits()
-            steps.append(time.perf_counter() - s)
-        dec = sum(steps)
-        return {"prefill_s": prefill, "decode_s": dec, "generated_tokens": tokens, "prompt_positions": p,
-                "decode_tok_s": tokens / dec, "prefill_tok_s": p / prefill, "ttft_s": prefill}
 
-    total = spec["warmup"] + spec["runs"]
-    done = 0
-    for _ in range(spec["warmup"]):
-        one(spec["warmup_tokens"])
-        done += 1
-        bench._progress(done, total)
-    runs = []
-    for _ in range(spec["runs"]):
-        runs.append(one(n))
-        done += 1
-        bench._progress(done, total)
+        def prefill() -> np.ndarray:
+            if L.llama_decode(ctx, L.llama_batch_get_one(arr, p)) != 0:
+                raise SystemExit("llama_decode failed (prefill)")
+            return logits()
+
+        return timed_greedy_run(prefill, decode_one_token, lambda lg: int(np.argmax(lg)), p, tokens)
+
+    runs = timed_runs(one, warmup=spec["warmup"], warmup_tokens=spec["warmup_tokens"], runs=spec["runs"], tokens=n,
+                      on_progress=bench._progress)
     hp = {"n_vocab": nv, "n_ctx": cp.n_ctx, "type_k": "f16", "flash_attn_type": int(cp.flash_attn_type)}
     L.llama_free(ctx)
     L.llama_model_free(model)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vila_edge import bench
+from vila_edge.generate import timed_greedy_run, timed_runs
 
 
 def child(spec: dict) -> dict:
@@ -40,34 +41,26 @@ def child(spec: dict) -> dict:
     vocab = int(model.config.vocab_size)
     prompt = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, p)).long()[None]
 
+    past = None
+
+    def prefill():
+        nonlocal past
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        return out.logits[0, -1]
+
+    def decode_one_token(tok: int):
+        nonlocal past
+        out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        return out.logits[0, -1]
+
     @torch.inference_mode()
     def one(tokens: int) -> dict:
-        s = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        past, lg = out.past_key_values, out.logits[0, -1]
-        prefill = time.perf_counter() - s
-        steps = []
-        for _ in range(tokens):
-            s = time.perf_counter()
-            tok = torch.argmax(lg).view(1, 1)
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, lg = out.past_key_values, out.logits[0, -1]
-            steps.append(time.perf_counter() - s)
-        dec = sum(steps)
-        return {"prefill_s": prefill, "decode_s": dec, "generated_tokens": tokens, "prompt_positions": p,
-                "decode_tok_s": tokens / dec, "prefill_tok_s": p / prefill, "ttft_s": prefill}
+        return timed_greedy_run(prefill, decode_one_token, lambda lg: int(torch.argmax(lg)), p, tokens)
 
-    total = spec["warmup"] + spec["runs"]
-    done = 0
-    for _ in range(spec["warmup"]):
-        one(spec["warmup_tokens"])
-        done += 1
-        bench._progress(done, total)
-    runs = []
-    for _ in range(spec["runs"]):
-        runs.append(one(n))
-        done += 1
-        bench._progress(done, total)
+    runs = timed_runs(one, warmup=spec["warmup"], warmup_tokens=spec["warmup_tokens"], runs=spec["runs"], tokens=n,
+                      on_progress=bench._progress)
     m = model.config
     kv = 2 * m.num_hidden_layers * m.num_key_value_heads * (m.hidden_size // m.num_attention_heads) * 4 * (p + n)
     return {"cases": [{"image": None, "prompt_tokens": p, "runs": runs}], "load_s": load_s,

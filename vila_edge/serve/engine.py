@@ -6,9 +6,11 @@ The server never calls the runtime directly; it calls an `Engine`:
 - `max_context`: prompt positions + generated tokens the engine can hold;
 - `count_tokens(messages, images)`: prompt positions the request would take (image positions included);
 - `generate_stream(messages, images, params)`: an iterator that yields ONE item per generated token (the
-  text that token adds; "" while a multi-byte character is incomplete). The server counts tokens by
-  counting items, enforces `max_tokens` and stop strings itself, and closes the iterator to stop early
-  (client gone, timeout), so an adapter must stop generating when its iterator is closed.
+  text that token adds; "" while a multi-byte character is incomplete). `params` is the runtime's
+  `SamplingParams` (the one home of sampling settings; `max_new_tokens` is the request's budget). The
+  server counts tokens by counting items, enforces `max_new_tokens` and the stop strings itself (the
+  scheduler owns them: an engine ignores `params.stop`), and closes the iterator to stop early (client
+  gone, timeout), so an adapter must stop generating when its iterator is closed.
 
 `PipelineEngine` adapts `vila_edge.load(engine_dir)`; `StandInEngine` is a deterministic, model-free
 stand-in for tests of the HTTP layer only (it is never used by `vila-edge serve`).
@@ -19,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from PIL import Image
+
+from vila_edge.generate import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -30,19 +34,6 @@ class ChatMessage:
     role: str  # "system" | "user" | "assistant"
     text: str
     n_images: int = 0  # images attached to this message; they come first, in the order of `images`
-
-
-@dataclass(frozen=True)
-class GenParams:
-    """Sampling settings of one request; None means "the engine's default"."""
-
-    max_tokens: int
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
 
 
 @runtime_checkable
@@ -54,7 +45,7 @@ class Engine(Protocol):
     def count_tokens(self, messages: Sequence[ChatMessage], images: Sequence[Image.Image]) -> int: ...
 
     def generate_stream(self, messages: Sequence[ChatMessage], images: Sequence[Image.Image],
-                        params: GenParams) -> Iterator[str]: ...
+                        params: SamplingParams) -> Iterator[str]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +134,9 @@ class PipelineEngine:
     The conversation goes to `Pipeline.generate_events` as `Turn`s (one TokenEvent per generated token; the
     closing event without a token id becomes a `Tail`). System / developer messages have no slot in the
     VILA chat templates (their system prompts are fixed), so their text is put before the first user
-    message's text. `count_tokens` works out positions from the config's image layout and the tokenizer,
-    without running the vision tower (the engine may be busy with another request).
+    message's text. `count_tokens` builds the prompt's chunk sequence (`Pipeline.prompt_chunks`) with each
+    image's row count from the config's image layout, without running the vision tower (the engine may be
+    busy with another request).
     """
 
     def __init__(self, pipeline, model_id: str):
@@ -188,11 +180,10 @@ class PipelineEngine:
         return turns
 
     def count_tokens(self, messages, images) -> int:
-        from vila_edge.prompt import Message, render, tokenize, user_content
-        from vila_edge.splice import spliced_length
+        from vila_edge.prompt import Message, user_content
 
         pipe = self.pipeline
-        cfg, tok = pipe.config, pipe.tokenizer
+        cfg = pipe.config
         msgs, lengths = [], []
         for t in self._turns(messages, images):
             if t.role != "user":
@@ -206,21 +197,11 @@ class PipelineEngine:
                     n_tiles = lay.n_items
                 lengths += [lay.feature_tokens] * lay.n_items
             msgs.append(Message("user", user_content(cfg, t.text, n_images=n, n_tiles=n_tiles)))
-        ids = tokenize(cfg, tok, render(cfg.llm.chat_format, msgs, tok, add_generation_prompt=True), first=True,
-                       messages=msgs)
-        return spliced_length(ids, lengths, media_ids=pipe.media_ids, n_end=len(pipe.end_ids))
+        return pipe.prompt_chunks(pipe.prompt_ids(msgs), lengths).n_positions
 
-    def generate_stream(self, messages, images, params: GenParams):
-        from vila_edge.generate import SamplingParams
-
-        sp = {"max_new_tokens": params.max_tokens, "stop": tuple(params.stop)}
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
-            v = getattr(params, name)
-            if v is not None:
-                sp[name] = v
-        if params.seed is not None and params.seed < 0:  # OpenAI allows any int64; numpy wants >= 0
-            sp["seed"] = params.seed % 2**64
-        events = self.pipeline.generate_events(self._turns(messages, images), params=SamplingParams(**sp))
+    def generate_stream(self, messages, images, params: SamplingParams):
+        # the scheduler cuts stop strings (for every engine): the runtime runs without them
+        events = self.pipeline.generate_events(self._turns(messages, images), params=replace(params, stop=()))
         try:
             for ev in events:
                 yield ev.text if ev.token_id is not None else Tail(ev.text)

@@ -18,7 +18,8 @@ import logging
 import time
 
 from vila_edge.errors import MediaError
-from vila_edge.serve.engine import ChatMessage, GenParams
+from vila_edge.generate import SamplingParams
+from vila_edge.serve.engine import ChatMessage
 from vila_edge.serve.scheduler import Job
 
 log = logging.getLogger("vila_edge.serve")
@@ -119,7 +120,7 @@ class LiveCaptioner:
                     raise MediaError(f"the camera prompt needs {tokens} positions; the model holds "
                                      f"{self.engine.max_context}")
                 job = Job(engine=self.engine, messages=messages, images=[image],
-                          params=GenParams(max_tokens=min(s.camera_max_tokens, room)),
+                          params=SamplingParams(max_new_tokens=min(s.camera_max_tokens, room)),
                           timeout=s.request_timeout, prompt_tokens=tokens)
                 if not self.scheduler.submit(job):  # API traffic fills the queue: try again later
                     await asyncio.sleep(max(0.2, s.camera_interval))

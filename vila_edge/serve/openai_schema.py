@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from vila_edge.generate import SamplingParams
+
 
 class APIError(Exception):
     """An error answered to the client as `{"error": {"message", "type", "param", "code"}}`."""
@@ -86,6 +88,14 @@ class ChatRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     images: list[ImageRef] = field(default_factory=list)
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        """The request's sampling settings (fields it leaves out keep SamplingParams' defaults)."""
+        given = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")}
+        kw = {k: v for k, v in given.items() if v is not None}
+        if "seed" in kw:
+            kw["seed"] %= 2**64  # OpenAI allows any int64; numpy wants >= 0
+        return SamplingParams(max_new_tokens=max_new_tokens, stop=self.stop, **kw)
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

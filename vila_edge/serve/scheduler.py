@@ -10,6 +10,8 @@ the worker fills with `call_soon_threadsafe`.
 - every job has a deadline: past it, a waiting job is answered with a timeout instead of running, and a
   running one is stopped at its next token.
 - anything the engine raises ends that job with an "error" event; the worker survives.
+- stop strings are cut here, for every engine, by the runtime's `StopStrings` (the one matcher), and
+  `max_new_tokens` of the job's `SamplingParams` is enforced here too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vila_edge.errors import VilaEdgeError
-from vila_edge.serve.engine import ChatMessage, Engine, GenParams, Tail
+from vila_edge.generate import SamplingParams, StopStrings
+from vila_edge.serve.engine import ChatMessage, Engine, Tail
 
 log = logging.getLogger("vila_edge.serve")
 
@@ -35,7 +38,7 @@ class Job:
     engine: Engine
     messages: list[ChatMessage]
     images: list
-    params: GenParams
+    params: SamplingParams
     timeout: float
     prompt_tokens: int = 0
     id: int = field(default_factory=lambda: next(_ids))
@@ -214,46 +217,32 @@ class Scheduler:
             self.metrics.queue_wait.observe(now - job.accepted_at)
         self._emit(job, ("start",))
         params = job.params
-        stops = [s for s in params.stop if s]
-        longest = max((len(s) for s in stops), default=0)
-        text = ""  # everything generated so far
-        sent = 0  # characters of `text` already emitted
-        reason, cut = None, False
+        stops = StopStrings(params.stop)
+        reason = None
         it = job.engine.generate_stream(job.messages, job.images, params)
         try:
             for piece in it:
-                tail = isinstance(piece, Tail)
-                if not tail:
-                    if reason == "length":  # a token past max_tokens: the engine does not stop by itself
+                if not isinstance(piece, Tail):
+                    if reason == "length":  # a token past max_new_tokens: the engine does not stop by itself
                         break
                     if job.first_token_at is None:
                         job.first_token_at = time.monotonic()
                         if self.metrics is not None:
                             self.metrics.ttft.observe(job.first_token_at - job.accepted_at)
                     job.completion_tokens += 1
-                text += piece
-                if stops:
-                    hit = min((i for i in (text.find(s, max(0, sent - longest)) for s in stops) if i >= 0),
-                              default=-1)
-                    if hit >= 0:
-                        if hit > sent:
-                            self._emit(job, ("text", text[sent:hit]))
-                        sent = hit
-                        reason, cut = "stop", True
-                        break
-                    safe = len(text) - _held_back(text, stops)
-                else:
-                    safe = len(text)
-                if safe > sent:
-                    self._emit(job, ("text", text[sent:safe]))
-                    sent = safe
+                shown = stops.feed(piece)
+                if shown:
+                    self._emit(job, ("text", shown))
+                if stops.hit is not None:
+                    reason = "stop"
+                    break
                 if job.cancel_event.is_set():
                     reason = "cancelled"
                     break
                 if time.monotonic() >= job.deadline:
                     reason = "timeout"
                     break
-                if job.completion_tokens >= params.max_tokens:
+                if job.completion_tokens >= params.max_new_tokens:
                     # keep reading only for the engine's closing text (a Tail); it ends there by itself
                     reason = "length"
             else:
@@ -262,18 +251,8 @@ class Scheduler:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
-        if not cut and len(text) > sent:  # text held back for a stop string that never came
-            self._emit(job, ("text", text[sent:]))
+        rest = stops.feed("", final=True)  # text held back for a stop string that never came
+        if rest:
+            self._emit(job, ("text", rest))
         self._finish(job, reason)
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could still become a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
