@@ -39,20 +39,16 @@ RSS_FLAT_MB = 16.0  # allowed RSS growth between the end of round 1 and the end 
 
 
 def build_fixture_engine(work: Path) -> tuple[Path, str]:
-    """The tiny NVILA checkpoint built into an engine directory: the real builder when it exists, else the
-    test suite's engine-directory writer (tests/conftest_runtime.py)."""
+    """The tiny NVILA checkpoint built into an engine directory by the builder (fp32, as the tests do)."""
+    from vila_edge.builder.build import build_engine_dir
     from vila_edge.testing import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint("nvila", work / "tiny-nvila-ckpt", seed=0)
     out = work / "tiny-nvila"
     if out.exists():
         return out, "cached"
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest_runtime
-
-    how = "vila_edge.builder" if conftest_runtime._real_builder() is not None else "tests/conftest_runtime stand-in"
-    conftest_runtime.build_engine(ckpt, out, "fp32")
-    return out, how
+    build_engine_dir(ckpt, out, precision="fp32", progress=False)
+    return out, "vila_edge.builder"
 
 
 def _png_data_url() -> str:

@@ -126,7 +126,7 @@ def test_chat_loop_keeps_the_cache_between_turns(runtime_engine, media):  # noqa
 
 
 def test_ensure_engine_reuses_an_existing_engine_dir(runtime_engine, tmp_path):  # noqa: F811
-    from vila_edge.chat import ensure_engine
+    from vila_edge.builder.build import ensure_engine_dir as ensure_engine
     from vila_edge.errors import EngineError
 
     eng = runtime_engine("nvila")

@@ -1,7 +1,6 @@
 """End-to-end runtime checks against the PyTorch reference (the oracle), on the tiny checkpoints.
 
-Engine directories come from `runtime_engine` (tests/conftest_runtime.py): the real builder when it is
-importable, otherwise a test-only stand-in writing the same contract.
+Engine directories come from `runtime_engine` (tests/conftest_runtime.py): built by the real builder.
 """
 
 from __future__ import annotations
@@ -417,10 +416,11 @@ def test_nvidia_backends_import_lazily_and_fail_with_one_line(runtime_engine, tm
     import importlib.util
 
     from vila_edge.backends import make_llm_engine, make_vision_engine
+    from vila_edge.engine_dir import read_manifest
     from vila_edge.errors import EngineError
 
     eng = runtime_engine("nvila")
-    manifest = {"vision": {}, "llm": {}}
+    manifest = read_manifest(eng)
     # "auto" never picks an NVIDIA backend that is not installed / has no engine files
     assert make_vision_engine("auto", eng, manifest, device="cpu").name == "onnxruntime"
     if importlib.util.find_spec("tensorrt") is None:
@@ -453,7 +453,9 @@ def test_tensorrt_llm_engine_matches_onnxruntime(runtime_engine):  # noqa: F811
 
     if find_trtllm_engine(eng) is None:
         pytest.skip("no TensorRT-LLM engine in the engine directory (trtllm/)")
-    trt = make_llm_engine("tensorrt-llm", eng, {"llm": {}})
+    from vila_edge.engine_dir import read_manifest
+
+    trt = make_llm_engine("tensorrt-llm", eng, read_manifest(eng))
     ort = OrtLLMEngine(eng / "llm")
     x = ort.embed([5, 6, 7, 8])
     np.testing.assert_allclose(trt.forward_ids([5, 6, 7, 8], x), ort.forward(x), rtol=2e-2, atol=2e-2)

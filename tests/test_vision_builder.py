@@ -11,7 +11,7 @@ import torch
 from vila_edge.builder import tensorrt as trtb
 from vila_edge.builder import vision_onnx as vo
 from vila_edge.builder.build import BuildOptions, build
-from vila_edge.config import config_from_json
+from vila_edge.engine_dir import read_manifest
 from vila_edge.errors import EngineError
 
 FAMILY_LAYOUTS = [("vila1.5", "dev"), ("vila1.5-s2", "dev"), ("nvila", "dev"), ("nvila-lite", "dev"), ("nvila-lite", "hf")]
@@ -293,8 +293,8 @@ def test_tile_batch_profiles_per_family():
 
 
 def test_engine_plan_as_data(engines):
-    m = _manifest(engines("nvila"))
-    cfg = config_from_json(m["config"])
+    m = read_manifest(engines("nvila"))
+    cfg = m.config
     specs = {s.name: s for s in trtb.plan_engines(m, precision="fp16", workspace_gb=1.5, sm="8.7")}
     assert set(specs) == {"tower", "projector"}
     t, p = specs["tower"], specs["projector"]
@@ -315,11 +315,11 @@ def test_engine_plan_as_data(engines):
         "vision/tower.qdq.onnx", ("fp16", "int8"), "vision/tower.int8.plan")
     assert (int8["projector"].flags, int8["projector"].plan) == (("fp16",), "vision/projector.fp16.plan")
     with pytest.raises(EngineError, match="--qdq-vision"):
-        trtb.plan_engines(_manifest(engines("vila1.5")), precision="int8", sm="8.7")
+        trtb.plan_engines(read_manifest(engines("vila1.5")), precision="int8", sm="8.7")
     with pytest.raises(EngineError, match="opset 19"):
         trtb.plan_engines(m, precision="fp8", sm="8.9")
     # the combined engine goes where TensorRT-LLM's runner looks for it
-    m2 = _manifest(engines("nvila-lite", variant="fp16"))
+    m2 = read_manifest(engines("nvila-lite", variant="fp16"))
     combined = {s.name: s for s in trtb.plan_engines(m2)}["combined"]
     assert (combined.input, combined.output, combined.plan) == ("input", "encoder_output", "vision/trtllm/model.engine")
     assert combined.onnx == "vision/combined.fp16.onnx"  # fp16 graph when there is no fp32 one
@@ -342,8 +342,8 @@ def test_tensorrt_engines_build_and_run(engines, tmp_path):
     shutil.copytree(engines("nvila"), src)
     res = build(src, stage="engines", progress=False)
     m = res.manifest
-    assert m["stage"] == "engines" and m["target"]["device"] == "cuda" and m["target"]["sm"]
-    for rel in m["vision"]["plans"].values():
+    assert m.stage == "engines" and m.target.device == "cuda" and m.target.sm
+    for rel in m.plans.values():
         assert (src / rel).stat().st_size > 0
     assert (src / trtb.TIMING_CACHE).is_file()
 
@@ -459,8 +459,8 @@ def test_stage_engines_on_the_target_needs_no_torch(engines, tmp_path):
     trtllm = json.loads((exported / "vision/trtllm/config.json").read_text())["builder_config"]
     assert trtllm["precision"] == "float16" and trtllm["output_shape"][1:] == [m["vision"]["projector_tokens"],
                                                                                m["vision"]["embed_dim"]]
-    check_engine_dir = __import__("vila_edge.builder.engine_dir", fromlist=["x"]).check_engine_dir
-    assert check_engine_dir(exported, sm="8.7")["stage"] == "engines"
+    check_engine_dir = __import__("vila_edge.engine_dir", fromlist=["x"]).check_engine_dir
+    assert check_engine_dir(exported, sm="8.7").stage == "engines"
     with pytest.raises(EngineError, match="sm_8.7"):
         check_engine_dir(exported, sm="8.9")
     assert not [p for p in exported.parent.iterdir() if p.name != "vila15"]  # no temp dirs or locks left
@@ -485,7 +485,7 @@ def test_stage_all_adds_engines_to_an_up_to_date_export(engines, tiny_checkpoint
     assert res.status == "built" and any("export is up to date" in m for m in msgs)
     assert [c["onnx"] for c in fake.CALLS] == ["tower.fp32.onnx", "projector.fp32.onnx"]  # no re-export
     m = res.manifest
-    assert m["stage"] == "engines" and m["target"]["sm"] == "8.9" and "int8" in m["vision"]["files"]["tower"]
+    assert m.stage == "engines" and m.target.sm == "8.9" and "int8" in m.vision["files"]["tower"]
     assert build(tiny_checkpoint("nvila"), out, options=opts, progress=False).status == "up-to-date"
     # the chat command's entry point: keyword options, a callable for progress, returns the directory
     from vila_edge.builder.build import build_engine_dir

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
+from vila_edge.errors import MediaError, PromptError, VilaEdgeError
 from vila_edge.generate import SamplingParams
 from vila_edge.prompt import check_text
 
@@ -32,79 +32,6 @@ class ChatOptions:
     interval: float | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     max_cycles: int | None = None  # live mode: stop after this many answers (tests, scripts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Engine directory: open it, or build it from a checkpoint first
-# ---------------------------------------------------------------------------------------------
-
-
-def is_engine_dir(path: Path) -> bool:
-    return (Path(path) / "manifest.json").is_file()
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and not is_engine_dir(p)
-
-
-def default_engine_dir(ckpt: Path) -> Path:
-    """Where `chat CKPT` keeps the engines it builds: ./engines/<checkpoint name>."""
-    return Path("engines") / Path(ckpt).resolve().name
-
-
-def _builder():
-    """The builder's Python entry point (vila_edge.builder.build), or None while it is not installed."""
-    try:
-        from vila_edge.builder import build as mod
-    except ImportError:
-        return None
-    for name in ("build_engine_dir", "build_engines", "build"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn
-    return None
-
-
-def ensure_engine(path: Path, *, engine_dir: Path | None = None, precision: str | None = None,
-                  say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
-    """`path` if it is an engine directory; for a checkpoint, its engine directory (built on first use)."""
-    path = Path(path)
-    if is_engine_dir(path):
-        return path
-    if not path.exists():
-        raise EngineError(f"{path}: no such engine directory or checkpoint")
-    if not is_checkpoint_dir(path):
-        raise EngineError(f"{path}: neither an engine directory (manifest.json) nor a checkpoint (config.json)")
-    out = Path(engine_dir) if engine_dir else default_engine_dir(path)
-    if is_engine_dir(out):
-        try:
-            from vila_edge.builder.engine_dir import check_engine_dir
-        except ImportError:
-            check_engine_dir = None
-        if check_engine_dir is None:
-            return out
-        try:
-            check_engine_dir(out, path)
-            return out
-        except VilaEdgeError as exc:
-            say(f"note: {out} is stale ({exc}); rebuilding")
-    build = _builder()
-    if build is None:
-        raise EngineError(f"{path} is a checkpoint and the engine builder (vila_edge.builder.build) is not available "
-                          f"in this installation; build engines elsewhere with `vila-edge build {path} -o {out}`")
-    say(f"building engines for {path.name} into {out} (first use; later runs reuse them)")
-    t0 = time.perf_counter()
-    kwargs = {}
-    if precision:
-        kwargs["precision"] = precision
-    try:
-        result = build(path, out, progress=lambda msg: say(f"  {msg}"), **kwargs)
-    except TypeError:  # a builder without a progress callback
-        result = build(path, out, **kwargs)
-    out = Path(result) if isinstance(result, (str, Path)) else out
-    say(f"engines ready in {time.perf_counter() - t0:.1f} s: {out}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,16 +265,18 @@ def check_inputs(images: Sequence[str], video: str | None) -> None:
 def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | None = None, camera: str | None = None,
                  prompt: str | None = None, as_json: bool = False, interval: float | None = None,
                  params: SamplingParams | None = None, device: str = "auto", threads: int | None = None,
-                 max_context: int | None = None, engine_dir: Path | None = None,
-                 precision: str | None = None) -> int:
-    """The `vila-edge chat` command (the CLI only parses options)."""
+                 max_context: int | None = None,
+                 ensure_engine: Callable[[Path, Callable[[str], None]], Path] | None = None) -> int:
+    """The `vila-edge chat` command (the CLI only parses options). `ensure_engine(path, say)` turns a
+    checkpoint into its engine directory (the CLI passes the builder's, which builds on first use: this
+    module stays below the builder); without it `engines` must be an engine directory."""
     con = Console()
     imgs = [str(p) for p in images or ()]
     if prompt is not None:
         check_text(prompt, "--prompt")  # before loading anything
-    check_inputs(imgs, str(video) if video else None)
+    check_inputs(imgs, str(video) if video else None)  # before a first-use build: a typo costs no build
     say = con.note if not as_json else (lambda m: print(m, file=sys.stderr))
-    path = ensure_engine(Path(engines), engine_dir=engine_dir, precision=precision, say=say)
+    path = ensure_engine(Path(engines), say) if ensure_engine else Path(engines)
     from vila_edge.runtime import load
 
     pipe = load(path, device=device, threads=threads, max_context=max_context)

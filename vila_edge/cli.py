@@ -178,6 +178,7 @@ def chat(
     precision: str | None = typer.Option(None, help="LLM precision when building (builder default otherwise)."),
 ):
     """Chat with a model about images, a video or a live camera (interactive, --prompt, or --interval)."""
+    from vila_edge.builder.build import ensure_engine_dir
     from vila_edge.chat import run_chat_cli
     from vila_edge.generate import SamplingParams
 
@@ -185,7 +186,8 @@ def chat(
                             repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
     code = run_chat_cli(engines, images=image or (), video=video, camera=camera, prompt=prompt, as_json=as_json,
                         interval=interval, params=params, device=device, threads=threads, max_context=max_context,
-                        engine_dir=engine_dir, precision=precision)
+                        ensure_engine=lambda path, say: ensure_engine_dir(path, output=engine_dir, precision=precision,
+                                                                          say=say))
     if code:
         raise typer.Exit(code)
 

@@ -30,7 +30,6 @@ and holds the LLM's cache through the pipeline's `KVCache`.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 
 from vila_edge.backends.base import ContextOverflow, LLMEngine, VisionEngine
 from vila_edge.config import VilaConfig
+from vila_edge.engine_dir import TOKENIZER_DIR, read_manifest
 from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
 from vila_edge.generate import (
     Answer,
@@ -648,39 +648,6 @@ def _check_turns(prompt) -> list[Turn]:
     return turns
 
 
-def read_manifest(engine_dir: Path) -> dict:
-    """manifest.json of an engine directory (through the builder's checks when available)."""
-    engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():
-        raise EngineError(f"{engine_dir}: engine directory not found; build one with `vila-edge build CKPT -o DIR`")
-    try:
-        from vila_edge.builder.engine_dir import load_manifest  # the builder's reader, when present
-    except ImportError:
-        load_manifest = None
-    if load_manifest is not None:
-        m = load_manifest(engine_dir)
-        return m if isinstance(m, dict) else dict(getattr(m, "__dict__", {}))
-    path = engine_dir / "manifest.json"
-    if not path.is_file():
-        raise EngineError(f"{path}: missing; {engine_dir} is not an engine directory (build one with `vila-edge build`)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise EngineError(f"{path}: invalid JSON ({exc}); rebuild the engine directory") from None
-
-
-def manifest_config(manifest: dict, where: str) -> VilaConfig:
-    from vila_edge.config import config_from_json
-
-    data = manifest.get("config") or manifest.get("resolved_config")
-    if not isinstance(data, dict):
-        raise EngineError(f"{where}: manifest.json has no resolved 'config'; rebuild the engine directory")
-    try:
-        return config_from_json(data)
-    except (TypeError, KeyError) as exc:
-        raise EngineError(f"{where}: manifest.json config does not match this vila-edge ({exc}); rebuild") from None
-
-
 def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_context: int | None = None,
          vision_backend: str = "auto", llm_backend: str = "auto") -> Pipeline:
     """Open an engine directory. Backends: "onnxruntime", "tensorrt" (vision), "tensorrt-llm" (LLM), or
@@ -689,9 +656,9 @@ def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_co
 
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
-    cfg = manifest_config(manifest, str(engine_dir / "manifest.json"))
-    tok_dir = engine_dir / "tokenizer"
-    tokenizer = Tokenizer.from_dir(tok_dir if tok_dir.is_dir() else engine_dir)
+    cfg = manifest.config
+    tok_dir = engine_dir / TOKENIZER_DIR
+    tokenizer = Tokenizer.from_dir(tok_dir)
     if cfg.splice == "head":
         # the media tokens must resolve to the ids the config recorded
         for name, idx in cfg.llm.media_token_ids.items():

@@ -17,6 +17,7 @@ import importlib.util
 from pathlib import Path
 
 from vila_edge.backends.base import ContextOverflow, LLMEngine, VisionEngine
+from vila_edge.engine_dir import Manifest
 from vila_edge.errors import EngineError
 
 __all__ = ["ContextOverflow", "LLMEngine", "VisionEngine", "make_llm_engine", "make_vision_engine"]
@@ -40,10 +41,10 @@ def _trtllm_dir(engine_dir: Path):
     return find_trtllm_engine(engine_dir)
 
 
-def make_vision_engine(kind: str, engine_dir, manifest: dict, *, device: str = "auto",
+def make_vision_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = "auto",
                        threads: int | None = None) -> VisionEngine:
     engine_dir = Path(engine_dir)
-    info = manifest.get("vision") if isinstance(manifest.get("vision"), dict) else {}
+    info = manifest.vision
     if kind == "auto":
         kind = "tensorrt" if (device != "cpu" and _trt_vision_files(engine_dir) and _have("tensorrt")) else "onnxruntime"
     if kind == "onnxruntime":
@@ -58,10 +59,10 @@ def make_vision_engine(kind: str, engine_dir, manifest: dict, *, device: str = "
     raise EngineError(f"vision backend {kind!r} is not one of: auto, onnxruntime, tensorrt")
 
 
-def make_llm_engine(kind: str, engine_dir, manifest: dict, *, device: str = "auto", threads: int | None = None,
+def make_llm_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = "auto", threads: int | None = None,
                     max_context: int | None = None) -> LLMEngine:
     engine_dir = Path(engine_dir)
-    info = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
+    info = manifest.llm
     trt = _trtllm_dir(engine_dir)
     if kind == "auto":
         kind = "tensorrt-llm" if (device != "cpu" and trt is not None and _have("tensorrt_llm")) else "onnxruntime"

@@ -1,4 +1,4 @@
-"""`vila-edge build`: checkpoint -> engine directory (the contract is in `vila_edge.builder.engine_dir`).
+"""`vila-edge build`: checkpoint -> engine directory (the contract is in `vila_edge.engine_dir`).
 
 Stages:
   export   (any machine; needs torch) tokenizer + raw config + vision ONNX (+ int8 CPU tower) + LLM ONNX
@@ -18,25 +18,25 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vila_edge.builder.engine_dir import (
+from vila_edge import __version__
+from vila_edge.builder.engine_dir import BuildLock, clean_stale, file_table, link_or_copy, staging, write_manifest
+from vila_edge.engine_dir import (
     CHECKPOINT_CONFIG,
-    FORMAT,
     LLM_DIR,
-    MANIFEST,
     TOKENIZER_DIR,
-    BuildLock,
+    CheckpointRef,
+    Manifest,
+    Target,
     check_engine_dir,
-    clean_stale,
-    file_table,
-    link_or_copy,
-    load_manifest,
-    staging,
-    write_manifest,
+    is_engine_dir,
+    read_manifest,
 )
 from vila_edge.errors import EngineError, VilaEdgeError
 
@@ -94,7 +94,7 @@ class BuildOptions:
 class BuildResult:
     status: str  # "built" | "up-to-date" | "planned"
     path: Path
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     plan: dict | None = None
     messages: list[str] = field(default_factory=list)
 
@@ -227,10 +227,6 @@ def check_output_path(source: Path, out: Path) -> None:
                             f"e.g. -o engines/{src.name}")
     if out.exists() and not out.is_dir():
         raise VilaEdgeError(f"-o {out}: exists and is not a directory; choose another output folder")
-
-
-def _is_engine_source(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
 
 
 # ---- the plan (also what --dry-run prints) --------------------------------------------------------------
@@ -440,13 +436,8 @@ def _llm_source(ckpt, scratch: Path):
 def _build_llm(ckpt, tmp: Path, options: BuildOptions, threads: int | None, rep: Reporter) -> dict:
     if options.skip_llm:
         return {"skipped": "--skip-llm"}
-    try:
-        from vila_edge.builder.llm_onnx import build_llm_onnx
-    except ImportError as exc:
-        msg = (f"the LLM builder (vila_edge.builder.llm_onnx) cannot be imported ({exc}); built the vision part only. "
-               f"Rebuild once it is available")
-        rep.warn(msg)
-        return {"skipped": msg, "unavailable": True}
+    from vila_edge.builder.llm_onnx import build_llm_onnx
+
     out = tmp / LLM_DIR
     with rep.step(f"LLM -> ONNX ({options.llm_precision})", spinner=False), _llm_source(ckpt, tmp) as src:
         info = build_llm_onnx(src, out, precision=options.llm_precision, quant=options.llm_quant,
@@ -454,7 +445,7 @@ def _build_llm(ckpt, tmp: Path, options: BuildOptions, threads: int | None, rep:
     return _relativize(dict(info or {}), out)
 
 
-def _compile(root: Path, manifest: dict, options: BuildOptions, rep: Reporter) -> dict:
+def _compile(root: Path, manifest: Manifest, options: BuildOptions, rep: Reporter) -> Manifest:
     """Add TensorRT plans to the (staged) directory `root` whose manifest is `manifest`; returns the new one."""
     from vila_edge.builder import tensorrt as trtb
 
@@ -467,16 +458,12 @@ def _compile(root: Path, manifest: dict, options: BuildOptions, rep: Reporter) -
     built = {}
     for spec in specs:
         with rep.step(f"TensorRT {spec.name} engine ({options.trt_precision}, batch {spec.min_shape[0]}..{spec.max_shape[0]})"):
-            built.update(trtb.build_engines(root, [spec], vision_meta=manifest["vision"], log=lambda m: None))
-    m = json.loads(json.dumps(manifest))
-    m["stage"] = "engines"
-    m["target"] = {"device": "cuda", "sm": sm}
-    m["vision"]["plans"] = {name: b["plan"] for name, b in built.items()}
-    m["vision"]["engines"] = built
-    m["engines_options"] = options.engines_key()
-    m["versions"] = {**(m.get("versions") or {}), "tensorrt": trtb.tensorrt_version()}  # export versions kept
-    m["engines_built_at"] = _now()
-    return m
+            built.update(trtb.build_engines(root, [spec], vision_meta=manifest.vision, log=lambda m: None))
+    plans = {name: b["plan"] for name, b in built.items()}
+    return dataclasses.replace(
+        manifest, stage="engines", target=Target("cuda", sm), vision={**manifest.vision, "plans": plans, "engines": built},
+        engines_options=options.engines_key(), engines_built_at=_now(),
+        versions={**manifest.versions, "tensorrt": trtb.tensorrt_version()})  # export versions kept
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------
@@ -488,12 +475,12 @@ def _up_to_date(out: Path, fingerprint: str, options: BuildOptions, want_engines
         m = check_engine_dir(out)
     except EngineError:
         return "stale", None
-    if m["checkpoint"].get("fingerprint") != fingerprint or m.get("options") != options.export_key():
+    if m.checkpoint.fingerprint != fingerprint or m.options != options.export_key():
         return "stale", m
-    if not options.skip_llm and (m.get("llm") or {}).get("skipped"):
+    if not options.skip_llm and m.llm.get("skipped"):
         return "stale", m
-    if want_engines and (m.get("stage") != "engines" or m.get("engines_options") != options.engines_key()
-                         or (sm is not None and (m.get("target") or {}).get("sm") != sm)):
+    if want_engines and (m.stage != "engines" or m.engines_options != options.engines_key()
+                         or (sm is not None and m.target.sm != sm)):
         return "export-ok", m
     return "fresh", m
 
@@ -508,7 +495,7 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
         raise VilaEdgeError(f"--threads {threads} must be at least 1")
     rep = Reporter(progress, console)
     source = Path(source)
-    if stage == "engines" and _is_engine_source(source):
+    if stage == "engines" and is_engine_dir(source):
         return _build_engines_only(source, Path(output) if output else source, options, dry_run, force, rep)
 
     from vila_edge.builder.tensorrt import detect_sm, trt_available
@@ -519,7 +506,7 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
     out = Path(output) if output else Path("engines") / ckpt.name
     check_output_path(source, out)
     if stage == "engines":
-        if not _is_engine_source(out):
+        if not is_engine_dir(out):
             raise EngineError(f"{out}: no exported engine directory to compile; run `vila-edge build {source} -o {out} "
                               f"--stage export` first (on any machine)")
         check_engine_dir(out, ckpt)
@@ -544,11 +531,11 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
         if state == "fresh":
             rep.note(f"{out}: up to date (same checkpoint fingerprint {fingerprint[:12]}, same options); nothing to do")
             return BuildResult("up-to-date", out, manifest=existing, plan=plan, messages=rep.messages)
-        if out.exists() and not _is_engine_source(out) and any(out.iterdir()) and not force:
+        if out.exists() and not is_engine_dir(out) and any(out.iterdir()) and not force:
             raise EngineError(f"{out}: exists and is not an engine directory; choose another -o or pass --force to replace it")
         if state == "export-ok":
             rep.note(f"{out}: export is up to date; adding TensorRT engines")
-            rep.total = 2 + (1 if "combined" in existing["vision"]["files"] else 0)
+            rep.total = 2 + (1 if "combined" in existing.vision["files"] else 0)
             return _compile_into(out, out, existing, options, rep)
         if existing is not None:
             rep.note(f"{out}: rebuilding (checkpoint or options changed)")
@@ -557,64 +544,40 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
                      f"compile on the target with `vila-edge build {out} --stage engines`")
         rep.total = (2 + n_graphs * (2 if options.precision == "fp16" else 1) + int(options.int8_vision)
                      + int(options.qdq_vision)
-                     + int(not options.skip_llm and _llm_importable()) + (n_graphs if want_engines else 0))
+                     + int(not options.skip_llm) + (n_graphs if want_engines else 0))
         with staging(out) as tmp:
             with rep.step("tokenizer + checkpoint config"):
                 ckpt.tokenizer.save(tmp / TOKENIZER_DIR)
                 (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(ckpt.raw, indent=2, default=str) + "\n")
             vision = _export_vision(ckpt, tmp, options, threads, rep)
             llm = _build_llm(ckpt, tmp, options, threads, rep)
-            manifest = {
-                "format": FORMAT,
-                "vila_edge": _vila_edge_version(),
-                "name": out.name,
-                "checkpoint": {"path": str(ckpt.root.resolve()), "name": ckpt.name, "layout": ckpt.layout,
-                               "fingerprint": fingerprint},
-                "config": dataclasses.asdict(ckpt.config),
-                "overrides": {"token_order": options.token_order, "splice": options.splice,
-                              "chat_format": options.chat_format},
-                "options": options.export_key(),
-                "versions": _versions(),
-                "target": {"device": "cpu", "sm": None},
-                "stage": "export",
-                "vision": vision,
-                "llm": llm,
-                "created_at": _now(),
-            }
+            manifest = Manifest(
+                vila_edge=__version__, name=out.name,
+                checkpoint=CheckpointRef(str(ckpt.root.resolve()), ckpt.name, ckpt.layout, fingerprint),
+                config=ckpt.config,
+                overrides={"token_order": options.token_order, "splice": options.splice,
+                           "chat_format": options.chat_format},
+                options=options.export_key(), versions=_versions(), target=Target("cpu", None), stage="export",
+                vision=vision, llm=llm, created_at=_now())
             if want_engines:
                 manifest = _compile(tmp, manifest, options, rep)
-            manifest["files"] = file_table(tmp)
+            manifest = dataclasses.replace(manifest, files=file_table(tmp))
             write_manifest(tmp, manifest)
-        rep.note(f"{out}: built ({manifest['stage']} stage, {_gib(sum(manifest['files'].values()))})")
+        rep.note(f"{out}: built ({manifest.stage} stage, {_gib(sum(manifest.files.values()))})")
         return BuildResult("built", out, manifest=manifest, plan=plan, messages=rep.messages)
 
 
-def _llm_importable() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("vila_edge.builder.llm_onnx") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _vila_edge_version() -> str:
-    from vila_edge import __version__
-
-    return __version__
-
-
-def _compile_into(src: Path, out: Path, manifest: dict, options: BuildOptions, rep: Reporter) -> BuildResult:
+def _compile_into(src: Path, out: Path, manifest: Manifest, options: BuildOptions, rep: Reporter) -> BuildResult:
     """Stage a copy (hard links) of the exported directory `src`, add plans, publish as `out`."""
     with staging(out) as tmp:
-        for rel in manifest["files"]:
+        for rel in manifest.files:
             if rel.endswith(".plan") or rel.startswith("vision/trtllm/"):
                 continue  # replaced by this build
             link_or_copy(src / rel, tmp / rel)
         new = _compile(tmp, manifest, options, rep)
-        new["files"] = file_table(tmp)
+        new = dataclasses.replace(new, files=file_table(tmp))
         write_manifest(tmp, new)
-    rep.note(f"{out}: TensorRT engines built for sm_{new['target']['sm']}")
+    rep.note(f"{out}: TensorRT engines built for sm_{new.target.sm}")
     return BuildResult("built", out, manifest=new, messages=rep.messages)
 
 
@@ -641,17 +604,17 @@ def _build_engines_only(src: Path, out: Path, options: BuildOptions, dry_run: bo
     rep.total = len(specs)
     with _sigterm_as_interrupt(), BuildLock(out):
         clean_stale(out)
-        if not force and out.resolve() != src.resolve() and _is_engine_source(out):
+        if not force and out.resolve() != src.resolve() and is_engine_dir(out):
             try:
-                cur = load_manifest(out)
+                cur = read_manifest(out)
             except EngineError:
                 cur = None
-            if cur and cur.get("stage") == "engines" and cur["checkpoint"] == manifest["checkpoint"] \
-                    and cur.get("engines_options") == options.engines_key() and (cur.get("target") or {}).get("sm") == sm:
+            if cur and cur.stage == "engines" and cur.checkpoint == manifest.checkpoint \
+                    and cur.engines_options == options.engines_key() and cur.target.sm == sm:
                 rep.note(f"{out}: up to date; nothing to do")
                 return BuildResult("up-to-date", out, manifest=cur, plan=plan, messages=rep.messages)
-        if not force and manifest.get("stage") == "engines" and manifest.get("engines_options") == options.engines_key() \
-                and (manifest.get("target") or {}).get("sm") == sm and out.resolve() == src.resolve():
+        if not force and manifest.stage == "engines" and manifest.engines_options == options.engines_key() \
+                and manifest.target.sm == sm and out.resolve() == src.resolve():
             rep.note(f"{out}: up to date (TensorRT engines for sm_{sm}); nothing to do")
             return BuildResult("up-to-date", out, manifest=manifest, plan=plan, messages=rep.messages)
         return _compile_into(src, out, manifest, options, rep)
@@ -669,3 +632,28 @@ def build_engine_dir(source, output=None, *, precision: str | None = None, progr
     if precision is not None:
         options["llm_precision"] = precision
     return build(source, output, options=BuildOptions(**options), progress=progress, **run).path
+
+
+def ensure_engine_dir(path, *, output=None, precision: str | None = None,
+                      say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """`path` if it is an engine directory; for a checkpoint, its engine directory (`output`, default
+    ./engines/<checkpoint name>), built on first use and rebuilt when stale (`vila-edge chat CKPT`)."""
+    path = Path(path)
+    if is_engine_dir(path):
+        return path
+    if not path.exists():
+        raise EngineError(f"{path}: no such engine directory or checkpoint")
+    if not (path / "config.json").is_file():
+        raise EngineError(f"{path}: neither an engine directory (manifest.json) nor a checkpoint (config.json)")
+    out = Path(output) if output else Path("engines") / path.resolve().name
+    if is_engine_dir(out):
+        try:
+            check_engine_dir(out, path)
+            return out
+        except VilaEdgeError as exc:
+            say(f"note: {out} is stale ({exc}); rebuilding")
+    say(f"building engines for {path.name} into {out} (first use; later runs reuse them)")
+    t0 = time.perf_counter()
+    out = build_engine_dir(path, out, precision=precision, progress=lambda msg: say(f"  {msg}"))
+    say(f"engines ready in {time.perf_counter() - t0:.1f} s: {out}")
+    return out

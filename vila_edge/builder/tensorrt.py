@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vila_edge.engine_dir import Manifest
 from vila_edge.errors import EngineError
 
 DEFAULT_WORKSPACE_GB = 2.0
@@ -121,13 +122,11 @@ def builder_flags(precision: str, sm: str | None) -> tuple[str, ...]:
     return ("fp16", "int8")
 
 
-def plan_engines(manifest: dict, *, precision: str = "fp16", workspace_gb: float = DEFAULT_WORKSPACE_GB,
+def plan_engines(manifest: Manifest, *, precision: str = "fp16", workspace_gb: float = DEFAULT_WORKSPACE_GB,
                  sm: str | None = None) -> list[EngineSpec]:
     """The engines to build for an exported engine directory, as data."""
-    from vila_edge.config import config_from_json
-
-    cfg = config_from_json(manifest["config"])
-    vision = manifest["vision"]
+    cfg = manifest.config
+    vision = manifest.vision
     files = vision["files"]
     flags = builder_flags(precision, sm)
     ws = int(workspace_gb * (1 << 30))

@@ -150,12 +150,8 @@ class PipelineEngine:
     def load(cls, engine_dir, model_id: str | None = None, **load_kwargs) -> PipelineEngine:
         from pathlib import Path
 
-        from vila_edge.errors import EngineError
+        from vila_edge.runtime import load
 
-        try:
-            from vila_edge.runtime import load
-        except ImportError as exc:
-            raise EngineError(f"cannot load engines: the runtime did not import ({exc})") from None
         engine_dir = Path(engine_dir)
         return cls(load(engine_dir, **load_kwargs), model_id or engine_dir.name)
 
