@@ -96,3 +96,25 @@ def test_llm_only_decode_and_ratio(engine, tmp_path):
     assert [r["kind"] for r in doc["results"]] == ["llm", "llm"]
     assert doc["results"][0]["runs"][0]["generated_tokens"] == 6
     assert doc["ratios"][0]["decode_ratio"] > 0
+
+
+def test_llm_comparison_without_ours_is_labelled_with_the_peers(engine, tmp_path, monkeypatch):
+    """Regression: the loop over --group-size reused the `tag` parameter, so a run of our own builds
+    against peers was labelled `nvila-lite-2b-vs-` (peer name lost)."""
+    from vila_edge.bench import cli
+
+    # the preset's own checkpoint and int4 build are gigabytes: our build is the fixture engine's LLM
+    monkeypatch.setattr(cli, "ensure_preset_checkpoint", lambda *a, **kw: tmp_path)
+    monkeypatch.setattr(cli, "ensure_llm_engine", lambda src, out, **kw: engine / "llm")
+    a = bench.llm_comparison_args(None, ["--prompt-tokens", "8", "--new-tokens", "2", "--runs", "1", "--threads", "1",
+                                         "--bandwidth-mib", "16", "--work-dir", str(tmp_path),
+                                         "--out", str(tmp_path / "out")])
+    assert a.ours == []
+
+    def peer(opts):  # a peer script's contender, played by the fixture engine in its own child process
+        c = bench.engine_contender(engine, opts, name="stand-in peer")
+        return bench.Contender(**{**c.__dict__, "kind": "peer"})
+
+    doc = bench.run_llm_comparison(a, [peer], tag="llama_cpp")
+    assert doc["label"] == "nvila-lite-2b-vs-llama_cpp"
+    assert [r["name"] for r in doc["results"]] == ["vila-edge ORT int4 g128", "stand-in peer"]

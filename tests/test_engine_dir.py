@@ -275,3 +275,43 @@ def test_cli_dry_run_and_one_line_errors(tiny_checkpoint, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert stderr.strip().splitlines() == ["error: --precision 'int3' is not one of: fp32, fp16"]
+
+
+def test_manifest_reads_back_as_written_and_bad_ones_are_one_line(built, tmp_path):
+    from vila_edge.engine_dir import Manifest
+
+    m = read_manifest(built)
+    assert Manifest.from_json(json.loads(json.dumps(m.to_json())), built / MANIFEST) == m
+    assert m.checkpoint == CheckpointRef(**json.loads((built / MANIFEST).read_text())["checkpoint"])
+    assert "engines_options" not in m.to_json()  # unset until TensorRT plans exist
+    cases = [
+        ("{ not json", r"manifest.json: unreadable .*vila-edge build"),
+        ("[1, 2]", r"manifest.json: not a manifest object"),
+        ("stage=compiled", r"unknown stage 'compiled'"),
+        ("del=vision", r"manifest.json: 'vision' is missing"),
+        ("config=broken", r"manifest.json: the config does not match this vila-edge"),
+    ]
+    for k, (change, pattern) in enumerate(cases):
+        d = _copy(built, tmp_path / f"m{k}")
+        data = json.loads((d / MANIFEST).read_text())
+        if change.startswith("stage="):
+            data["stage"] = change.split("=")[1]
+        elif change.startswith("del="):
+            del data[change.split("=")[1]]
+        elif change.startswith("config="):
+            del data["config"]["vision"]["image_size"]
+        (d / MANIFEST).write_text(json.dumps(data) if "=" in change else change)
+        with pytest.raises(EngineError, match=pattern) as err:
+            read_manifest(d)
+        assert len(str(err.value).splitlines()) == 1 and str(d) in str(err.value)
+
+
+def test_the_runtime_reads_through_the_same_checks(built, tmp_path):
+    import vila_edge
+
+    d = _copy(built, tmp_path / "old")
+    data = json.loads((d / MANIFEST).read_text())
+    data["format"] = 0
+    (d / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(EngineError, match=r"format 0, this vila-edge reads format 1; run `vila-edge build"):
+        vila_edge.load(d)

@@ -139,10 +139,11 @@ def evaluate_reference(checkpoint, qas: Sequence[D.QA], *, batch: int = 16,
 
 def checkpoint_of(engine_or_checkpoint: Path) -> Path:
     """The checkpoint folder behind an engine directory (its manifest records it), or the folder itself."""
+    from vila_edge.engine_dir import is_engine_dir, read_manifest
+
     p = Path(engine_or_checkpoint)
-    if (p / "manifest.json").is_file():
-        m = json.loads((p / "manifest.json").read_text())
-        src = (m.get("checkpoint") or {}).get("path")
+    if is_engine_dir(p):
+        src = read_manifest(p).checkpoint.path
         if src:
             for cand in (Path(src), p / src, p.parent / src):
                 if (cand / "config.json").is_file():
