@@ -15,7 +15,7 @@ import pytest
 
 from vila_edge.builder.build import BuildOptions, build
 from vila_edge.builder.engine_dir import BuildLock, lock_path, temp_prefix
-from vila_edge.engine_dir import MANIFEST, Target, check_engine_dir, read_manifest
+from vila_edge.engine_dir import MANIFEST, CheckpointRef, Target, check_engine_dir, read_manifest
 from vila_edge.errors import EngineError
 
 VISION_ONLY = BuildOptions(skip_llm=True)
