@@ -1,9 +1,10 @@
-"""Property-based fuzzing of what users hand us: image bytes and checkpoint configs (hypothesis).
+"""Property-based fuzzing of what users hand us: image bytes, checkpoint configs, manifests (hypothesis).
 
 Invariant everywhere: either a correct result or a VilaEdgeError (one line for the user); never another
 exception, a hang or a crash. Example counts are bounded so CI stays fast: 40 per image format (PNG, JPEG,
-GIF, WebP: truncated or byte-mutated encodings of random images) and 80 config mutations per file (three files
-of a dev-layout checkpoint). The server's request bodies are fuzzed in tests/test_serve_hostile.py.
+GIF, WebP: truncated or byte-mutated encodings of random images) and 80 mutations per config file (three of a
+dev-layout checkpoint, and an engine directory's manifest.json). The server's request bodies are fuzzed in
+tests/test_serve_hostile.py.
 """
 
 from __future__ import annotations
@@ -109,3 +110,31 @@ def test_mutated_checkpoint_config_loads_or_raises_one_line(fuzz_checkpoint, rel
             assert "\n" not in str(exc).strip()
     finally:
         shutil.move(backup, path)
+
+
+@pytest.fixture(scope="module")
+def fuzz_engine_dir(tmp_path_factory, fuzz_checkpoint):
+    from vila_edge.builder.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("fuzz-engine") / "lite"
+    build(fuzz_checkpoint, out, options=BuildOptions(skip_llm=True), stage="export", progress=False)
+    return out
+
+
+@settings(max_examples=CONFIG_EXAMPLES, **_FUZZ)
+@given(data=st.data())
+def test_mutated_manifest_reads_or_raises_one_line(fuzz_engine_dir, fuzz_checkpoint, data):
+    """Every reader goes through engine_dir.read_manifest / check_engine_dir (the runtime, bench, serve)."""
+    from vila_edge.engine_dir import MANIFEST, check_engine_dir, read_manifest
+
+    path = fuzz_engine_dir / MANIFEST
+    original = path.read_text()
+    try:
+        path.write_text(json.dumps(_mutate(data, json.loads(original))))
+        for read in (lambda: read_manifest(fuzz_engine_dir), lambda: check_engine_dir(fuzz_engine_dir, fuzz_checkpoint)):
+            try:
+                read()
+            except VilaEdgeError as exc:
+                assert "\n" not in str(exc).strip()
+    finally:
+        path.write_text(original)
