@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from vila_edge.checkpoint import load_checkpoint
 from vila_edge.errors import CheckpointError
-from vila_edge.media.tiling import preprocess_image
+from vila_edge.media.tiling import image_layout, preprocess_image
 from vila_edge.prompt import Message, render, tokenize, user_content
 from vila_edge.reference.model import ReferenceVILA
 from vila_edge.reference.vision import full_model_features
@@ -59,7 +59,7 @@ def test_reference_forward(tiny_checkpoint, family):
     x = torch.from_numpy(tiles.pixels[:2])
     assert torch.allclose(ref.tower(x), full_model_features(ref.siglip, ckpt.config.vision, x), atol=1e-6)
     items = ref.image_items(tiles)
-    layout = ckpt.config.image_layout(250, 120)
+    layout = image_layout(ckpt.config, 250, 120)
     assert len(items) == layout.n_items and all(i.shape[0] == layout.feature_tokens for i in items)
     text = render(ckpt.config.llm.chat_format,
                   [Message("user", user_content(ckpt.config, "What is this?", n_images=1, n_tiles=tiles.n_items))],

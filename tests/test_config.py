@@ -4,6 +4,7 @@ import pytest
 
 from vila_edge.config import config_from_dicts
 from vila_edge.errors import CheckpointError
+from vila_edge.media.tiling import image_layout
 
 SIGLIP_448 = {"architectures": ["SiglipVisionModel"], "image_size": 448, "patch_size": 14, "hidden_size": 1152,
               "num_hidden_layers": 27, "num_attention_heads": 16, "intermediate_size": 4304}
@@ -32,7 +33,7 @@ def make(top, llm, vision, ptype, name="ckpt", tokens=None, projector_extra=None
 def test_nvila_1920x1080_worked_example():
     cfg = make(NVILA_8B, QWEN2, SIGLIP_448, "mlp_downsample", "NVILA-8B", tokens={"end_token_ids": (198,)})
     assert cfg.family == "nvila" and cfg.generation == "nvila" and cfg.projector.token_order == "row"
-    lay = cfg.image_layout(1920, 1080)
+    lay = image_layout(cfg, 1920, 1080)
     assert lay.block_size == (3, 4)
     assert lay.n_tiles == 17
     assert lay.feature_tokens == 3072
@@ -41,7 +42,7 @@ def test_nvila_1920x1080_worked_example():
 
 def test_nvila_lite_1000x500_worked_example():
     cfg = make(NVILA_LITE, QWEN2_15B, SIGLIP_448, "mlp_downsample_3x3_fix", "NVILA-Lite-2B", tokens={"end_token_ids": (198,)})
-    lay = cfg.image_layout(1000, 500)
+    lay = image_layout(cfg, 1000, 500)
     assert lay.block_size == (1, 2)  # (2,1) cols x rows; the (4,2) tie is rejected by the area rule
     assert lay.n_tiles == 3  # 2 tiles + thumbnail
     assert lay.feature_tokens == 121
@@ -66,7 +67,7 @@ def test_vila15_resolves_v15_generation_and_vicuna():
     assert cfg.llm.chat_format == "vicuna_v1"
     assert cfg.vision.layers_used == 26  # hidden_states[-2] of 27 layers
     assert cfg.with_overrides(token_order="row").projector.token_order == "row"
-    lay = cfg.image_layout(640, 480)
+    lay = image_layout(cfg, 640, 480)
     assert (lay.feature_tokens, lay.end_tokens, lay.text_tokens) == (196, 0, 1)
 
 
@@ -80,7 +81,7 @@ def test_static_s2_tokens():
            "mm_hidden_size": 2304, "hidden_size": 2560}
     cfg = make(top, LLAMA_3B, SIGLIP_384, "mlp_downsample", "VILA1.5-3b-s2")
     assert cfg.family == "vila1.5-s2" and cfg.vision.feature_width == 2304
-    lay = cfg.image_layout(1000, 700)
+    lay = image_layout(cfg, 1000, 700)
     assert lay.n_tiles == 5 and lay.feature_tokens == 196
 
 

@@ -9,6 +9,9 @@ Two upstream code generations disagree on two output-changing details (reference
   an `<image>` token with `features ++ embed(tokenizer("\\n"))`.
 `generation` records which code the checkpoint was trained with; `token_order` and `splice` follow it
 unless the user overrides them.
+
+`VisionConfig.tiling` only names the tiling; what it means (tiles, media items, LLM positions, merges,
+engine profiles) is asked of its scheme, `vila_edge.media.tiling.tiling_scheme(config.vision)`.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class VisionConfig:
     select_layer: int  # index into hidden_states (embeddings, layer0, ..., layerN-1)
     select_feature: str  # "cls_patch" keeps all tokens, "patch" drops token 0
     tiling: str  # one of TILINGS
-    s2_scales: tuple[int, ...] = ()
+    s2_scales: tuple[int, ...] = ()  # empty unless the tiling is multi-scale (s2, dynamic_s2)
     s2_max_split_size: int = 0
     s2_output_scale_idx: int = 0
     min_tiles: int = 1
@@ -87,7 +90,7 @@ class VisionConfig:
 
     @property
     def num_scales(self) -> int:
-        return len(self.s2_scales) if self.tiling in ("s2", "dynamic_s2") else 1
+        return max(1, len(self.s2_scales))
 
     @property
     def feature_width(self) -> int:
@@ -168,51 +171,6 @@ class VilaConfig:
                 raise CheckpointError(f"splice layout {splice!r} is not one of: v15, head")
             cfg = replace(cfg, splice=splice)
         return cfg
-
-    # ---- token accounting (reference doc §2.4, §3.2, §4.2, §5.4) -------------------------------
-    def image_layout(self, width: int, height: int, n_images: int = 1) -> ImageLayout:
-        """How one image of this size becomes media items and LLM positions."""
-        from vila_edge.media.tiling import closest_aspect_ratio, dynamic_s2_block_size
-
-        v, p = self.vision, self.projector
-        end = len(self.llm.end_token_ids) if self.splice == "head" else 0
-        single = n_images == 1
-        if v.tiling == "dynamic_s2" and single:
-            rows, cols = dynamic_s2_block_size(width, height, v.s2_scales, v.max_tiles)
-            s0 = v.s2_scales[0]
-            n_tiles = sum((s // s0) ** 2 for s in v.s2_scales[:-1]) + rows * cols
-            # the projector runs per 32x32 chunk, so 2x2 cells never straddle two tiles (§3.3)
-            feats = p.tokens_out(v.grid) * rows * cols
-            return ImageLayout(n_tiles, 1, feats, end, 0, (rows, cols))
-        if v.tiling == "dynamic" and single:
-            cols, rows = closest_aspect_ratio(width, height, v.min_tiles, v.max_tiles, v.image_size)
-            n_tiles = rows * cols + (1 if rows * cols != 1 else 0)
-            # each tile is its own media item followed by the literal text "\n" of "<image>\n"
-            return ImageLayout(n_tiles, n_tiles, p.tokens_out(v.grid), end, 1, (rows, cols))
-        if v.tiling == "s2":
-            split = v.s2_max_split_size
-            n_tiles = sum(math.ceil(s / split) ** 2 for s in v.s2_scales)
-            idx = v.s2_output_scale_idx
-            out_grid = math.ceil(v.s2_scales[idx] / split) * v.grid
-            return ImageLayout(n_tiles, 1, p.tokens_out(out_grid), end, 1 if self.splice == "v15" else 0, None)
-        # resize / pad, and every multi-image prompt of the dynamic families: one plain tile per image
-        text_nl = 1 if self.splice == "v15" else 0
-        return ImageLayout(1, 1, p.tokens_out(v.grid), end, text_nl, None)
-
-
-@dataclass(frozen=True)
-class ImageLayout:
-    n_tiles: int  # tiles the vision tower encodes
-    n_items: int  # media items (one <image> marker each)
-    feature_tokens: int  # projector rows per media item
-    end_tokens: int  # embed(tokenizer("\n")) rows appended per media item (HEAD splice)
-    text_tokens: int  # literal prompt-text "\n" positions per media item (V15 prompt / NVILA-Lite)
-    block_size: tuple[int, int] | None  # (rows, cols) of the last tile grid, when tiled
-
-    @property
-    def positions(self) -> int:
-        """LLM positions this image occupies (features + end tokens + the prompt's "\\n" after it)."""
-        return self.n_items * (self.feature_tokens + self.end_tokens + self.text_tokens)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from vila_edge.checkpoint import Checkpoint
+from vila_edge.media.tiling import image_layout
 
 INT4_BITS_PER_WEIGHT = 4.25  # 4-bit codes + fp16 scale and zero per group of 128 (targets.md)
 
@@ -26,7 +27,7 @@ def checkpoint_info(ckpt: Checkpoint, width: int = 1920, height: int = 1080) -> 
     other_llm = counts["llm"] - linear
     fp16 = {part: 2 * n for part, n in counts.items()}
     int4_llm = int(linear * INT4_BITS_PER_WEIGHT / 8) + 2 * other_llm
-    layout = cfg.image_layout(width, height)
+    layout = image_layout(cfg, width, height)
     return {
         "checkpoint": str(ckpt.root),
         "layout": ckpt.layout,

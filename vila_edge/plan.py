@@ -37,6 +37,7 @@ from pathlib import Path
 
 from vila_edge.config import VilaConfig
 from vila_edge.errors import VilaEdgeError
+from vila_edge.media.tiling import tiling_scheme
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -216,24 +217,8 @@ def vision_flops_per_tile(cfg: VilaConfig) -> int:
 
 def max_image(cfg: VilaConfig, max_tiles: int, single_scale: bool) -> tuple[int, int]:
     """(tiles encoded, LLM positions) of the largest single image the knobs allow."""
-    v, p = cfg.vision, cfg.projector
-    end = (len(cfg.llm.end_token_ids) or 1) if cfg.splice == "head" else 0
-    text_nl = 1 if cfg.splice == "v15" else 0
-    if single_scale or v.tiling in ("resize", "pad"):
-        return 1, p.tokens_out(v.grid) + end + text_nl
-    if v.tiling == "s2":
-        tiles = sum(math.ceil(s / v.s2_max_split_size) ** 2 for s in v.s2_scales)
-        out_grid = math.ceil(v.s2_scales[v.s2_output_scale_idx] / v.s2_max_split_size) * v.grid
-        return tiles, p.tokens_out(out_grid) + end + text_nl
-    if v.tiling == "dynamic":
-        grid = max(1, max_tiles)
-        items = grid + (1 if grid > 1 else 0)
-        return items, items * (p.tokens_out(v.grid) + end + 1)
-    # dynamic_s2: fixed lower scales + the last scale's aspect grid (at least (s_last/s0)^2 cells)
-    s0 = v.s2_scales[0]
-    fixed = sum((s // s0) ** 2 for s in v.s2_scales[:-1])
-    cells = max(max_tiles, (v.s2_scales[-1] // s0) ** 2)
-    return fixed + cells, p.tokens_out(v.grid) * cells + end
+    worst = tiling_scheme(cfg.vision).worst_case(cfg, max_tiles, single_scale)
+    return worst.n_tiles, worst.positions
 
 
 def _bits(precision: str) -> float:
@@ -420,10 +405,10 @@ def _problems(p: Plan) -> list[str]:
 
 def _fixes(cfg: VilaConfig, label: str, dev: DeviceProfile, p: Plan) -> list[str]:
     """Knob settings that make the plan fit: single knobs first; else the cheapest combination."""
-    v = cfg.vision
-    s2 = v.tiling in ("s2", "dynamic_s2") and not p.single_scale
-    min_tiles = (v.s2_scales[-1] // v.s2_scales[0]) ** 2 if v.tiling == "dynamic_s2" else 1
-    tiled = v.tiling in ("dynamic", "dynamic_s2") and not p.single_scale and p.max_tiles > min_tiles
+    scheme = tiling_scheme(cfg.vision)
+    s2 = scheme.multi_scale and not p.single_scale
+    fewer_tiles = range(0) if p.single_scale else scheme.smaller_max_tiles(p.max_tiles)
+    tiled = len(fewer_tiles) > 0
 
     def fits(**kw) -> bool:
         args = dict(max_context=p.max_context, max_tiles=p.max_tiles, llm_precision=p.llm_precision,
@@ -443,7 +428,7 @@ def _fixes(cfg: VilaConfig, label: str, dev: DeviceProfile, p: Plan) -> list[str
         return lo * 256 if lo and lo * 256 < p.max_context else None
 
     def best_tiles(**kw) -> int | None:
-        for t in range(p.max_tiles - 1, min_tiles - 1, -1):
+        for t in fewer_tiles:
             if fits(max_tiles=t, **kw):
                 return t
         return None
@@ -482,7 +467,7 @@ def _fixes(cfg: VilaConfig, label: str, dev: DeviceProfile, p: Plan) -> list[str
     if c is not None:
         return [flags({**kw, "max_context": c})]
     if tiled and not kw.get("single_scale"):
-        for t in range(p.max_tiles - 1, min_tiles - 1, -1):
+        for t in fewer_tiles:
             if fits(max_tiles=t, **kw):
                 return [flags({**kw, "max_tiles": t})]
             c = best_context(max_tiles=t, **kw)

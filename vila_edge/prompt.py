@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from vila_edge.config import VilaConfig
 from vila_edge.errors import PromptError
+from vila_edge.media.tiling import tiling_scheme
 from vila_edge.tokenizer import MEDIA_TOKENS, SENTINEL_TOKEN, Tokenizer
 
 IMAGE_PLACEHOLDER = -200  # llava.constants.IMAGE_TOKEN_INDEX (V15)
@@ -80,7 +81,7 @@ def user_content(cfg: VilaConfig, text: str, *, n_images: int = 0, n_tiles: int 
     if cfg.splice == "v15":
         media = "<image>\n" * (n_images + (n_frames if video else 0))
     else:
-        if cfg.vision.tiling == "dynamic" and n_images == 1 and n_tiles:
+        if tiling_scheme(cfg.vision).items_per_tile and n_images == 1 and n_tiles:
             media = "<image>\n" * n_tiles
         else:
             media = "<image>" * n_images

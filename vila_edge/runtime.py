@@ -6,7 +6,8 @@
     result = pipe.generate("What is in the video?", video="clip.mp4")   # -> GenerationResult
     chat = pipe.chat(); chat.ask("Hi", images=["a.png"]); chat.ask("And now?")   # KV cache kept
 
-Media layout per family follows the PyTorch reference (`vila_edge.reference.model`) exactly:
+Media layout per family follows the PyTorch reference (`vila_edge.reference.model`) exactly; the
+checkpoint's tiling scheme (`vila_edge.media.tiling`) cuts the tiles and says how their features merge:
 - one image of a `dynamic` (NVILA-Lite) checkpoint: one media item per tile;
 - one image of a `dynamic_s2` (NVILA) checkpoint: per-scale tile features merged (numpy, or the CUDA
   kernel of `vila_edge.kernels` when the vision engine runs on a GPU), projected per 32x32 chunk, then
@@ -53,7 +54,7 @@ from vila_edge.generate import (
     prefill,
 )
 from vila_edge.media.image import as_image_list, load_image
-from vila_edge.media.tiling import Tiles, preprocess_image
+from vila_edge.media.tiling import Tiles, TilingScheme, tiling_scheme
 from vila_edge.prompt import IMAGE_PLACEHOLDER, Message, check_text, render, tokenize, user_content
 from vila_edge.splice import PromptChunks, prompt_chunks
 from vila_edge.tokenizer import SENTINEL_TOKEN, Tokenizer
@@ -237,72 +238,37 @@ class Pipeline:
                                max_new_tokens=params.max_new_tokens, stop_ids=stops, has_room=has_room)
 
     # ---- vision path -----------------------------------------------------------------------
-    def _merge(self, feats: np.ndarray, tiles: Tiles) -> np.ndarray:
-        """Tower features of one image -> projector input [chunks, T, C*S]."""
-        v = self.config.vision
-        if v.tiling not in ("s2", "dynamic_s2"):
-            return feats
-        if v.tiling == "dynamic_s2" and tiles.block_size is None:
-            return np.concatenate([feats[:1]] * len(v.s2_scales), axis=-1)
-        kw = self._merge_args(feats.shape[1], tiles)
-        from vila_edge.kernels_ref import s2_merge_ref
-
-        return s2_merge_ref(feats, **kw)
-
-    def _merge_args(self, tokens: int, tiles: Tiles) -> dict:
-        v = self.config.vision
-        g = math.isqrt(tokens)
-        if v.tiling == "s2":
-            per_side = [-(-s // v.s2_max_split_size) for s in v.s2_scales]
-            grids = [(n, n) for n in per_side]
-            n_out = per_side[v.s2_output_scale_idx]
-            chunk = (n_out * g, n_out * g)
-        else:
-            s0 = v.s2_scales[0]
-            grids = [(s // s0, s // s0) for s in v.s2_scales[:-1]] + [tuple(tiles.block_size)]
-            chunk = (g, g)
-        return dict(tile_grids=grids, h=g, w=g, output_scale_idx=v.s2_output_scale_idx, batch=1, chunk=chunk)
+    @property
+    def tiling(self) -> TilingScheme:
+        """The checkpoint's tiling scheme: tiles, merge before and re-merge after the projector."""
+        return tiling_scheme(self.config.vision)
 
     def _device_merge(self, tiles: Tiles) -> np.ndarray | None:
-        v = self.config.vision
         fn = getattr(self.vision, "merge_on_device", None)
-        if self._gpu_merge is None or fn is None or v.tiling not in ("s2", "dynamic_s2") or tiles.block_size is None \
-                and v.tiling == "dynamic_s2":
+        spec = self.tiling.merge_spec(tiles)
+        if self._gpu_merge is None or fn is None or spec is None:
             return None
         try:
-            return fn(tiles.pixels, self._gpu_merge, self._merge_args(v.tokens_per_tile, tiles))
+            return fn(tiles.pixels, self._gpu_merge, spec.kwargs())
         except Exception:  # noqa: BLE001 - no usable kernel on this GPU: numpy merge from now on
             self._gpu_merge = None
             return None
-
-    def _after_projector(self, y: np.ndarray, tiles: Tiles) -> list[np.ndarray]:
-        v = self.config.vision
-        if v.tiling == "dynamic_s2":
-            if tiles.block_size is None:
-                return [y[0]]
-            rows, cols = tiles.block_size
-            t = math.isqrt(y.shape[1])
-            # merge_chessboard + rearrange: global row-major over the (rows*t) x (cols*t) grid
-            return [y.reshape(rows, cols, t, t, -1).transpose(0, 2, 1, 3, 4).reshape(-1, y.shape[-1])]
-        if tiles.n_items == y.shape[0]:
-            return list(y)
-        return [y.reshape(-1, y.shape[-1])]
 
     def image_items(self, image, *, single: bool = True, timings: Timings | None = None) -> list[np.ndarray]:
         """Media items ([n_i, D] float32) of one image, as the reference's `image_items`."""
         t = timings or Timings()
         t0 = time.perf_counter()
         pil = load_image(image)
-        tiles = preprocess_image(pil, self.config.vision, single=single)
+        tiles = self.tiling.tiles(pil, single=single)
         t1 = time.perf_counter()
         y = self._device_merge(tiles)
         if y is not None:  # tower + CUDA merge + projector on the GPU: reported under "vision"
             t2 = time.perf_counter()
-            items = self._after_projector(y, tiles)
+            items = self.tiling.after_projector(y, tiles)
         else:
             feats = self.vision.encode(tiles.pixels)
             t2 = time.perf_counter()
-            items = self._after_projector(self.vision.project(self._merge(feats, tiles)), tiles)
+            items = self.tiling.after_projector(self.vision.project(self.tiling.merge(feats, tiles)), tiles)
         t3 = time.perf_counter()
         t.preprocess += t1 - t0
         t.vision += t2 - t1
@@ -327,13 +293,14 @@ class Pipeline:
             raise MediaError(f"video_max_tiles={cfg.vision.video_max_tiles}: tiled video frames are not supported; "
                              f"set video_max_tiles to 1 in the checkpoint's config.json")
         t0 = time.perf_counter()
-        tiles = [preprocess_image(f, cfg.vision, single=False) for f in frames]
+        tiles = [self.tiling.tiles(f, single=False) for f in frames]
         pixels = np.concatenate([x.pixels for x in tiles], axis=0)
         t1 = time.perf_counter()
         feats = self.vision.encode(pixels)
         t2 = time.perf_counter()
         per = feats.shape[0] // len(frames)
-        x = np.concatenate([self._merge(feats[k * per:(k + 1) * per], tiles[k]) for k in range(len(frames))], axis=0)
+        x = np.concatenate([self.tiling.merge(feats[k * per:(k + 1) * per], tiles[k]) for k in range(len(frames))],
+                           axis=0)
         y = self.vision.project(x)  # [T, n, D]
         groups = tsp_pool(y, cfg.video_pool_sizes) if cfg.video_pool_sizes else [y]
         end = self.embed(self.end_ids) if self.end_ids else np.zeros((0, y.shape[-1]), np.float32)

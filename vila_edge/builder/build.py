@@ -39,6 +39,7 @@ from vila_edge.engine_dir import (
     read_manifest,
 )
 from vila_edge.errors import EngineError, VilaEdgeError
+from vila_edge.media.tiling import tiling_scheme
 
 VISION_PRECISIONS = ("fp32", "fp16")
 LLM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -248,7 +249,7 @@ def make_plan(ckpt, out: Path, options: BuildOptions, stage: str, *, engines_her
         steps.append({"stage": st, "what": what, "output": output, "disk_bytes": int(disk), "peak_memory_bytes": int(mem)})
 
     wb = {"fp32": 4, "fp16": 2}[options.precision]
-    combined = options.combined_vision and cfg.vision.tiling not in ("s2", "dynamic_s2")
+    combined = options.combined_vision and not tiling_scheme(cfg.vision).multi_scale
     if stage in ("all", "export"):
         add("export", "tokenizer + checkpoint config", f"{TOKENIZER_DIR}/, {CHECKPOINT_CONFIG}", 5 << 20, 256 << 20)
         add("export", f"vision tower -> ONNX ({options.precision})", f"vision/tower.{options.precision}.onnx",
@@ -348,7 +349,7 @@ def _export_vision(ckpt, tmp: Path, options: BuildOptions, threads: int | None, 
         tower, projector = vo.load_modules(ckpt)
     graphs = [("tower", tower, (1,)), ("projector", projector, (1, 3))]
     if options.combined_vision:
-        if cfg.vision.tiling in ("s2", "dynamic_s2"):
+        if tiling_scheme(cfg.vision).multi_scale:
             rep.warn("--combined-vision: skipped, S2 checkpoints need the merge between tower and projector")
         else:
             graphs.append(("combined", vo.combined_module(tower, projector), (1,)))
@@ -521,7 +522,7 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
                 rep.note(f"TensorRT engines: not here ({why_not}); the export is portable: `--stage engines` on the target")
         return BuildResult("planned", out, plan=plan, messages=rep.messages)
 
-    n_graphs = 2 + (1 if options.combined_vision and ckpt.config.vision.tiling not in ("s2", "dynamic_s2") else 0)
+    n_graphs = 2 + (1 if options.combined_vision and not tiling_scheme(ckpt.config.vision).multi_scale else 0)
     fingerprint = ckpt.fingerprint()
     want_engines = stage == "all" and engines_here
     sm = detect_sm() if want_engines else None

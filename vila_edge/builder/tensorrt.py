@@ -7,7 +7,8 @@ builder flags, workspace -- is computed as plain data first (`plan_engines`), so
 without TensorRT; `build_engines` then only executes that plan. Needs `tensorrt` (JetPack ships it;
 on x86 `pip install tensorrt`), not torch.
 
-Profiles (leading axis; min / opt / max), per tiling of the checkpoint:
+Profiles (leading axis; min / opt / max) come from the checkpoint's tiling scheme
+(`vila_edge.media.tiling`, `tile_batch` / `chunk_batch`), e.g.:
   dynamic_s2  tiles 1 / 1+4+9 / 1+4+max_tiles   (scales s0, 2s0, 3s0: (s/s0)^2 fixed tiles + the last grid)
   dynamic     tiles 1 / max_tiles+1 / max_tiles+1 (tiles + thumbnail)
   s2          tiles 1 / n / n with n = sum over scales of ceil(s/split)^2 (every image is n tiles)
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from vila_edge.engine_dir import Manifest
 from vila_edge.errors import EngineError
+from vila_edge.media.tiling import tiling_scheme
 
 DEFAULT_WORKSPACE_GB = 2.0
 TIMING_CACHE = "vision/timing.cache"
@@ -64,37 +66,14 @@ class EngineSpec:
         return d
 
 
-def _s2_tile_count(v) -> int:
-    return sum((-(-s // v.s2_max_split_size)) ** 2 for s in v.s2_scales)
-
-
 def tile_batch_profile(cfg) -> Profile:
     """Tiles the tower sees at once for one image (or one video's frames)."""
-    v = cfg.vision
-    if v.tiling == "dynamic_s2":
-        fixed = sum((s // v.s2_scales[0]) ** 2 for s in v.s2_scales[:-1])
-        least = (v.s2_scales[-1] // v.s2_scales[0]) ** 2
-        mx = fixed + max(v.max_tiles, least)
-        return Profile(1, min(fixed + least, mx), mx)
-    if v.tiling == "dynamic":
-        return Profile(1, v.max_tiles + 1, v.max_tiles + 1)
-    if v.tiling == "s2":
-        n = _s2_tile_count(v)
-        return Profile(1, n, n)  # every image is n tiles; min 1 lets a runtime split larger batches anywhere
-    return Profile(1, 1, max(1, cfg.num_video_frames))
+    return Profile(*tiling_scheme(cfg.vision).tile_batch(max(1, cfg.num_video_frames)))
 
 
 def chunk_batch_profile(cfg) -> Profile:
     """Chunks the projector sees at once (after the merge)."""
-    v = cfg.vision
-    frames = max(1, cfg.num_video_frames)
-    if v.tiling == "dynamic_s2":
-        least = (v.s2_scales[-1] // v.s2_scales[0]) ** 2
-        mx = max(v.max_tiles, least, frames)
-        return Profile(1, least, mx)
-    if v.tiling == "dynamic":
-        return tile_batch_profile(cfg)
-    return Profile(1, 1, frames)
+    return Profile(*tiling_scheme(cfg.vision).chunk_batch(max(1, cfg.num_video_frames)))
 
 
 def sm_tuple(sm: str | None) -> tuple[int, int] | None:

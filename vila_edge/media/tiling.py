@@ -1,17 +1,35 @@
-"""Image -> tiles, bit-exact with VILA's `llava/mm_utils.py` (reference doc §2.2-§2.4, §3.2).
+"""Tiling schemes: how one image becomes tiles, media items and LLM positions (reference doc §2-§3).
 
-All resizing goes through Pillow's BICUBIC filter, exactly as the reference calls it
-(`image.resize((w, h))` uses BICUBIC by default for RGB images), so outputs match to the byte.
+One `TilingScheme` per `VisionConfig.tiling` (resize / pad / s2 / dynamic / dynamic_s2), in `SCHEMES`.
+A scheme answers every tiling question the rest of the package asks, so no other module branches on
+the tiling name:
+- `tiles(image)`          preprocessing: the normalized tiles the vision tower encodes (`preprocess_image`);
+- `layout(cfg, w, h)`     tiles, media items and LLM positions of a w x h image (`image_layout`);
+- `merge_spec(tiles)`     the S2 merge between tower and projector as kernel arguments (`MergeSpec`, consumed
+                          by kernels_ref.s2_merge_ref, the CUDA kernel and the PyTorch reference);
+- `item_grid(tiles)`      the re-merge after the projector; `merge` / `after_projector` apply both in numpy;
+- `tile_batch` / `chunk_batch`  the TensorRT optimization profiles (builder.tensorrt);
+- `worst_case` / `smaller_max_tiles`  the largest image the planner must budget for, and its fixes (plan).
+Adding a scheme means one subclass here and its entry in `SCHEMES` (plus its name in config.TILINGS
+when the checkpoint loader has to recognise it).
+
+The pixel work is bit-exact with VILA's `llava/mm_utils.py`: all resizing goes through Pillow's BICUBIC
+filter, exactly as the reference calls it (`image.resize((w, h))` uses BICUBIC by default for RGB
+images), so outputs match to the byte.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 
-from vila_edge.config import VisionConfig
+from vila_edge.config import TILINGS, VilaConfig, VisionConfig
+from vila_edge.errors import CheckpointError
+from vila_edge.kernels_ref import s2_merge_ref
 
 
 @dataclass(frozen=True)
@@ -21,6 +39,43 @@ class Tiles:
     pixels: np.ndarray  # [n_tiles, 3, S, S] float32, normalized
     block_size: tuple[int, int] | None  # (rows, cols) of the last/only grid; None for one plain tile
     n_items: int  # media items these tiles form (dynamic: one per tile; otherwise 1)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    n_tiles: int  # tiles the vision tower encodes
+    n_items: int  # media items (one <image> marker each)
+    feature_tokens: int  # projector rows per media item
+    end_tokens: int  # embed(tokenizer("\n")) rows appended per media item (HEAD splice)
+    text_tokens: int  # literal prompt-text "\n" positions per media item (V15 prompt / NVILA-Lite)
+    block_size: tuple[int, int] | None  # (rows, cols) of the last tile grid, when tiled
+
+    @property
+    def positions(self) -> int:
+        """LLM positions this image occupies (features + end tokens + the prompt's "\\n" after it)."""
+        return self.n_items * (self.feature_tokens + self.end_tokens + self.text_tokens)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """The S2 merge of one image's tile features, in the generic formulation of `vila_edge.kernels_ref`:
+    per scale a (rows, cols) grid of h x w feature tiles, area-resampled to the grid of scale
+    `output_scale_idx`, concatenated along channels, cut into `chunk`-sized projector inputs."""
+
+    tile_grids: tuple[tuple[int, int], ...]
+    h: int
+    w: int
+    output_scale_idx: int
+    chunk: tuple[int, int]
+    tile_offsets: tuple[int, ...] | None = None  # first tile of each scale; None: scales stored one after another
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of kernels_ref.s2_merge_ref / kernels.s2_merge."""
+        kw = dict(tile_grids=list(self.tile_grids), h=self.h, w=self.w, output_scale_idx=self.output_scale_idx,
+                  batch=1, chunk=self.chunk)
+        if self.tile_offsets is not None:
+            kw["tile_offsets"] = list(self.tile_offsets)
+        return kw
 
 
 def aspect_ratio_candidates(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -134,14 +189,18 @@ def torch_bicubic_resize(x: np.ndarray, size: int) -> np.ndarray:
     return np.einsum("oh,nchw,pw->ncop", mh, x.astype(np.float32), mw, optimize=True).astype(np.float32)
 
 
+def s2_tiles_per_side(scales: tuple[int, ...], split: int) -> list[int]:
+    """Static S2: each scale is cut into a ceil(s / split)-square chessboard of split x split tiles."""
+    return [-(-s // split) for s in scales]
+
+
 def s2_tiles(pixels: np.ndarray, scales: tuple[int, ...], split: int) -> np.ndarray:
     """Static S2 (s2wrapper.multiscale_forward): rescale the largest-scale image to every scale with
     torch-style bicubic, cut each into a chessboard of split x split tiles (rows outer, cols inner),
     and stack all scales in ascending order. pixels: [1, 3, S, S] -> [sum n_s^2, 3, split, split]."""
     out = []
-    for s in scales:
+    for s, n in zip(scales, s2_tiles_per_side(scales, split), strict=True):
         x = pixels if pixels.shape[-1] == s else torch_bicubic_resize(pixels, s)
-        n = -(-s // split)
         out += [x[:, :, i * split:(i + 1) * split, j * split:(j + 1) * split] for i in range(n) for j in range(n)]
     return np.ascontiguousarray(np.concatenate(out, axis=0))
 
@@ -154,26 +213,297 @@ def normalize(tiles: list[Image.Image], mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+# ---------------------------------------------------------------------------------------------
+# Tiling schemes
+# ---------------------------------------------------------------------------------------------
+
+
+class TilingScheme:
+    """One tiling mode of a checkpoint's vision config. The defaults are those of `resize`: one plain
+    tile per image, nothing to merge, one media item.
+
+    Methods that count LLM positions take the whole `VilaConfig` (projector, splice, end tokens); the
+    rest needs only the vision config the scheme was made from.
+    """
+
+    name: ClassVar[str]
+    multi_scale: ClassVar[bool] = False  # features of several scales merged between tower and projector
+    items_per_tile: ClassVar[bool] = False  # one image (alone in its prompt): one "<image>\n" item per tile
+
+    def __init__(self, vision: VisionConfig):
+        self.vision = vision
+
+    # ---- preprocessing ---------------------------------------------------------------------
+    def tiles(self, image: Image.Image, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
+        """One RGB image -> its tiles. `single` is False when the prompt holds several images."""
+        return self._plain_tiles(image)
+
+    def _plain_tiles(self, image: Image.Image) -> Tiles:
+        v = self.vision
+        return Tiles(normalize([image.resize((v.image_size, v.image_size), Image.BICUBIC)], v.image_mean, v.image_std),
+                     None, 1)
+
+    # ---- LLM positions ---------------------------------------------------------------------
+    def layout(self, cfg: VilaConfig, width: int, height: int, n_images: int = 1) -> ImageLayout:
+        """How one image of this size becomes tiles, media items and LLM positions."""
+        return self._plain_layout(cfg, _end_tokens(cfg))
+
+    def worst_case(self, cfg: VilaConfig, max_tiles: int, single_scale: bool) -> ImageLayout:
+        """The largest single image the planner's knobs allow. Counts one end token even when the
+        tokenizer is not resolved yet (configs from presets)."""
+        return self._plain_layout(cfg, _end_tokens(cfg, at_least=1))
+
+    def smaller_max_tiles(self, max_tiles: int) -> range:
+        """Lower `max_tiles` settings that shrink the worst case, largest first (the planner's fixes)."""
+        return range(0)
+
+    def _plain_layout(self, cfg: VilaConfig, end: int) -> ImageLayout:
+        """One plain tile, one media item; V15 prompts write "<image>\\n", the "\\n" is prompt text."""
+        text_nl = 1 if cfg.splice == "v15" else 0
+        return ImageLayout(1, 1, cfg.projector.tokens_out(self.vision.grid), end, text_nl, None)
+
+    # ---- between tower and projector, and after it -----------------------------------------
+    def merge_spec(self, tiles: Tiles) -> MergeSpec | None:
+        """The S2 merge of these tiles' features (None: the tower's features enter the projector as they are)."""
+        return None
+
+    def item_grid(self, tiles: Tiles) -> tuple[int, int] | None:
+        """(rows, cols) of projector chunks re-merged row-major over the global grid into one media item;
+        None: every chunk is its own media item."""
+        return None
+
+    def merge(self, feats: np.ndarray, tiles: Tiles) -> np.ndarray:
+        """Tower features of one image [tiles, T, C] -> projector input [chunks, T', C*scales] (numpy)."""
+        spec = self.merge_spec(tiles)
+        return feats if spec is None else s2_merge_ref(feats, **spec.kwargs())
+
+    def after_projector(self, y: np.ndarray, tiles: Tiles) -> list[np.ndarray]:
+        """Projected chunks [chunks, T, D] of one image -> its media items ([n_i, D] each)."""
+        grid = self.item_grid(tiles)
+        if grid is not None:
+            rows, cols = grid
+            t = math.isqrt(y.shape[1])
+            # merge_chessboard + rearrange: global row-major over the (rows*t) x (cols*t) grid
+            return [y.reshape(rows, cols, t, t, -1).transpose(0, 2, 1, 3, 4).reshape(-1, y.shape[-1])]
+        if tiles.n_items == y.shape[0]:
+            return list(y)
+        return [y.reshape(-1, y.shape[-1])]
+
+    # ---- TensorRT optimization profiles (min, opt, max) over the leading axis -------------
+    def tile_batch(self, frames: int) -> tuple[int, int, int]:
+        """Tiles the tower sees at once for one image, or one video's `frames` frames."""
+        return 1, 1, frames
+
+    def chunk_batch(self, frames: int) -> tuple[int, int, int]:
+        """Chunks the projector sees at once (after the merge)."""
+        return 1, 1, frames
+
+
+class Resize(TilingScheme):
+    """LLaVA `resize`: the image squeezed to one tile."""
+
+    name = "resize"
+
+
+class Pad(TilingScheme):
+    """LLaVA `pad`: paste centred on a square of the mean colour, then resize to one tile."""
+
+    name = "pad"
+
+    def tiles(self, image: Image.Image, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
+        fill = tuple(int(m * 255) for m in self.vision.image_mean)
+        return self._plain_tiles(expand_to_square(image, fill))  # type: ignore[arg-type]
+
+
+class StaticS2(TilingScheme):
+    """VILA1.5-s2 (s2wrapper): every image is the same chessboards of split x split tiles at each scale,
+    merged into one map at scale `s2_output_scale_idx`; one media item."""
+
+    name = "s2"
+    multi_scale = True
+
+    def _per_side(self) -> list[int]:
+        v = self.vision
+        return s2_tiles_per_side(v.s2_scales, v.s2_max_split_size)
+
+    def _n_tiles(self) -> int:
+        return sum(n * n for n in self._per_side())
+
+    def tiles(self, image: Image.Image, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
+        # SiglipVisionTowerS2: the processor resizes to the LARGEST scale; S2 rescales inside.
+        v = self.vision
+        big = v.s2_scales[-1]
+        full = normalize([image.resize((big, big), Image.BICUBIC)], v.image_mean, v.image_std)
+        return Tiles(s2_tiles(full, v.s2_scales, v.s2_max_split_size), None, 1)
+
+    def layout(self, cfg: VilaConfig, width: int, height: int, n_images: int = 1) -> ImageLayout:
+        return self._layout(cfg, _end_tokens(cfg))
+
+    def worst_case(self, cfg: VilaConfig, max_tiles: int, single_scale: bool) -> ImageLayout:
+        end = _end_tokens(cfg, at_least=1)
+        return self._plain_layout(cfg, end) if single_scale else self._layout(cfg, end)
+
+    def _layout(self, cfg: VilaConfig, end: int) -> ImageLayout:
+        out_grid = self._per_side()[self.vision.s2_output_scale_idx] * self.vision.grid
+        plain = self._plain_layout(cfg, end)
+        return ImageLayout(self._n_tiles(), 1, cfg.projector.tokens_out(out_grid), end, plain.text_tokens, None)
+
+    def merge_spec(self, tiles: Tiles) -> MergeSpec:
+        v = self.vision
+        per_side = self._per_side()
+        n_out = per_side[v.s2_output_scale_idx] * v.grid
+        return MergeSpec(tuple((n, n) for n in per_side), v.grid, v.grid, v.s2_output_scale_idx, (n_out, n_out))
+
+    def tile_batch(self, frames: int) -> tuple[int, int, int]:
+        n = self._n_tiles()
+        return 1, n, n  # every image is n tiles; min 1 lets a runtime split larger batches anywhere
+
+
+class Dynamic(TilingScheme):
+    """NVILA-Lite `dynamic` (InternVL): the aspect-ratio grid of tiles plus a thumbnail, each tile its own
+    media item followed by the prompt text "\\n". Several images in one prompt: one plain tile each."""
+
+    name = "dynamic"
+    items_per_tile = True
+
+    def _grid(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+        """(rows, cols) of the tile grid."""
+        v = self.vision
+        cols, rows = closest_aspect_ratio(width, height, v.min_tiles, max_tiles, v.image_size)
+        return rows, cols
+
+    @staticmethod
+    def _n_tiles(cells: int) -> int:
+        return cells + (1 if cells != 1 else 0)  # + the thumbnail when the grid has more than one cell
+
+    def tiles(self, image: Image.Image, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
+        if not single:
+            return self._plain_tiles(image)
+        v = self.vision
+        tiles, block = dynamic_tiles(image, v.min_tiles, max_tiles or v.max_tiles, v.image_size)
+        return Tiles(normalize(tiles, v.image_mean, v.image_std), block, len(tiles))
+
+    def layout(self, cfg: VilaConfig, width: int, height: int, n_images: int = 1) -> ImageLayout:
+        if n_images != 1:
+            return self._plain_layout(cfg, _end_tokens(cfg))
+        rows, cols = self._grid(width, height, self.vision.max_tiles)
+        return self._layout(cfg, rows * cols, _end_tokens(cfg), (rows, cols))
+
+    def worst_case(self, cfg: VilaConfig, max_tiles: int, single_scale: bool) -> ImageLayout:
+        end = _end_tokens(cfg, at_least=1)
+        return self._plain_layout(cfg, end) if single_scale else self._layout(cfg, max(1, max_tiles), end, None)
+
+    def _layout(self, cfg: VilaConfig, cells: int, end: int, block: tuple[int, int] | None) -> ImageLayout:
+        n = self._n_tiles(cells)
+        # each tile is its own media item followed by the literal text "\n" of "<image>\n"
+        return ImageLayout(n, n, cfg.projector.tokens_out(self.vision.grid), end, 1, block)
+
+    def smaller_max_tiles(self, max_tiles: int) -> range:
+        return range(max_tiles - 1, 0, -1)
+
+    def tile_batch(self, frames: int) -> tuple[int, int, int]:
+        n = self._n_tiles(self.vision.max_tiles)
+        return 1, n, n
+
+    def chunk_batch(self, frames: int) -> tuple[int, int, int]:
+        return self.tile_batch(frames)
+
+
+class DynamicS2(TilingScheme):
+    """NVILA `dynamic_s2`: fixed (s/s0)-square grids for all but the last scale, the aspect-ratio grid
+    (at least (s_last/s0)^2 cells) for the last; merged per tile-sized chunk, projected per chunk, then
+    re-merged row-major over the global grid into one media item. Several images: one plain tile each,
+    its features repeated once per scale."""
+
+    name = "dynamic_s2"
+    multi_scale = True
+
+    def _fixed_grids(self) -> list[tuple[int, int]]:
+        s0 = self.vision.s2_scales[0]
+        return [(s // s0, s // s0) for s in self.vision.s2_scales[:-1]]
+
+    def _least_cells(self) -> int:
+        scales = self.vision.s2_scales
+        return (scales[-1] // scales[0]) ** 2
+
+    def _n_tiles(self, cells: int) -> int:
+        return sum(r * c for r, c in self._fixed_grids()) + cells
+
+    def tiles(self, image: Image.Image, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
+        if not single:
+            return self._plain_tiles(image)
+        v = self.vision
+        tiles, block = dynamic_s2_tiles(image, v.s2_scales, max_tiles or v.max_tiles)
+        return Tiles(normalize(tiles, v.image_mean, v.image_std), block, 1)
+
+    def layout(self, cfg: VilaConfig, width: int, height: int, n_images: int = 1) -> ImageLayout:
+        if n_images != 1:
+            return self._plain_layout(cfg, _end_tokens(cfg))
+        v = self.vision
+        rows, cols = dynamic_s2_block_size(width, height, v.s2_scales, v.max_tiles)
+        return self._layout(cfg, rows * cols, _end_tokens(cfg), (rows, cols))
+
+    def worst_case(self, cfg: VilaConfig, max_tiles: int, single_scale: bool) -> ImageLayout:
+        end = _end_tokens(cfg, at_least=1)
+        if single_scale:
+            return self._plain_layout(cfg, end)
+        return self._layout(cfg, max(max_tiles, self._least_cells()), end, None)
+
+    def _layout(self, cfg: VilaConfig, cells: int, end: int, block: tuple[int, int] | None) -> ImageLayout:
+        # the projector runs per tile-sized chunk, so 2x2 cells never straddle two tiles (§3.3)
+        feats = cfg.projector.tokens_out(self.vision.grid) * cells
+        return ImageLayout(self._n_tiles(cells), 1, feats, end, 0, block)
+
+    def smaller_max_tiles(self, max_tiles: int) -> range:
+        return range(max_tiles - 1, self._least_cells() - 1, -1)
+
+    def merge_spec(self, tiles: Tiles) -> MergeSpec:
+        v = self.vision
+        g = v.grid
+        if tiles.block_size is None:  # one plain tile: its features stand for every scale
+            n = len(v.s2_scales)
+            return MergeSpec(((1, 1),) * n, g, g, v.s2_output_scale_idx, (g, g), (0,) * n)
+        grids = (*self._fixed_grids(), tuple(tiles.block_size))
+        return MergeSpec(grids, g, g, v.s2_output_scale_idx, (g, g))
+
+    def item_grid(self, tiles: Tiles) -> tuple[int, int] | None:
+        return tiles.block_size
+
+    def tile_batch(self, frames: int) -> tuple[int, int, int]:
+        least = self._least_cells()
+        mx = self._n_tiles(max(self.vision.max_tiles, least))
+        return 1, min(self._n_tiles(least), mx), mx
+
+    def chunk_batch(self, frames: int) -> tuple[int, int, int]:
+        least = self._least_cells()
+        return 1, least, max(self.vision.max_tiles, least, frames)
+
+
+SCHEMES: dict[str, type[TilingScheme]] = {s.name: s for s in (Resize, Pad, StaticS2, Dynamic, DynamicS2)}
+
+
+def tiling_scheme(vision: VisionConfig) -> TilingScheme:
+    """The scheme of a vision config's `tiling`."""
+    try:
+        return SCHEMES[vision.tiling](vision)
+    except KeyError:
+        raise CheckpointError(f"tiling {vision.tiling!r} is not one of: {', '.join(TILINGS)}") from None
+
+
+def _end_tokens(cfg: VilaConfig, at_least: int = 0) -> int:
+    """embed(tokenizer("\\n")) rows the HEAD splice appends after every media item."""
+    return max(len(cfg.llm.end_token_ids), at_least) if cfg.splice == "head" else 0
+
+
+def image_layout(cfg: VilaConfig, width: int, height: int, n_images: int = 1) -> ImageLayout:
+    """How one image of this size becomes media items and LLM positions (reference doc §2.4, §3.2, §4.2, §5.4)."""
+    return tiling_scheme(cfg.vision).layout(cfg, width, height, n_images)
+
+
 def preprocess_image(image: Image.Image, vision: VisionConfig, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
     """One RGB image -> Tiles for this checkpoint's tiling mode (reference `process_image`).
 
     `single` is False when the prompt holds several images: the dynamic families then fall back to one
     plain resized tile per image (as upstream `process_images` does).
     """
-    size = vision.image_size
-    max_num = max_tiles or vision.max_tiles
-    if vision.tiling == "dynamic_s2" and single:
-        tiles, block = dynamic_s2_tiles(image, vision.s2_scales, max_num)
-        return Tiles(normalize(tiles, vision.image_mean, vision.image_std), block, 1)
-    if vision.tiling == "dynamic" and single:
-        tiles, block = dynamic_tiles(image, vision.min_tiles, max_num, size)
-        return Tiles(normalize(tiles, vision.image_mean, vision.image_std), block, len(tiles))
-    if vision.tiling == "s2":
-        # SiglipVisionTowerS2: the processor resizes to the LARGEST scale; S2 rescales inside.
-        big = vision.s2_scales[-1]
-        full = normalize([image.resize((big, big), Image.BICUBIC)], vision.image_mean, vision.image_std)
-        return Tiles(s2_tiles(full, vision.s2_scales, vision.s2_max_split_size), None, 1)
-    if vision.tiling == "pad":
-        fill = tuple(int(m * 255) for m in vision.image_mean)
-        image = expand_to_square(image, fill)  # type: ignore[arg-type]
-    return Tiles(normalize([image.resize((size, size), Image.BICUBIC)], vision.image_mean, vision.image_std), None, 1)
+    return tiling_scheme(vision).tiles(image, single=single, max_tiles=max_tiles)

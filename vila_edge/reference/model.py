@@ -1,7 +1,9 @@
 """The PyTorch reference of the whole VILA path: the oracle every engine and kernel is checked against.
 
 media -> tiles (vila_edge.media) -> SigLIP -> S2 / dynamic-S2 merge -> projector -> splice -> LLM.
-Runs in float32 on the CPU.
+Runs in float32 on the CPU. The tiling scheme (`vila_edge.media.tiling`) says which tile grids to merge
+(its `MergeSpec`) and which chunks form one media item; the merges themselves are upstream's PyTorch
+steps (`vila_edge.reference.s2`), not the runtime's numpy or CUDA ones.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import numpy as np
 import torch
 
 from vila_edge.checkpoint import Checkpoint
-from vila_edge.media.tiling import Tiles
+from vila_edge.media.tiling import Tiles, tiling_scheme
 from vila_edge.prompt import IMAGE_PLACEHOLDER
 from vila_edge.reference.projector import load_projector
-from vila_edge.reference.s2 import dynamic_s2_merge, dynamic_s2_tokens, static_s2_merge
+from vila_edge.reference.s2 import dynamic_s2_tokens, s2_merge
 from vila_edge.reference.vision import SelectedFeatures, build_siglip
 from vila_edge.splice import splice
 
@@ -49,6 +51,7 @@ class ReferenceVILA:
         self.siglip = siglip
         self.tower = SelectedFeatures(siglip, self.cfg.vision).eval()
         self.projector = load_projector(self.cfg.projector, ckpt.state_dict("mm_projector", torch.float32))
+        self.tiling = tiling_scheme(self.cfg.vision)  # which tiles, merged how (the merges themselves: reference.s2)
         self.llm = load_llm(ckpt) if llm else None
 
     # ---- vision ----------------------------------------------------------------------------
@@ -59,22 +62,17 @@ class ReferenceVILA:
     @torch.no_grad()
     def projector_input(self, tiles: Tiles) -> torch.Tensor:
         """Features entering the projector for one image: [n_chunks, T, C*S]."""
-        v = self.cfg.vision
         feats = self.encode_tiles(tiles.pixels)
-        if v.tiling == "s2":
-            per_side = [-(-s // v.s2_max_split_size) for s in v.s2_scales]
-            return static_s2_merge(feats, tiles_per_side=per_side, output_scale_idx=v.s2_output_scale_idx)
-        if v.tiling == "dynamic_s2":
-            return dynamic_s2_merge(feats, block_size=tiles.block_size, scales=list(v.s2_scales),
-                                    output_scale_idx=v.s2_output_scale_idx)
-        return feats
+        spec = self.tiling.merge_spec(tiles)
+        return feats if spec is None else s2_merge(feats, spec)
 
     @torch.no_grad()
     def image_items(self, tiles: Tiles) -> list[torch.Tensor]:
         """Projected media items of one image (dynamic: one per tile; otherwise one)."""
         y = self.projector(self.projector_input(tiles))
-        if self.cfg.vision.tiling == "dynamic_s2":
-            return [dynamic_s2_tokens(y, tiles.block_size)]
+        grid = self.tiling.item_grid(tiles)
+        if grid is not None:
+            return [dynamic_s2_tokens(y, grid)]
         if tiles.n_items == y.shape[0]:
             return list(y)
         return [y.reshape(-1, y.shape[-1])]

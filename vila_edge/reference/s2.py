@@ -7,9 +7,13 @@ tiles ordered rows-outer, cols-inner (and, for a batch, all images of tile 0, th
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from vila_edge.media.tiling import MergeSpec
 
 
 def merge_chessboard(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
@@ -77,6 +81,28 @@ def dynamic_s2_merge(tile_features: torch.Tensor, *, block_size: tuple[int, int]
     else:
         new_bs = (scales[output_scale_idx] // scales[0],) * 2
     return _tokens(split_chessboard(merged, *new_bs))
+
+
+def s2_merge(tile_features: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+    """The merge a tiling scheme's `MergeSpec` describes, for one image, from upstream's steps:
+    merge_chessboard per scale, area-resize to the output scale's map, concatenate along channels,
+    split_chessboard into `spec.chunk`-sized projector inputs. [n_tiles, h*w, C] -> [n_chunks, ch*cw, C*S].
+
+    Static S2 (one chunk = the whole map) equals `static_s2_merge`, dynamic S2 (tile-sized chunks)
+    `dynamic_s2_merge`; a plain tile listed once per scale (`tile_offsets` all 0) repeats its features.
+    """
+    grids = spec.tile_grids
+    offsets = spec.tile_offsets
+    if offsets is None:
+        offsets = [sum(nh * nw for nh, nw in grids[:k]) for k in range(len(grids))]
+    used = max(o + nh * nw for o, (nh, nw) in zip(offsets, grids, strict=True))
+    if used != tile_features.shape[0]:
+        raise ValueError(f"the merge expects {used} tiles, got {tile_features.shape[0]}")
+    maps = [merge_chessboard(tile_features[o:o + nh * nw], nh, nw) for o, (nh, nw) in zip(offsets, grids, strict=True)]
+    out_h, out_w = maps[spec.output_scale_idx].shape[-2:]
+    merged = torch.cat([area_resize(m, (out_h, out_w)) for m in maps], dim=1)
+    ch, cw = spec.chunk
+    return _tokens(split_chessboard(merged, out_h // ch, out_w // cw))
 
 
 def dynamic_s2_tokens(projected: torch.Tensor, block_size: tuple[int, int] | None) -> torch.Tensor:

@@ -176,6 +176,7 @@ class PipelineEngine:
         return turns
 
     def count_tokens(self, messages, images) -> int:
+        from vila_edge.media.tiling import image_layout
         from vila_edge.prompt import Message, user_content
 
         pipe = self.pipeline
@@ -188,7 +189,7 @@ class PipelineEngine:
             n = len(t.images)
             n_tiles = None
             for im in t.images:
-                lay = cfg.image_layout(im.width, im.height, n)
+                lay = image_layout(cfg, im.width, im.height, n)
                 if n == 1:
                     n_tiles = lay.n_items
                 lengths += [lay.feature_tokens] * lay.n_items
