@@ -100,6 +100,45 @@ def test_multi_image_uses_one_plain_tile_per_image(runtime_engine, tiny_checkpoi
     assert pipe.generate("Compare them.", images=imgs, max_new_tokens=8).token_ids == ref.greedy(want_emb, 8)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scheme_layout_is_what_the_runtime_produces(runtime_engine, family):  # noqa: F811
+    """The tiling scheme's layout (what the server and the planner count) equals the tiles, media items
+    and LLM positions the pipeline really produces, for one image and for two.
+
+    The layout counts the prompt's "\\n" after a marker as one text position (`text_tokens`): exact for
+    Qwen2's BPE (NVILA families); Llama's SentencePiece (V15 prompts) spends one more where the marker
+    splits the text, so there only the media positions are exact."""
+    from vila_edge.media.tiling import image_layout
+    from vila_edge.prompt import Message, render, tokenize, user_content
+    from vila_edge.runtime import Timings
+
+    pipe = _pipe(runtime_engine, family)
+    cfg, tok = pipe.config, pipe.tokenizer
+
+    def n_ids(n_images, n_tiles):
+        content = user_content(cfg, PROMPT, n_images=n_images, n_tiles=n_tiles)
+        return len(tokenize(cfg, tok, render(cfg.llm.chat_format, [Message("user", content)], tok), first=True))
+
+    text_only = pipe.prompt_embeds(PROMPT).shape[0]
+    for sizes in ([(300, 150)], [(120, 200)], [(90, 400)], [(300, 150), (120, 200)]):
+        imgs = [_image(w, h, k) for k, (w, h) in enumerate(sizes)]
+        layouts = [image_layout(cfg, w, h, len(sizes)) for w, h in sizes]
+        for img, lay in zip(imgs, layouts, strict=True):
+            t = Timings()
+            items = pipe.image_items(img, single=len(sizes) == 1, timings=t)
+            assert (t.tiles, len(items)) == (lay.n_tiles, lay.n_items), sizes
+            assert [len(x) for x in items] == [lay.feature_tokens] * lay.n_items, sizes
+        positions = pipe.prompt_embeds(PROMPT, imgs).shape[0] - text_only
+        n_items = sum(lay.n_items for lay in layouts)
+        text = n_ids(len(sizes), layouts[0].n_items if len(sizes) == 1 else None) - n_ids(0, None) - n_items
+        media = positions - text  # each marker id became its item's feature rows + end tokens
+        assert media == sum(lay.n_items * (lay.feature_tokens + lay.end_tokens) for lay in layouts), sizes
+        if cfg.splice == "head":
+            assert positions == sum(lay.positions for lay in layouts), sizes
+        else:
+            assert text == sum(lay.n_items * (lay.text_tokens + 1) for lay in layouts), sizes
+
+
 def _dequantized_llm_weights(llm_onnx, cfg) -> dict:
     """HF-named LLM weights dequantized from the decoder's MatMulNBits nodes.
 
