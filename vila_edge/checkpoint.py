@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vila_edge.config import VilaConfig, config_from_dicts
 from vila_edge.errors import CheckpointError
+from vila_edge.hub import snapshot_repo_name
 from vila_edge.prompt import infer_stop_tokens
 from vila_edge.tokenizer import MEDIA_TOKENS, SENTINEL_TOKEN, Tokenizer
 
@@ -210,7 +211,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.root.name
+        return snapshot_repo_name(self.root) or self.root.name
 
     def part_dir(self, part: str) -> Path:
         return self.root / part if self.layout == "dev" else self.root
@@ -358,14 +359,15 @@ def _load_checkpoint(root: Path, token_order, splice, chat_format, validate) -> 
             )
 
     tokenizer = Tokenizer.from_dir(tok_dir)
-    name = top.get("_name_or_path") or root.name
+    folder_name = snapshot_repo_name(root) or root.name  # a hub cache snapshot is named after a commit
+    name = top.get("_name_or_path") or folder_name
     base = config_from_dicts(top=top, llm=llm, vision=vision, projector=projector, preprocessor=preprocessor,
-                             name=str(name) + " " + root.name, has_chat_template=bool(tokenizer.chat_template),
+                             name=str(name) + " " + folder_name, has_chat_template=bool(tokenizer.chat_template),
                              where=where, chat_format=chat_format)
     base = base.with_overrides(token_order=token_order, splice=splice)
     tokens = resolve_tokens(llm, tokenizer, base.llm.chat_format, base.splice)
     cfg = config_from_dicts(top=top, llm=llm, vision=vision, projector=projector, preprocessor=preprocessor,
-                            name=str(name) + " " + root.name, has_chat_template=bool(tokenizer.chat_template),
+                            name=str(name) + " " + folder_name, has_chat_template=bool(tokenizer.chat_template),
                             where=where, tokens=tokens, chat_format=base.llm.chat_format)
     cfg = cfg.with_overrides(token_order=base.projector.token_order, splice=base.splice)
 

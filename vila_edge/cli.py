@@ -17,6 +17,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run VILA / NVILA vision-language models on Jetson Orin and laptops.")
 
 
+def _checkpoint(arg):
+    """The one place a checkpoint argument is resolved: a folder, or a hub id `org/name[@revision]`
+    (downloaded into the huggingface_hub cache; a known id also brings its table overrides)."""
+    from vila_edge.hub import resolve_checkpoint
+
+    return resolve_checkpoint(arg)
+
+
+CHECKPOINT_HELP = "Checkpoint folder (dev layout or flat -hf), or a hub id org/name[@revision] (see `vila-edge models`)."
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     try:
         w, h = (int(x) for x in size.lower().split("x"))
@@ -29,7 +40,7 @@ def _parse_size(size: str) -> tuple[int, int]:
 
 @app.command()
 def info(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (dev layout or flat -hf)."),
+    checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
     image_size: str = typer.Option("1920x1080", help="Image size for the token count, WIDTHxHEIGHT."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     token_order: str | None = typer.Option(None, help="Override the mlp_downsample token order: row | col."),
@@ -39,7 +50,8 @@ def info(
     from vila_edge.checkpoint import load_checkpoint
     from vila_edge.info import checkpoint_info, print_info
 
-    ckpt = load_checkpoint(checkpoint, token_order=token_order, splice=splice)
+    src = _checkpoint(checkpoint)
+    ckpt = load_checkpoint(src.path, **src.overrides(token_order, splice))
     w, h = _parse_size(image_size)
     data = checkpoint_info(ckpt, w, h)
     if as_json:
@@ -66,7 +78,8 @@ def fixture(
 
 @app.command()
 def plan(
-    model: str = typer.Argument(..., help="Checkpoint folder, or a preset name: vila1.5-3b | nvila-lite-2b | nvila-8b."),
+    model: str = typer.Argument(..., help="Checkpoint folder, hub id org/name[@revision] (a known id is planned from "
+                                "`vila-edge models` without downloading), or a preset: vila1.5-3b | nvila-lite-2b | nvila-8b."),
     device: str = typer.Option(..., "--device", "-d", help="Device profile (build/profiles/*.toml), e.g. orin-nano-8gb."),
     max_context: int | None = typer.Option(None, min=1, help="KV cache positions (default: the model's max length)."),
     max_tiles: int | None = typer.Option(None, help="Largest tile count of one image (default: the model's max_tiles)."),
@@ -79,8 +92,16 @@ def plan(
     from vila_edge.plan import plan as make_plan
     from vila_edge.plan import print_plan
 
-    p = make_plan(model, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision,
+    from vila_edge.catalog import find_known
+    from vila_edge.hub import parse_hub_id
+
+    hub = None if Path(model).exists() else parse_hub_id(model)
+    known = find_known(hub.repo) if hub else None
+    target = known.preset.config() if known else (_checkpoint(model).path if hub else model)
+    p = make_plan(target, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision,
                   vision_precision=vision_precision, single_scale=single_scale)
+    if hub:
+        p.model = hub.name
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2, default=str))
         if not p.fits:
@@ -154,7 +175,8 @@ def serve(
 
 @app.command()
 def chat(
-    engines: Path = typer.Argument(..., help="Engine directory, or a checkpoint (its engines are built on first use)."),
+    engines: str = typer.Argument(..., help="Engine directory, or a checkpoint folder or hub id org/name[@revision] "
+                                  "(its engines are built on first use)."),
     image: list[Path] = typer.Option(None, "--image", help="Image file (repeatable)."),
     video: Path | None = typer.Option(None, "--video", help="Video file (frames sampled per the checkpoint)."),
     camera: str | None = typer.Option(None, "--camera", help="Camera: index (0), device path, rtsp/http URL, "
@@ -184,7 +206,10 @@ def chat(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
-    code = run_chat_cli(engines, images=image or (), video=video, camera=camera, prompt=prompt, as_json=as_json,
+    src = _checkpoint(engines)
+    if src.hub and engine_dir is None:
+        engine_dir = Path("engines") / src.name
+    code = run_chat_cli(src.path, images=image or (), video=video, camera=camera, prompt=prompt, as_json=as_json,
                         interval=interval, params=params, device=device, threads=threads, max_context=max_context,
                         ensure_engine=lambda path, say: ensure_engine_dir(path, output=engine_dir, precision=precision,
                                                                           say=say))
@@ -194,7 +219,7 @@ def chat(
 
 @app.command()
 def build(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint folder; with --stage engines also an exported engine directory."),
+    checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP + " With --stage engines also an exported engine directory."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Engine directory to write (default engines/<checkpoint name>)."),
     precision: str = typer.Option("fp32", "--precision", help="Vision ONNX graphs: fp32 | fp16."),
     int8_vision: bool = typer.Option(False, "--int8-vision", help="Also write an int8 vision tower for CPUs (ONNX Runtime)."),
@@ -223,11 +248,16 @@ def build(
     from vila_edge.builder.build import BuildOptions
     from vila_edge.builder.build import build as run_build
 
+    src = _checkpoint(checkpoint)
+    known = src.overrides(token_order, splice, chat_format)
+    token_order, splice, chat_format = known["token_order"], known["splice"], known["chat_format"]
+    if src.hub and output is None:
+        output = Path("engines") / src.name
     if device is not None and stage != "engines":
         from vila_edge.checkpoint import load_checkpoint
         from vila_edge.plan import check_plan_fits
 
-        ckpt = load_checkpoint(checkpoint, token_order=token_order, splice=splice, chat_format=chat_format)
+        ckpt = load_checkpoint(src.path, token_order=token_order, splice=splice, chat_format=chat_format)
         fitted = check_plan_fits(ckpt, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision)
         typer.echo(f"plan fits {device}: {fitted.memory['total'] / 2**30:.2f} GiB of {fitted.memory['usable'] / 2**30:.2f} GiB usable")
 
@@ -236,13 +266,32 @@ def build(
                         token_order=token_order, splice=splice, chat_format=chat_format, trt_precision=trt_precision,
                         trt_workspace_gb=trt_workspace_gb)
     try:
-        result = run_build(checkpoint, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
+        result = run_build(src.path, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
     except KeyboardInterrupt:
         # typer turns Ctrl-C into a silent exit 130; say what happened to the output.
         print("interrupted: the build stopped and its partial output was removed", file=sys.stderr)
         raise typer.Exit(130) from None
     if result.status != "planned":
         typer.echo(str(result.path))
+
+
+@app.command()
+def models(
+    device: list[str] = typer.Option(None, "--device", "-d", help="Only these device profiles (repeatable); with one, "
+                                     "the knob that makes it fit."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Known released checkpoints: family, token order, splice, chat format, int4 size, which devices fit."""
+    from vila_edge.catalog import print_models, rows
+    from vila_edge.plan import load_profile
+
+    for d in device or ():
+        load_profile(d)  # an unknown profile: one line listing the known ones
+    table = rows(list(device) if device else None)
+    if as_json:
+        typer.echo(json.dumps(table, indent=2))
+    else:
+        print_models(table)
 
 
 from vila_edge.demo.cli import register as _register_demo_commands  # noqa: E402  (demo, eval)
