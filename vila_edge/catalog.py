@@ -199,7 +199,7 @@ def rows(devices: list[str] | None = None) -> list[dict]:
         out.append({"id": k.repo, "family": k.family, "tiling": cfg.vision.tiling, "token_order": k.token_order,
                     "splice": k.splice, "chat_format": k.chat_format, "layout": k.layout,
                     "llm_weights": k.llm_weights, "loadable": k.loadable, "int4_gib": int4_bytes(k.geometry) / 2**30,
-                    "devices": {d: dict(zip(("verdict", "detail"), verdict(k.geometry, d))) for d in devices},
+                    "devices": {d: dict(zip(("verdict", "detail"), verdict(k.geometry, d), strict=True)) for d in devices},
                     "notes": k.notes})
     return out
 

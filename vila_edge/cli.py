@@ -89,11 +89,10 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ):
     """Memory budget and predicted speed of a model on a device; exits 2 with one line if it does not fit."""
-    from vila_edge.plan import plan as make_plan
-    from vila_edge.plan import print_plan
-
     from vila_edge.catalog import find_known
     from vila_edge.hub import parse_hub_id
+    from vila_edge.plan import plan as make_plan
+    from vila_edge.plan import print_plan
 
     hub = None if Path(model).exists() else parse_hub_id(model)
     known = find_known(hub.repo) if hub else None

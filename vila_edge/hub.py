@@ -84,8 +84,8 @@ def download(hub: HubId, *, cache_dir: str | Path | None = None, patterns=NEEDED
     Every way this can fail becomes one CheckpointError line saying what to do.
     """
     try:
-        from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hf_errors
+        from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"{hub}: hub ids need the huggingface_hub package (pip install huggingface_hub); "
                               f"or {_download_hint(hub)}") from None
