@@ -188,3 +188,32 @@ def test_only_the_needed_files_are_fetched_and_they_suffice(tiny_checkpoint, tmp
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, copy / rel)
     assert load_checkpoint(copy).config.family == family
+
+
+def test_a_vila15_snapshot_gets_its_chat_format_from_the_repository_name(tiny_checkpoint, tmp_path, offline):
+    """A config whose _name_or_path is a training path says nothing; the snapshot folder is a commit hash.
+    The repository's name is what upstream's name table needs (VILA1.5-3b -> vicuna_v1)."""
+    import json
+
+    from vila_edge.checkpoint import load_checkpoint
+    from vila_edge.testing import QWEN2_CHAT_TEMPLATE
+
+    files = repo_files(tiny_checkpoint("vila1.5"))
+    top = json.loads(files["config.json"])
+    files["config.json"] = json.dumps({**top, "_name_or_path": "/checkpoints/stage3"}).encode()
+    # with a chat template and no name to go by, the loader would choose "auto"
+    tok_cfg = json.loads(files["llm/tokenizer_config.json"])
+    files["llm/tokenizer_config.json"] = json.dumps({**tok_cfg, "chat_template": QWEN2_CHAT_TEMPLATE}).encode()
+    for repo in ("Efficient-Large-Model/VILA1.5-3b", "someone/my-VILA1.5-3b-finetune"):
+        cache_repo(tmp_path, repo, files, COMMIT_NEW)
+        src = resolve_checkpoint(repo, cache_dir=tmp_path)
+        assert (src.known is not None) == repo.startswith("Efficient")
+        for kw in (src.overrides(), {}):
+            cfg = load_checkpoint(src.path, **kw).config
+            assert (cfg.llm.chat_format, cfg.projector.token_order, cfg.splice) == ("vicuna_v1", "col", "v15")
+
+
+def test_cli_build_names_the_engines_after_the_repository(hub_home, tmp_path):
+    r = _cli(["build", REPO, "--dry-run"], {"HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "-> engines/NVILA-Lite-2B" in " ".join(r.stdout.split())

@@ -188,6 +188,11 @@ def verdict(geometry: str, device: str) -> tuple[str, str]:
     return "no", "; ".join(p.problems)
 
 
+def _verdict_dict(geometry: str, device: str) -> dict:
+    v, detail = verdict(geometry, device)
+    return {"verdict": v, "detail": detail}
+
+
 def rows(devices: list[str] | None = None) -> list[dict]:
     """One dict per known checkpoint: the table's facts + int4 size + a planner verdict per device profile."""
     from vila_edge.plan import list_profiles
@@ -199,7 +204,7 @@ def rows(devices: list[str] | None = None) -> list[dict]:
         out.append({"id": k.repo, "family": k.family, "tiling": cfg.vision.tiling, "token_order": k.token_order,
                     "splice": k.splice, "chat_format": k.chat_format, "layout": k.layout,
                     "llm_weights": k.llm_weights, "loadable": k.loadable, "int4_gib": int4_bytes(k.geometry) / 2**30,
-                    "devices": {d: dict(zip(("verdict", "detail"), verdict(k.geometry, d), strict=True)) for d in devices},
+                    "devices": {d: _verdict_dict(k.geometry, d) for d in devices},
                     "notes": k.notes})
     return out
 
