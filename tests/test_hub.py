@@ -103,6 +103,11 @@ def test_miss_is_one_line_saying_how_to_download_elsewhere(hub_home, offline, ar
         assert "--revision v2" in msg
 
 
+def test_an_id_the_hub_would_refuse_is_one_line(hub_home, offline):
+    with pytest.raises(CheckpointError, match=r"^org/name-: no local folder of that name, and not a valid hub id"):
+        resolve_checkpoint("org/name-", cache_dir=hub_home / "hub")
+
+
 def test_a_loaded_snapshot_is_named_after_the_repository(hub_home, offline):
     from vila_edge.checkpoint import load_checkpoint
 

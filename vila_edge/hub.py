@@ -17,8 +17,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vila_edge.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from vila_edge.catalog import KnownCheckpoint
 
 # org/name with the hub's own character set; "@revision" is a branch, tag or commit (may contain "/").
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]+))?$")
@@ -95,6 +99,8 @@ def download(hub: HubId, *, cache_dir: str | Path | None = None, patterns=NEEDED
     try:
         path = snapshot_download(hub.repo, revision=hub.revision, cache_dir=cache_dir,
                                  allow_patterns=list(patterns))
+    except hf_errors.HFValidationError as exc:
+        raise CheckpointError(f"{hub}: no local folder of that name, and not a valid hub id ({' '.join(str(exc).split())})") from None
     except hf_errors.GatedRepoError:
         raise CheckpointError(f"{hub}: the model is gated: accept its terms on huggingface.co/{hub.repo} and set "
                               f"HF_TOKEN (or run `hf auth login`)") from None
@@ -127,7 +133,7 @@ class Resolved:
 
     path: Path  # the folder to load
     hub: HubId | None  # set when the argument was a hub id
-    known: object | None  # the vila_edge.catalog.KnownCheckpoint of a known id
+    known: KnownCheckpoint | None  # the table entry of a known id
 
     @property
     def name(self) -> str:
