@@ -100,7 +100,8 @@ def download(hub: HubId, *, cache_dir: str | Path | None = None, patterns=NEEDED
         path = snapshot_download(hub.repo, revision=hub.revision, cache_dir=cache_dir,
                                  allow_patterns=list(patterns))
     except hf_errors.HFValidationError as exc:
-        raise CheckpointError(f"{hub}: no local folder of that name, and not a valid hub id ({' '.join(str(exc).split())})") from None
+        why = " ".join(str(exc).split())
+        raise CheckpointError(f"{hub}: no local folder of that name, and not a valid hub id ({why})") from None
     except hf_errors.GatedRepoError:
         raise CheckpointError(f"{hub}: the model is gated: accept its terms on huggingface.co/{hub.repo} and set "
                               f"HF_TOKEN (or run `hf auth login`)") from None
@@ -124,6 +125,11 @@ def download(hub: HubId, *, cache_dir: str | Path | None = None, patterns=NEEDED
     except OSError as exc:  # disk full, read-only cache, ...
         raise CheckpointError(f"{hub}: cannot write the hub cache {where} ({exc}); set HF_HOME to a writable "
                               f"folder") from None
+    except Exception as exc:  # the HTTP client's own errors (a proxy refusing, a broken download)
+        if not type(exc).__module__.startswith(("httpx", "httpcore")):
+            raise
+        raise CheckpointError(f"{hub}: download failed ({type(exc).__name__}: {exc}); check the network or proxy, or "
+                              f"{_download_hint(hub)}") from None
     return Path(path)
 
 
