@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 
 from vila_edge.config import VilaConfig, config_from_dicts
 from vila_edge.errors import VilaEdgeError
+from vila_edge.staging import staged_dir
 
 _SIGLIP = dict(patch_size=14, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                num_attention_heads=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
@@ -346,9 +346,7 @@ def write_preset_checkpoint(name: str, path, *, seed: int = 0, dtype: str = "bf1
     top = {**preset.top, "llm_cfg": llm_json, "vision_tower_cfg": vision_json, "mm_projector_cfg": proj_json,
            "model_dtype": f"torch.{torch_dtype}"}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         (tmp / "llm").mkdir()
         (tmp / "llm" / "config.json").write_text(json.dumps(llm_json, indent=2))
         tok, tok_cfg = padded_tokenizer(preset.tokenizer, int(preset.llm["vocab_size"]))
@@ -364,8 +362,4 @@ def write_preset_checkpoint(name: str, path, *, seed: int = 0, dtype: str = "bf1
         for part in parts:
             _write_part(tmp / part, part, tensors[part], st_dtype, seed, shard_bytes, tick)
         (tmp / "config.json").write_text(json.dumps(top, indent=2))
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

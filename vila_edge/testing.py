@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
+
+from vila_edge.staging import staged_dir
 
 FAMILY_NAMES = {
     # family -> checkpoint folder name (the conversation mode is derived from it, as upstream)
@@ -196,9 +197,7 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
         "num_video_frames": 8, "model_dtype": "torch.float32", **top_extra,
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         if layout == "dev":
             top.update(llm_cfg=llm_dict, vision_tower_cfg=vision_dict, mm_projector_cfg=proj_json)
             llm.save_pretrained(tmp / "llm", safe_serialization=True)
@@ -234,8 +233,4 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
         else:
             raise ValueError(f"layout must be 'dev' or 'hf', got {layout!r}")
         (tmp / "config.json").write_text(json.dumps(top, indent=2))
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
