@@ -234,7 +234,8 @@ def test_trtllm_plan_for_vila15_3b(tmp_path):
 
     plan = plan_trtllm_build(_write_llm_config(tmp_path / "llm"), tokens_per_image=196, max_images=1)
     assert (plan.quant_algo, plan.qformat, plan.group_size, plan.dtype) == ("W4A16_AWQ", "int4_awq", 128, "float16")
-    assert plan.max_multimodal_len == 196 and plan.max_seq_len == 4096 and plan.max_input_len == 4096 - 512
+    # every step re-sends the conversation as input: the engine takes inputs up to the context - 1 (issue 20, bug 4)
+    assert plan.max_multimodal_len == 196 and plan.max_seq_len == 4096 and plan.max_input_len == 4096 - 1
     assert plan.max_num_tokens == plan.max_input_len
     build = plan.build_config()
     assert build["max_prompt_embedding_table_size"] == 196 and build["max_batch_size"] == 1
@@ -242,7 +243,8 @@ def test_trtllm_plan_for_vila15_3b(tmp_path):
     assert build["gather_generation_logits"] is True
     quant = plan.quantize_kwargs(tmp_path / "ckpt", tmp_path / "calib")
     assert quant["qformat"] == "int4_awq" and quant["awq_block_size"] == 128 and quant["model_dir"] == str(tmp_path / "llm")
-    assert {"--max_multimodal_len", "--gather_generation_logits"} <= set(plan.trtllm_build_command("c", "e"))
+    # trtllm-build spells it --max_prompt_embedding_table_size (alias --max_multimodal_len)
+    assert {"--max_prompt_embedding_table_size", "--gather_generation_logits"} <= set(plan.trtllm_build_command("c", "e"))
     json.dumps(plan.to_json())
 
 
@@ -254,9 +256,9 @@ def test_trtllm_plan_scales_with_tiles_and_batch(tmp_path):
                             intermediate_size=18944, vocab_size=151648, max_position_embeddings=32768,
                             model_max_length=8192)
     plan = plan_trtllm_build(llm, tokens_per_image=256, max_images=12, max_batch_size=2, max_output_len=1024)
-    assert plan.max_multimodal_len == 2 * 12 * 256 and plan.max_seq_len == 8192 and plan.max_input_len == 7168
-    assert plan.max_num_tokens == 2 * 7168
-    with pytest.raises(ValueError, match="do not fit max_input_len"):
+    assert plan.max_multimodal_len == 2 * 12 * 256 and plan.max_seq_len == 8192 and plan.max_input_len == 8191
+    assert plan.max_num_tokens == 2 * 8191
+    with pytest.raises(ValueError, match="do not fit the 8192-token context"):
         plan_trtllm_build(llm, tokens_per_image=256, max_images=40)
     with pytest.raises(ValueError, match="group size"):
         plan_trtllm_build(llm, tokens_per_image=256, group_size=32)

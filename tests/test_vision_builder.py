@@ -457,7 +457,8 @@ def test_stage_engines_on_the_target_needs_no_torch(engines, tmp_path):
     for rel in [*m["vision"]["plans"].values(), "vision/timing.cache", "vision/trtllm/config.json"]:
         assert (exported / rel).is_file() and rel in m["files"]
     trtllm = json.loads((exported / "vision/trtllm/config.json").read_text())["builder_config"]
-    assert trtllm["precision"] == "float16" and trtllm["output_shape"][1:] == [m["vision"]["projector_tokens"],
+    # the runner casts images to `precision`: the graph's float32 I/O, not the fp16 math (issue 20, bug 6)
+    assert trtllm["precision"] == "float32" and trtllm["output_shape"][1:] == [m["vision"]["projector_tokens"],
                                                                                m["vision"]["embed_dim"]]
     check_engine_dir = __import__("vila_edge.engine_dir", fromlist=["x"]).check_engine_dir
     assert check_engine_dir(exported, sm="8.7").stage == "engines"
