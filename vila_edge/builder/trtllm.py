@@ -78,7 +78,7 @@ def trtllm_version_error(trtllm: str | None, trt: str | None) -> str | None:
     major = trt_major(trt)
     if major is not None and major < MIN_TRT_FOR_TRTLLM:
         return (f"TensorRT-LLM needs TensorRT {MIN_TRT_FOR_TRTLLM}+, this machine has TensorRT {trt} (JetPack 6.0); "
-                "upgrade to JetPack 6.1 / 6.2 or use the ONNX Runtime int4 decoder (--llm-backend onnxruntime)")
+                "upgrade to JetPack 6.1 / 6.2 or use the ONNX Runtime int4 decoder (llm_backend='onnxruntime')")
     version = parse_version(trtllm)
     if version < MIN_TRTLLM:
         return (f"TensorRT-LLM {trtllm} is older than {'.'.join(map(str, MIN_TRTLLM))}, the oldest release vila-edge "
@@ -86,7 +86,7 @@ def trtllm_version_error(trtllm: str | None, trt: str | None) -> str | None:
     if version >= ENGINE_BACKEND_REMOVED:
         return (f"TensorRT-LLM {trtllm} has no TensorRT engine backend (removed upstream: "
                 "docs/source/legacy/tensorrt-backend-removal.md); install tensorrt-llm < 1.3, "
-                "or use the ONNX Runtime int4 decoder (--llm-backend onnxruntime)")
+                "or use the ONNX Runtime int4 decoder (llm_backend='onnxruntime')")
     return None
 
 
