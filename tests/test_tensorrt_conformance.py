@@ -360,8 +360,7 @@ def _llm_dir(root: Path, **overrides) -> Path:
 @pytest.fixture
 def plan(tmp_path):
     # the demo checkpoint's name contains "vila", like the real ones (bug 5)
-    return trtllm.plan_trtllm_build(_llm_dir(tmp_path / "VILA1.5-demo" / "llm"), tokens_per_image=64, max_images=4,
-                                    jetson=False)
+    return trtllm.plan_trtllm_build(_llm_dir(tmp_path / "VILA1.5-demo" / "llm"), tokens_per_image=64, max_images=4)
 
 
 @pytest.mark.parametrize("version", sorted(TRTLLM))
@@ -453,13 +452,18 @@ def fake_tensorrt_llm(version: str, calls: dict) -> dict[str, types.ModuleType]:
         model_dir = args.get("model_dir") or args["model_name"]
         if "vila" in model_dir:  # get_model: `if "vila" in ckpt_path: model = _get_vila_model(ckpt_path)`
             raise ModuleNotFoundError("No module named 'llava' (TensorRT-LLM took the path for a VILA repo)")
-        calls["quantize"] = args
+        if "vila" in model_dir.lower():  # get_tokenizer: `if "vila" in ckpt_path.lower(): ckpt_path += "/llm"`
+            raise OSError(f"{model_dir}/llm: no tokenizer there")
+        calls["quantize"], calls["quantized_dir"] = args, Path(model_dir).resolve()
         out = Path(args["output_dir"])
         out.mkdir(parents=True)
         (out / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM"}))
 
     mods["tensorrt_llm.quantization.quantize_by_modelopt"].quantize_and_export = with_signature(
         table["quantize_and_export"], quantize)
+    # the package-level re-exports some releases have (the builder no longer relies on them)
+    mods["tensorrt_llm.quantization"].quantize_and_export = \
+        mods["tensorrt_llm.quantization.quantize_by_modelopt"].quantize_and_export
 
     class BuildConfig:
         @classmethod
@@ -481,7 +485,7 @@ def fake_tensorrt_llm(version: str, calls: dict) -> dict[str, types.ModuleType]:
         return Engine()
 
     mods["tensorrt_llm.builder"].BuildConfig = BuildConfig
-    mods["tensorrt_llm.builder"].build = build_engine
+    mods["tensorrt_llm.builder"].build = mods["tensorrt_llm"].build = build_engine
 
     class Model:
         @classmethod
@@ -515,14 +519,16 @@ def fake_tensorrt_llm(version: str, calls: dict) -> dict[str, types.ModuleType]:
 @pytest.mark.parametrize("version", sorted(TRTLLM))
 def test_llm_build_runs_through_each_release(version, plan, tmp_path, monkeypatch):
     """Bugs 1 and 5 end to end: the ModelOpt route, a checkpoint path with "vila" in it."""
+    if getattr(plan, "quant_route", "modelopt_awq") != "modelopt_awq":
+        plan.quant_route = "modelopt_awq"  # on a Jetson: test the x86 route all the same
     calls: dict = {}
     for name, mod in fake_tensorrt_llm(version, calls).items():
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0"))
     assert "vila" in plan.llm_dir.lower()
-    info = trtllm.build_trtllm_engine(plan, tmp_path / "engine", log=lambda m: None)
+    info = trtllm.build_trtllm_engine(plan, tmp_path / "engine")
     model_dir = calls["quantize"].get("model_dir") or calls["quantize"]["model_name"]
-    assert "vila" not in model_dir.lower() and Path(model_dir).resolve() == Path(plan.llm_dir).resolve()
+    assert "vila" not in model_dir.lower() and calls["quantized_dir"] == Path(plan.llm_dir).resolve()
     assert calls["build_config"]["max_prompt_embedding_table_size"] == plan.max_multimodal_len
     assert info["versions"] == {"tensorrt_llm": version, "tensorrt": "10.3.0"}
     assert (tmp_path / "engine/llm/config.json").is_file() and not (tmp_path / "engine/trtllm_checkpoint").exists()
@@ -601,6 +607,10 @@ def fake_runner_class(version: str, calls: dict):
 
 
 def _engine(tmp_path, monkeypatch, version: str, plan=None, **kwargs):
+    torch = pytest.importorskip("torch")  # the backend holds its prompt table in torch
+    zeros = torch.zeros
+    # no CUDA here: the prompt table the backend puts on the GPU stays on the CPU
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: zeros(*a, **k))
     calls: dict = {}
     for name, mod in fake_tensorrt_llm(version, calls).items():
         monkeypatch.setitem(sys.modules, name, mod)
@@ -611,7 +621,7 @@ def _engine(tmp_path, monkeypatch, version: str, plan=None, **kwargs):
     (engine_dir / "config.json").write_text(json.dumps({
         "build_config": build, "pretrained_config": {"vocab_size": VOCAB, "hidden_size": HIDDEN, "dtype": "float16"}}))
     np.save(tmp_path / "embed.npy", np.zeros((VOCAB, HIDDEN), np.float32))
-    engine = trtllm_backend.TensorRTLLMEngine(engine_dir, tmp_path / "embed.npy", {}, device="cpu", **kwargs)
+    engine = trtllm_backend.TensorRTLLMEngine(engine_dir, tmp_path / "embed.npy", {}, **kwargs)
     return engine, calls["runners"][0]
 
 
@@ -622,7 +632,6 @@ def _image(rows=4, seed=0):
 @pytest.mark.parametrize("version", sorted(TRTLLM))
 def test_runtime_starts_on_each_release(version, tmp_path, monkeypatch):
     """Bug 2: the runner is created with keywords the release has; close() shuts its executor down."""
-    torch = pytest.importorskip("torch")  # noqa: F841 - the backend holds its prompt table in torch
     engine, runner = _engine(tmp_path, monkeypatch, version)
     engine.forward_ids([5, 6, -1, -1, 7], np.concatenate([np.zeros((2, HIDDEN), np.float32), _image(2),
                                                           np.zeros((1, HIDDEN), np.float32)]))
@@ -634,7 +643,6 @@ def test_runtime_starts_on_each_release(version, tmp_path, monkeypatch):
 @pytest.mark.parametrize("version", ["0.13.0", "1.0.0"])
 def test_a_new_image_never_reuses_the_old_images_kv(version, tmp_path, monkeypatch):
     """Bug 3: after reset()/truncate() a new image gets the same fake ids; its extra ids must differ."""
-    pytest.importorskip("torch")
     engine, runner = _engine(tmp_path, monkeypatch, version)
     assert runner.args["kv_cache_enable_block_reuse"] is True
     text = np.zeros((2, HIDDEN), np.float32)
@@ -657,7 +665,6 @@ def test_a_new_image_never_reuses_the_old_images_kv(version, tmp_path, monkeypat
 
 def test_release_without_extra_ids_runs_without_block_reuse(tmp_path, monkeypatch):
     """0.12 (v0.12.0-jetson): no input_token_extra_ids, so reuse would mix images: off, and said so."""
-    pytest.importorskip("torch")
     engine, runner = _engine(tmp_path, monkeypatch, "0.12.0")
     assert runner.args["kv_cache_enable_block_reuse"] is False and "gather_generation_logits" not in runner.args
     engine.forward_ids([1, -1], np.zeros((2, HIDDEN), np.float32))
@@ -667,15 +674,13 @@ def test_release_without_extra_ids_runs_without_block_reuse(tmp_path, monkeypatc
 
 def test_context_limits_agree_between_build_and_runtime(tmp_path, monkeypatch):
     """Bug 4: each step re-sends the conversation, so the runtime may hold what the build accepts as input."""
-    pytest.importorskip("torch")
-    plan = trtllm.plan_trtllm_build(_llm_dir(tmp_path / "llm"), tokens_per_image=64, max_images=4,
-                                    max_output_len=512, jetson=False)
-    engine, runner = _engine(tmp_path, monkeypatch, "0.13.0", plan)
+    plan = trtllm.plan_trtllm_build(_llm_dir(tmp_path / "llm"), tokens_per_image=64, max_images=4, max_output_len=512)
+    engine, runner = _engine(tmp_path, monkeypatch, "1.0.0", plan)
     assert engine.max_context == plan.max_seq_len - 1 == plan.max_input_len == runner.max_input_len
     assert trtllm_backend.runtime_context_limit(plan.build_config(), 1000) == 1000
     # a conversation longer than context - max_output_len (the old input cap) still runs ...
     long = plan.max_seq_len - 100
-    engine.forward_ids(list(range(long)), np.zeros((long, HIDDEN), np.float32))
+    engine.forward_ids([i % VOCAB for i in range(long)], np.zeros((long, HIDDEN), np.float32))
     for _ in range(engine.max_context - long):
         engine.forward_ids([7], np.zeros((1, HIDDEN), np.float32))
     assert engine.length == engine.max_context and len(runner.requests[-1]["batch_input_ids"][0]) == engine.max_context

@@ -141,7 +141,7 @@ class TensorRTLLMEngine(LLMEngine):
     name = "tensorrt-llm"
 
     def __init__(self, engine_dir, embed_tokens, info: dict | None = None, *, max_context: int | None = None,
-                 free_gpu_memory_fraction: float = 0.5, device: str = "cuda"):
+                 free_gpu_memory_fraction: float = 0.5):
         super().__init__()
         try:
             import torch
@@ -172,7 +172,7 @@ class TensorRTLLMEngine(LLMEngine):
         kwargs, self._extra_ids = runner_options(ModelRunnerCpp, free_gpu_memory_fraction, build)
         self.runner = ModelRunnerCpp.from_dir(str(engine_dir), **kwargs)
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(pre.get("dtype", "float16"), torch.float16)
-        self._table = torch.zeros((max(1, self.table_rows), self.hidden_size), dtype=dtype, device=device)
+        self._table = torch.zeros((max(1, self.table_rows), self.hidden_size), dtype=dtype, device="cuda")
         self._conv = PromptTableIds(self.fake_id_base, self.table_rows)  # the conversation as the engine sees it
         self.engine_dir = engine_dir
 
