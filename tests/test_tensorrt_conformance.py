@@ -33,6 +33,7 @@ from vila_edge.backends.base import ContextOverflow
 from vila_edge.builder import tensorrt as trtb
 from vila_edge.builder import trtllm
 from vila_edge.builder.build import BuildOptions, build
+from vila_edge.engine_dir import read_manifest
 from vila_edge.errors import EngineError
 
 GPU_TESTS = (
@@ -249,10 +250,10 @@ def exported(tiny_checkpoint, tmp_path_factory):
                  stage="export", progress=False).path
 
 
-def manifest_of(path: Path, *, fp16_graphs: bool = False) -> dict:
-    manifest = json.loads((path / "manifest.json").read_text())
+def manifest_of(path: Path, *, fp16_graphs: bool = False):
+    manifest = read_manifest(path)
     if fp16_graphs:  # the fp16 variant's entries (pointing at the fp32 files: only names matter to the plan)
-        for entry in manifest["vision"]["files"].values():
+        for entry in manifest.vision["files"].values():
             entry["fp16"] = entry.get("fp16", entry.get("fp32"))
     return manifest
 
@@ -266,7 +267,7 @@ def test_engine_build_uses_only_names_the_release_has(version, exported, monkeyp
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     manifest = manifest_of(exported, fp16_graphs=True)
     specs = trtb.plan_engines(manifest, precision="fp16", sm="8.7")  # the installed (fake) version decides
-    built = trtb.build_engines(exported, specs, vision_meta=manifest["vision"], log=lambda m: None)
+    built = trtb.build_engines(exported, specs, vision_meta=manifest.vision, log=lambda m: None)
     assert set(built) == {"tower", "projector", "combined"}
     creates = [flags for name, flags in [c[:2] for c in trt.CALLS] if name == "create_network"]
     builds = [c for c in trt.CALLS if c[0] == "build"]
@@ -277,7 +278,7 @@ def test_engine_build_uses_only_names_the_release_has(version, exported, monkeyp
     if version.startswith("11"):
         # no precision flags exist: fp16 comes from the fp16 graphs themselves
         assert all(flags == [] for *_, flags in builds)
-        assert all(s.onnx == manifest["vision"]["files"][s.name]["fp16"] for s in specs)
+        assert all(s.onnx == manifest.vision["files"][s.name]["fp16"] for s in specs)
     else:
         assert all(flags == ["fp16"] for *_, flags in builds)
 
@@ -285,7 +286,7 @@ def test_engine_build_uses_only_names_the_release_has(version, exported, monkeyp
 def test_tensorrt_11_fp16_without_an_fp16_graph_is_one_line(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.0"))
     manifest = manifest_of(exported)
-    assert all("fp16" not in e for e in manifest["vision"]["files"].values())
+    assert all("fp16" not in e for e in manifest.vision["files"].values())
     with pytest.raises(EngineError, match="strongly typed.*--precision fp16, or use --trt-precision fp32"):
         trtb.plan_engines(manifest, precision="fp16", sm="9.0")
     fp32 = trtb.plan_engines(manifest, precision="fp32", sm="9.0")
@@ -308,7 +309,7 @@ def test_combined_config_dtype_is_the_graph_io_dtype(exported, monkeypatch, tmp_
     manifest = manifest_of(exported)
     specs = [s for s in trtb.plan_engines(manifest, precision="fp16", sm="8.7") if s.name == "combined"]
     assert specs[0].flags == ("fp16",)
-    trtb.build_engines(exported, specs, vision_meta=manifest["vision"], log=lambda m: None)
+    trtb.build_engines(exported, specs, vision_meta=manifest.vision, log=lambda m: None)
     config = json.loads((exported / "vision/trtllm/config.json").read_text())["builder_config"]
     graph = onnx.load(str(exported / specs[0].onnx), load_external_data=False).graph
     assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
