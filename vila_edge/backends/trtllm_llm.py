@@ -148,7 +148,7 @@ class TensorRTLLMEngine(LLMEngine):
             from tensorrt_llm.runtime import ModelRunnerCpp
         except ImportError:
             raise EngineError("the TensorRT-LLM backend needs the `tensorrt_llm` package (and torch with CUDA)") from None
-        from vila_edge.builder.trtllm import installed_versions, trtllm_version_error
+        from vila_edge.nvidia_versions import installed_versions, trtllm_version_error
 
         reason = trtllm_version_error(*installed_versions())
         if reason is not None:

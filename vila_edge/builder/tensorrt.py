@@ -35,6 +35,7 @@ from pathlib import Path
 from vila_edge.engine_dir import Manifest
 from vila_edge.errors import EngineError
 from vila_edge.media.tiling import tiling_scheme
+from vila_edge.nvidia_versions import tensorrt_version, trt_major  # noqa: F401  (re-exported)
 
 DEFAULT_WORKSPACE_GB = 2.0
 STRONGLY_TYPED_FROM = 11  # TensorRT major without BuilderFlag.FP16/INT8/FP8 (NVIDIA/TensorRT v11.0 pyCore.cpp)
@@ -88,12 +89,6 @@ def sm_tuple(sm: str | None) -> tuple[int, int] | None:
         return None
     major, _, minor = str(sm).partition(".")
     return int(major), int(minor or 0)
-
-
-def trt_major(version: str | None) -> int | None:
-    """Major version of a TensorRT version string ("10.3.0.30" -> 10), None when unknown."""
-    head = str(version or "").split(".")[0]
-    return int(head) if head.isdigit() else None
 
 
 def strongly_typed(trt_version: str | None) -> bool:
@@ -183,14 +178,6 @@ def plan_engines(manifest: Manifest, *, precision: str = "fp16", workspace_gb: f
 
 
 # ---- target detection ---------------------------------------------------------------------------
-
-
-def tensorrt_version() -> str | None:
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return tensorrt.__version__
 
 
 def detect_sm() -> str | None:
