@@ -5,9 +5,11 @@
 | onnxruntime    | `ort_vision.OrtVisionEngine`   | `ort_llm.OrtLLMEngine`                | onnxruntime(-gpu)             |
 | tensorrt       | `tensorrt_vision.TensorRTVisionEngine` | -                             | tensorrt, cuda-python         |
 | tensorrt-llm   | -                              | `trtllm_llm.TensorRTLLMEngine`        | tensorrt_llm                  |
+| torch          | `torch_vision.TorchVisionEngine` | `torch_llm.TorchLLMEngine`          | torch (+ `--torch-weights` build) |
 
 "auto" picks the native NVIDIA engine when the engine directory holds one (vision/*.plan|*.engine,
-trtllm/trtllm_info.json) and its package imports, else ONNX Runtime (with the CUDA / TensorRT execution providers
+trtllm/trtllm_info.json) and its package imports, else the torch backend on a CUDA machine whose directory has
+the torch weights (vision/torch.fp16.safetensors, llm/torch.int4.safetensors), else ONNX Runtime (with the CUDA / TensorRT execution providers
 when onnxruntime-gpu is installed and `device` allows). The NVIDIA backends are imported lazily.
 """
 
@@ -41,12 +43,23 @@ def _trtllm_dir(engine_dir: Path):
     return find_trtllm_engine(engine_dir)
 
 
+def _torch_cuda(path: Path, device: str) -> bool:
+    """The torch backend applies: its weights file is there and PyTorch sees a CUDA GPU."""
+    if device == "cpu" or not path.is_file() or not _have("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def make_vision_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = "auto",
                        threads: int | None = None) -> VisionEngine:
     engine_dir = Path(engine_dir)
     info = manifest.vision
     if kind == "auto":
         kind = "tensorrt" if (device != "cpu" and _trt_vision_files(engine_dir) and _have("tensorrt")) else "onnxruntime"
+        if kind == "onnxruntime" and _torch_cuda(engine_dir / "vision" / "torch.fp16.safetensors", device):
+            kind = "torch"
     if kind == "onnxruntime":
         from vila_edge.backends.ort_vision import OrtVisionEngine
 
@@ -56,7 +69,11 @@ def make_vision_engine(kind: str, engine_dir, manifest: Manifest, *, device: str
         from vila_edge.backends.tensorrt_vision import TensorRTVisionEngine
 
         return TensorRTVisionEngine(engine_dir / "vision", info)
-    raise EngineError(f"vision backend {kind!r} is not one of: auto, onnxruntime, tensorrt")
+    if kind == "torch":
+        from vila_edge.backends.torch_vision import TorchVisionEngine
+
+        return TorchVisionEngine(engine_dir / "vision", info, device=device, threads=threads)
+    raise EngineError(f"vision backend {kind!r} is not one of: auto, onnxruntime, tensorrt, torch")
 
 
 def make_llm_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = "auto", threads: int | None = None,
@@ -66,6 +83,8 @@ def make_llm_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = 
     trt = _trtllm_dir(engine_dir)
     if kind == "auto":
         kind = "tensorrt-llm" if (device != "cpu" and trt is not None and _have("tensorrt_llm")) else "onnxruntime"
+        if kind == "onnxruntime" and _torch_cuda(engine_dir / "llm" / "torch.int4.safetensors", device):
+            kind = "torch"
     if kind == "onnxruntime":
         from vila_edge.backends.ort_llm import OrtLLMEngine
 
@@ -81,4 +100,8 @@ def make_llm_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = 
         if not embed.is_file():
             raise EngineError(f"{embed}: missing (the runtime splices text embeddings from it); rebuild the LLM stage")
         return TensorRTLLMEngine(eng, embed, trt_info, max_context=max_context)
-    raise EngineError(f"LLM backend {kind!r} is not one of: auto, onnxruntime, tensorrt-llm")
+    if kind == "torch":
+        from vila_edge.backends.torch_llm import TorchLLMEngine
+
+        return TorchLLMEngine(engine_dir / "llm", info, device=device, threads=threads, max_context=max_context)
+    raise EngineError(f"LLM backend {kind!r} is not one of: auto, onnxruntime, tensorrt-llm, torch")

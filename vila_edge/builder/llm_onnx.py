@@ -164,8 +164,10 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
     return model
 
 
-def _unpack_matmulnbits(node, initializers) -> np.ndarray:
-    """Float32 weight [N, K] of one MatMulNBits node: (code - zero) * scale per block along K."""
+def matmulnbits_parts(node, initializers) -> dict:
+    """The quantized pieces of one MatMulNBits node: ``codes`` uint8 [N, blocks * block] (unpacked),
+    ``zeros`` float32 [N, blocks] (integer-valued when the graph stores uint8 zero points), ``scales``
+    float32 [N, blocks], and the node's ``K``, ``N``, ``block`` and ``bits``."""
     import onnx
     from onnx import numpy_helper
 
@@ -182,7 +184,7 @@ def _unpack_matmulnbits(node, initializers) -> np.ndarray:
             return values
         return np.stack([values & 0x0F, values >> 4], axis=-1).reshape(values.shape[0], -1)
 
-    codes = unpack(packed).reshape(n, blocks, block).astype(np.float32)
+    codes = unpack(packed)[:, :blocks * block]
     if len(node.input) > 3 and node.input[3]:
         zp = numpy_helper.to_array(initializers[node.input[3]])
         if zp.dtype == np.uint8:
@@ -190,7 +192,15 @@ def _unpack_matmulnbits(node, initializers) -> np.ndarray:
         zeros = zp.reshape(n, blocks).astype(np.float32)
     else:
         zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)  # symmetric: implicit zero point 8 / 128
-    return ((codes - zeros[:, :, None]) * scales[:, :, None]).reshape(n, blocks * block)[:, :k]
+    return {"codes": codes, "zeros": zeros, "scales": scales, "K": k, "N": n, "block": block, "bits": bits}
+
+
+def _unpack_matmulnbits(node, initializers) -> np.ndarray:
+    """Float32 weight [N, K] of one MatMulNBits node: (code - zero) * scale per block along K."""
+    p = matmulnbits_parts(node, initializers)
+    n, blocks, block = p["N"], p["scales"].shape[1], p["block"]
+    codes = p["codes"].reshape(n, blocks, block).astype(np.float32)
+    return ((codes - p["zeros"][:, :, None]) * p["scales"][:, :, None]).reshape(n, blocks * block)[:, :p["K"]]
 
 
 def dequantized_weights(decoder_dir: Path | str) -> dict[str, np.ndarray]:

@@ -1,0 +1,358 @@
+"""LLM engine in plain PyTorch (the gpt-fast / TinyChat recipe): int4 weight-only linears, a static KV cache,
+a CUDA-graphed decode step.
+
+Weights: `llm/torch.int4.safetensors`, written by the builder from the ONNX decoder's own quantized weights
+(`vila_edge.builder.torch_weights`), so this engine and the ONNX Runtime one run the same model.
+
+- int4 linears go through `torch.ops.aten._weight_int4pack_mm` on CUDA (tinygemm: bfloat16 activations and
+  scales, so activations are cast to bf16 around it when the model runs in fp16) and
+  `torch.ops.aten._weight_int4pack_mm_for_cpu` on the CPU (float32 activations and float32 scales/zeros: the
+  AWQ zero points are used exactly). The packed layout is device-specific, so it is made here at load time from
+  the file's device-neutral nibble-packed codes.
+- KV cache: one preallocated [2, kv_heads, max_context, head_dim] buffer per layer in the model dtype (fp16 on
+  CUDA, fp32 on CPU); new positions are written in place, `truncate(n)` is a rollback without a copy.
+- Attention: scaled_dot_product_attention with grouped KV heads. Prefill attends over the cached prefix with
+  an offset causal mask; the decode step ("static" path, used under torch.compile / CUDA graphs) attends over
+  the whole cache with a length mask, so its shapes never change.
+- Logits: final norm + LM head on the last position only.
+
+Sampling and stop handling are the pipeline's (`vila_edge.runtime` / `vila_edge.generate`): this engine only
+returns logits, through the same `LLMEngine` interface as the ONNX Runtime engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vila_edge.backends.base import LLMEngine
+from vila_edge.errors import EngineError
+
+LLM_FILE = "torch.int4.safetensors"
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def torch_device(device: str = "auto") -> str:
+    """"cpu" or "cuda" for a vila-edge --device value."""
+    import torch
+
+    if device == "cpu":
+        return "cpu"
+    if device in ("cuda", "tensorrt"):
+        if not torch.cuda.is_available():
+            raise EngineError(f"--device {device}: this PyTorch sees no CUDA GPU (torch {torch.__version__}); "
+                              f"use --device cpu")
+        return "cuda"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    raise EngineError(f"device {device!r} is not one of: auto, cpu, cuda, tensorrt")
+
+
+def torch_dtype(name: str | None, device: str):
+    import torch
+
+    if name is None:
+        name = "float16" if device == "cuda" else "float32"
+    if name not in _DTYPES:
+        raise EngineError(f"dtype {name!r} is not one of: {', '.join(sorted(set(_DTYPES.values())))}")
+    return getattr(torch, _DTYPES[name])
+
+
+def read_safetensors(path: Path):
+    """(tensors, config dict from the metadata) of a torch-backend weights file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise EngineError(f"{path}: missing; build the engine directory with `vila-edge build ... --torch-weights` "
+                          f"to use the torch backend")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged files
+        raise EngineError(f"{path}: cannot read it ({exc}); rebuild the engine directory") from None
+    if config.get("format") != 1:
+        raise EngineError(f"{path}: unknown torch weights format {config.get('format')!r}; rebuild the engine directory")
+    return tensors, config
+
+
+# ---- linears ---------------------------------------------------------------------------------------------
+
+
+def _inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+
+
+class Int4Linear:
+    """y = x @ W.T (+ b) with W int4, per group of `group_size` input columns: (q - 8) * scale + zero."""
+
+    def __init__(self, packed_rows, scales_and_zeros, group_size: int, bias, dtype, device: str):
+        import torch
+
+        self.group_size = group_size
+        self.out_features = packed_rows.shape[0]
+        k = packed_rows.shape[1] * 2
+        inner = _inner_k_tiles(k)
+        if device == "cuda":
+            # tinygemm takes the nibble-packed rows and tiles them for the tensor cores (on the GPU)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(packed_rows.to(device).contiguous(), inner)
+            self.sz = scales_and_zeros.to(device=device, dtype=torch.bfloat16).contiguous()
+            self.mm = torch.ops.aten._weight_int4pack_mm
+            self.kernel_dtype = torch.bfloat16
+        else:
+            codes = torch.stack([packed_rows >> 4, packed_rows & 0x0F], dim=-1).reshape(self.out_features, k)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), inner)
+            self.sz = scales_and_zeros.to(dtype).contiguous()
+            self.mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            self.kernel_dtype = dtype
+        self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
+
+    def __call__(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = self.mm(x2.to(self.kernel_dtype).contiguous(), self.weight, self.group_size, self.sz).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class DenseLinear:
+    def __init__(self, weight, bias, dtype, device: str):
+        self.weight = weight.to(device=device, dtype=dtype).contiguous()
+        self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
+
+    def __call__(self, x):
+        import torch.nn.functional as F
+
+        return F.linear(x, self.weight, self.bias)
+
+
+def dequantize_grouped(codes, zeros, scales, k: int):
+    """float32 [N, K] = (code - zero) * scale per group (the MatMulNBits arithmetic)."""
+    import torch
+
+    n, groups = scales.shape
+    c = codes.to(torch.float32).reshape(n, groups, -1)
+    return ((c - zeros.float()[..., None]) * scales.float()[..., None]).reshape(n, -1)[:, :k]
+
+
+def make_linear(tensors: dict, name: str, meta: dict, dtype, device: str):
+    bias = tensors.get(f"{name}.bias")
+    kind = meta["kind"]
+    if kind == "int4":
+        return Int4Linear(tensors[f"{name}.int4"], tensors[f"{name}.scales_and_zeros"], int(meta["group_size"]),
+                          bias, dtype, device)
+    if kind == "grouped":
+        w = dequantize_grouped(tensors[f"{name}.codes"], tensors[f"{name}.zeros"], tensors[f"{name}.scales"],
+                               int(meta["in"]))
+        return DenseLinear(w, bias, dtype, device)
+    if kind == "dense":
+        return DenseLinear(tensors[f"{name}.weight"], bias, dtype, device)
+    raise EngineError(f"{name}: unknown linear kind {kind!r}; rebuild the engine directory")
+
+
+# ---- the decoder -------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, weight, eps: float):
+    """transformers' LlamaRMSNorm / Qwen2RMSNorm: normalize in float32, scale in the input dtype."""
+    import torch
+
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding (rotate-half layout) of x [heads, n, head_dim] with cos/sin [n, head_dim]."""
+    import torch
+
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class TorchDecoder:
+    """Llama / Qwen2 decoder over a static KV cache. `forward(x [n, D], start)` -> last-position logits [V]."""
+
+    def __init__(self, tensors: dict, config: dict, *, dtype, device: str, max_context: int):
+        import torch
+
+        self.cfg = config
+        self.dtype, self.device = dtype, device
+        self.num_layers = int(config["num_layers"])
+        self.heads, self.kv_heads = int(config["num_heads"]), int(config["num_kv_heads"])
+        self.head_dim = int(config["head_dim"])
+        self.eps = float(config["rms_norm_eps"])
+        if config.get("hidden_act", "silu") != "silu":
+            raise EngineError(f"hidden_act {config['hidden_act']!r}: the torch backend implements silu (Llama / Qwen2)")
+        lin = config["linears"]
+        self.layers = []
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            self.layers.append({
+                "input_norm": tensors[p + "input_norm"].to(device=device, dtype=dtype),
+                "post_norm": tensors[p + "post_norm"].to(device=device, dtype=dtype),
+                **{name: make_linear(tensors, p + name, lin[p + name], dtype, device)
+                   for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")},
+            })
+        self.norm = tensors["norm"].to(device=device, dtype=dtype)
+        self.lm_head = make_linear(tensors, "lm_head", lin["lm_head"], dtype, device)
+        self.inv_freq = tensors["rope_inv_freq"].to(device=device, dtype=torch.float32)
+        self.rope_scaling = float(config.get("rope_attention_scaling", 1.0))
+        self.max_context = max_context
+        shape = (self.num_layers, 2, self.kv_heads, max_context, self.head_dim)
+        self.cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.arange(max_context, device=device)
+
+    def tensors(self):
+        """Every tensor the decoder holds (weights, cache, tables)."""
+        parts = [self.cache, self.positions, self.inv_freq, self.norm, self.lm_head]
+        for layer in self.layers:
+            parts += list(layer.values())
+        for p in parts:
+            if hasattr(p, "weight"):  # a linear
+                yield from (t for t in (p.weight, getattr(p, "sz", None), p.bias) if t is not None)
+            else:
+                yield p
+
+    def rope(self, pos):
+        """cos, sin [n, head_dim] for integer positions `pos` [n], in float32 then the model dtype (as transformers)."""
+        import torch
+
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)
+
+    def _layers(self, x, pos, attend):
+        """Run every layer on x [n, D] at positions `pos` [n]; `attend(i, q, k, v)` writes k/v and attends."""
+        import torch.nn.functional as F
+
+        n = x.shape[0]
+        cos, sin = self.rope(pos)
+        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            qkv = layer["qkv_proj"](rms_norm(x, layer["input_norm"], self.eps))
+            q = qkv[:, :q_rows].view(n, self.heads, self.head_dim).transpose(0, 1)
+            k = qkv[:, q_rows:q_rows + kv_rows].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            v = qkv[:, q_rows + kv_rows:].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            a = attend(i, rotate(q, cos, sin), rotate(k, cos, sin), v)  # [heads, n, head_dim]
+            x = x + layer["o_proj"](a.transpose(0, 1).reshape(n, q_rows))
+            gate, up = layer["gate_up_proj"](rms_norm(x, layer["post_norm"], self.eps)).chunk(2, dim=-1)
+            x = x + layer["down_proj"](F.silu(gate) * up)
+        return self.lm_head(rms_norm(x[-1:], self.norm, self.eps))[0]
+
+    def forward(self, x, start: int):
+        """n new positions after `start` cached ones: attends over cache[:start + n] (eager, any n)."""
+        import torch
+        import torch.nn.functional as F
+
+        n = x.shape[0]
+        end = start + n
+        mask = None if n == 1 else torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+
+        def attend(i, q, k, v):
+            self.cache[i, 0, :, start:end] = k
+            self.cache[i, 1, :, start:end] = v
+            keys, values = self.cache[i, 0, :, :end], self.cache[i, 1, :, :end]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+        return self._layers(x, self.positions[start:end], attend)
+
+    def decode_static(self, x, pos):
+        """One position (x [1, D]) at `pos` (a [1] tensor): fixed shapes for torch.compile / CUDA graphs."""
+        import torch.nn.functional as F
+
+        mask = (self.positions <= pos)[None, :]
+
+        def attend(i, q, k, v):
+            self.cache[i, 0].index_copy_(1, pos, k)
+            self.cache[i, 1].index_copy_(1, pos, v)
+            return F.scaled_dot_product_attention(q, self.cache[i, 0], self.cache[i, 1], attn_mask=mask,
+                                                  enable_gqa=True)
+
+        return self._layers(x, pos, attend)
+
+
+class TorchLLMEngine(LLMEngine):
+    """`LLMEngine` over `TorchDecoder`. `compile`: torch.compile the decode step (CUDA: CUDA graphs through
+    mode="reduce-overhead"; default on CUDA, off on the CPU). `static_decode`: use the fixed-shape decode step
+    without compiling it (what the compiled graph runs; on by default whenever `compile` is)."""
+
+    name = "torch"
+
+    def __init__(self, llm_dir, info: dict | None = None, *, device: str = "auto", dtype: str | None = None,
+                 max_context: int | None = None, threads: int | None = None, compile: bool | None = None,
+                 static_decode: bool | None = None):
+        super().__init__()
+        import torch
+
+        llm_dir = Path(llm_dir)
+        info = dict(info or {})
+        self.device = torch_device(device)
+        self.dtype = torch_dtype(dtype, self.device)
+        if threads and self.device == "cpu":
+            torch.set_num_threads(int(threads))
+        tensors, config = read_safetensors(llm_dir / LLM_FILE)
+        files = info.get("files") if isinstance(info.get("files"), dict) else {}
+        emb_path = llm_dir / Path(str(files.get("embed_tokens") or "embed_tokens.npy")).name
+        if not emb_path.is_file():
+            raise EngineError(f"{emb_path}: embedding table missing; rebuild with `vila-edge build`")
+        self.embed_table = np.load(emb_path, mmap_mode="r")
+        ctx = int(info.get("context_length") or info.get("max_context") or 4096)
+        self.max_context = min(ctx, max_context) if max_context else ctx
+        self.hidden_size = int(config["hidden_size"])
+        self.vocab_size = int(config["vocab_size"])
+        self.config = config
+        self.model = TorchDecoder(tensors, config, dtype=self.dtype, device=self.device, max_context=self.max_context)
+        self.compiled = (self.device == "cuda") if compile is None else bool(compile)
+        self.static_decode = self.compiled if static_decode is None else bool(static_decode)
+        self._decode = self.model.decode_static
+        if self.compiled:
+            for t in self.model.tensors():  # fixed addresses: CUDA graphs neither copy nor re-record them
+                torch._dynamo.mark_static_address(t)
+            mode = "reduce-overhead" if self.device == "cuda" else None
+            self._decode = torch.compile(self.model.decode_static, mode=mode, fullgraph=True)
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    def describe(self) -> dict:
+        kinds = sorted({m["kind"] for m in self.config["linears"].values()})
+        return {"backend": self.name, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
+                "linears": kinds, "int4_kernel": "_weight_int4pack_mm" + ("_for_cpu" if self.device == "cpu" else ""),
+                "decode": ("torch.compile" + (" + CUDA graphs" if self.device == "cuda" else "")) if self.compiled
+                else ("static (eager)" if self.static_decode else "eager"),
+                "kv_cache": f"static {self.kv_bytes() / (1 << 20):.1f} MiB", "lm_head": "last position only",
+                "max_context": self.max_context}
+
+    def kv_bytes(self) -> int:
+        return self.model.cache.numel() * self.model.cache.element_size()
+
+    def embed(self, ids) -> np.ndarray:
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.embed_table.shape[0]):
+            raise EngineError(f"token id out of range for the embedding table ({self.embed_table.shape[0]} rows)")
+        return np.asarray(self.embed_table[ids], dtype=np.float32)
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        import torch
+
+        embeds = np.asarray(embeds)
+        if embeds.ndim != 2 or embeds.shape[1] != self.hidden_size:
+            raise EngineError(f"expected embeddings [n, {self.hidden_size}], got {list(embeds.shape)}")
+        n = embeds.shape[0]
+        if n == 0:
+            raise EngineError("forward() needs at least one position")
+        self.check_room(n)
+        x = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)).to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            if n == 1 and self.static_decode:
+                self._pos.fill_(self.length)
+                logits = self._decode(x, self._pos)
+            else:
+                logits = self.model.forward(x, self.length)
+            out = logits.float().cpu().numpy()
+        self.length += n
+        return out
