@@ -262,14 +262,20 @@ def check_inputs(images: Sequence[str], video: str | None) -> None:
         raise MediaError(f"{video}: video file not found")
 
 
+CHAT_BACKENDS = ("auto", "onnxruntime", "torch")  # --backend: vision and LLM engines alike
+
+
 def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | None = None, camera: str | None = None,
                  prompt: str | None = None, as_json: bool = False, interval: float | None = None,
                  params: SamplingParams | None = None, device: str = "auto", threads: int | None = None,
                  max_context: int | None = None,
-                 ensure_engine: Callable[[Path, Callable[[str], None]], Path] | None = None) -> int:
+                 ensure_engine: Callable[[Path, Callable[[str], None]], Path] | None = None,
+                 backend: str = "auto") -> int:
     """The `vila-edge chat` command (the CLI only parses options). `ensure_engine(path, say)` turns a
     checkpoint into its engine directory (the CLI passes the builder's, which builds on first use: this
     module stays below the builder); without it `engines` must be an engine directory."""
+    if backend not in CHAT_BACKENDS:
+        raise VilaEdgeError(f"--backend {backend!r} is not one of: {', '.join(CHAT_BACKENDS)}")
     con = Console()
     imgs = [str(p) for p in images or ()]
     if prompt is not None:
@@ -279,7 +285,8 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
     path = ensure_engine(Path(engines), say) if ensure_engine else Path(engines)
     from vila_edge.runtime import load
 
-    pipe = load(path, device=device, threads=threads, max_context=max_context)
+    pipe = load(path, device=device, threads=threads, max_context=max_context, vision_backend=backend,
+                llm_backend=backend)
     opts = ChatOptions(images=imgs, video=str(video) if video else None, camera=camera, prompt=prompt,
                        as_json=as_json, interval=interval, params=params or SamplingParams())
     try:

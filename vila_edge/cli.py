@@ -197,6 +197,8 @@ def chat(
     engine_dir: Path | None = typer.Option(None, "--engine-dir", help="Where to build engines when ENGINES is a "
                                            "checkpoint (default ./engines/<name>)."),
     precision: str | None = typer.Option(None, help="LLM precision when building (builder default otherwise)."),
+    backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | torch (vision and LLM engines; "
+                                "torch needs a build with --torch-weights)."),
 ):
     """Chat with a model about images, a video or a live camera (interactive, --prompt, or --interval)."""
     from vila_edge.builder.build import ensure_engine_dir
@@ -211,7 +213,8 @@ def chat(
     code = run_chat_cli(src.path, images=image or (), video=video, camera=camera, prompt=prompt, as_json=as_json,
                         interval=interval, params=params, device=device, threads=threads, max_context=max_context,
                         ensure_engine=lambda path, say: ensure_engine_dir(path, output=engine_dir, precision=precision,
-                                                                          say=say))
+                                                                          say=say),
+                        backend=backend)
     if code:
         raise typer.Exit(code)
 
@@ -228,6 +231,8 @@ def build(
     llm_quant: str = typer.Option("awq", "--llm-quant", help="int4/int8 LLM quantization: awq | rtn."),
     group_size: int = typer.Option(128, "--group-size", help="LLM quantization group size."),
     skip_llm: bool = typer.Option(False, "--skip-llm", help="Build the vision part only."),
+    torch_weights: bool = typer.Option(False, "--torch-weights", help="Also write the torch backend's weights "
+                                       "(fp16 vision, int4 LLM in the int4pack layout) next to the ONNX files."),
     stage: str = typer.Option("all", "--stage", help="all | export (portable ONNX, any machine) | engines (TensorRT, on the target)."),
     trt_precision: str = typer.Option("fp16", "--trt-precision", help="TensorRT engines: fp16 | fp32 | int8 (needs --qdq-vision at export)."),
     trt_workspace_gb: float = typer.Option(2.0, "--trt-workspace-gb", help="TensorRT builder workspace limit (GiB)."),
@@ -263,7 +268,7 @@ def build(
     opts = BuildOptions(precision=precision, int8_vision=int8_vision, qdq_vision=qdq_vision, combined_vision=combined_vision,
                         llm_precision=llm_precision, llm_quant=llm_quant, group_size=group_size, skip_llm=skip_llm,
                         token_order=token_order, splice=splice, chat_format=chat_format, trt_precision=trt_precision,
-                        trt_workspace_gb=trt_workspace_gb)
+                        trt_workspace_gb=trt_workspace_gb, torch_weights=torch_weights)
     try:
         result = run_build(src.path, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
     except KeyboardInterrupt:

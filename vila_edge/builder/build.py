@@ -64,6 +64,7 @@ class BuildOptions:
     chat_format: str | None = None
     trt_precision: str = "fp16"
     trt_workspace_gb: float = 2.0
+    torch_weights: bool = False  # also write the torch backend's weights (builder/torch_weights.py)
 
     def validate(self) -> BuildOptions:
         def one_of(name, value, allowed):
@@ -85,6 +86,8 @@ class BuildOptions:
     def export_key(self) -> dict:
         """The options that decide what the export stage writes."""
         d = dataclasses.asdict(self)
+        if not d["torch_weights"]:  # directories built before the option existed stay up to date
+            del d["torch_weights"]
         return {k: v for k, v in d.items() if not k.startswith("trt_")}
 
     def engines_key(self) -> dict:
@@ -544,7 +547,7 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
             rep.note(f"TensorRT engines skipped: {why_not}. The directory runs on ONNX Runtime; "
                      f"compile on the target with `vila-edge build {out} --stage engines`")
         rep.total = (2 + n_graphs * (2 if options.precision == "fp16" else 1) + int(options.int8_vision)
-                     + int(options.qdq_vision)
+                     + int(options.qdq_vision) + int(options.torch_weights)
                      + int(not options.skip_llm) + (n_graphs if want_engines else 0))
         with staging(out) as tmp:
             with rep.step("tokenizer + checkpoint config"):
@@ -552,6 +555,14 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
                 (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(ckpt.raw, indent=2, default=str) + "\n")
             vision = _export_vision(ckpt, tmp, options, threads, rep)
             llm = _build_llm(ckpt, tmp, options, threads, rep)
+            if options.torch_weights:
+                from vila_edge.builder.torch_weights import write_torch_weights
+
+                with rep.step("torch backend weights (fp16 vision, int4 LLM from the decoder graph)"):
+                    torch_files = write_torch_weights(tmp, ckpt)
+                vision = {**vision, "torch": torch_files["vision"]}
+                if "llm" in torch_files:
+                    llm = {**llm, "torch": torch_files["llm"]}
             manifest = Manifest(
                 vila_edge=__version__, name=out.name,
                 checkpoint=CheckpointRef(str(ckpt.root.resolve()), ckpt.name, ckpt.layout, fingerprint),
