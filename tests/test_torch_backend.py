@@ -153,7 +153,8 @@ def test_int4_llm_matches_reference_with_the_same_weights(torch_engine_dir, tiny
     want_tokens = _reference_greedy(ref, emb, GREEDY_STEPS)
     meta = json.loads((engine_dir / "manifest.json").read_text())["llm"]
     for static in (False, True):  # eager decode; the fixed-shape step that CUDA graphs capture
-        eng = TorchLLMEngine(engine_dir / "llm", meta, device="cpu", static_decode=static, max_context=256)
+        eng = TorchLLMEngine(engine_dir / "llm", meta, device="cpu", decode="static" if static else "eager",
+                             max_context=256)
         assert eng.describe()["linears"] == ["grouped", "int4"]  # int4 body, 8-bit lm_head
         first, tokens = _engine_greedy(eng, emb.numpy(), GREEDY_STEPS, ref.cfg)
         assert _rel_err(first, want_first) <= 1e-3
@@ -195,7 +196,7 @@ def test_decode_step_traces_as_one_graph(torch_engine_dir):
     engine_dir = torch_engine_dir("nvila-lite")
     emb = np.random.default_rng(0).standard_normal((7, 128)).astype(np.float32) * 0.1
     plain = TorchLLMEngine(engine_dir / "llm", {}, device="cpu", max_context=64)
-    traced = TorchLLMEngine(engine_dir / "llm", {}, device="cpu", max_context=64, static_decode=True)
+    traced = TorchLLMEngine(engine_dir / "llm", {}, device="cpu", max_context=64, decode="static")
     traced._decode = torch.compile(traced.model.decode_static, backend="eager", fullgraph=True)
     for eng in (plain, traced):
         eng.forward(emb)
@@ -210,7 +211,7 @@ def test_decode_step_traces_as_one_graph(torch_engine_dir):
 def test_context_overflow_changes_nothing(torch_engine_dir):
     from vila_edge.backends.base import ContextOverflow
 
-    eng = TorchLLMEngine(torch_engine_dir("nvila")/ "llm", {}, device="cpu", max_context=8)
+    eng = TorchLLMEngine(torch_engine_dir("nvila") / "llm", {}, device="cpu", max_context=8)
     eng.forward(eng.embed([1, 2, 3, 4, 5]))
     with pytest.raises(ContextOverflow):
         eng.forward(eng.embed([1, 2, 3, 4]))
@@ -278,7 +279,7 @@ def test_auto_picks_torch_only_with_cuda_and_the_weights(torch_engine_dir, runti
     assert not backends._torch_cuda(with_weights, "cpu") and not backends._torch_cuda(without, "auto")
 
 
-def test_missing_torch_weights_is_one_clear_error(runtime_engine, tmp_path):  # noqa: F811
+def test_missing_torch_weights_is_one_clear_error(runtime_engine, torch_engine_dir, tmp_path):  # noqa: F811
     import os
     import subprocess
     import sys
@@ -303,6 +304,11 @@ def test_missing_torch_weights_is_one_clear_error(runtime_engine, tmp_path):  # 
     (damaged / "torch.int4.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(EngineError, match="cannot read it"):
         TorchLLMEngine(damaged, {}, device="cpu")
+    llm_dir = torch_engine_dir("nvila") / "llm"
+    with pytest.raises(EngineError, match="needs the CUDA device"):
+        TorchLLMEngine(llm_dir, {}, device="cpu", decode="cuda-graph")
+    with pytest.raises(EngineError, match="decode 'jit' is not one of"):
+        TorchLLMEngine(llm_dir, {}, device="cpu", decode="jit")
 
 
 def test_builder_writes_the_torch_weights(tiny_checkpoint, tmp_path):

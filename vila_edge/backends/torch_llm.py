@@ -12,8 +12,11 @@ Weights: `llm/torch.int4.safetensors`, written by the builder from the ONNX deco
 - KV cache: one preallocated [2, kv_heads, max_context, head_dim] buffer per layer in the model dtype (fp16 on
   CUDA, fp32 on CPU); new positions are written in place, `truncate(n)` is a rollback without a copy.
 - Attention: scaled_dot_product_attention with grouped KV heads. Prefill attends over the cached prefix with
-  an offset causal mask; the decode step ("static" path, used under torch.compile / CUDA graphs) attends over
-  the whole cache with a length mask, so its shapes never change.
+  an offset causal mask; the decode step ("static" path) attends over the whole cache with a length mask, so
+  its shapes and addresses never change: on CUDA it is captured once as a CUDA graph and replayed per token
+  (`decode="cuda-graph"`, the default there: no compiler, capture takes milliseconds), or compiled with
+  torch.compile (`decode="compile"`: inductor, mode "reduce-overhead" = CUDA graphs on CUDA; optional on the
+  CPU). `decode="eager"` (the CPU default) slices the cache to the cached length instead.
 - Logits: final norm + LM head on the last position only.
 
 Sampling and stop handling are the pipeline's (`vila_edge.runtime` / `vila_edge.generate`): this engine only
@@ -31,6 +34,7 @@ from vila_edge.backends.base import LLMEngine
 from vila_edge.errors import EngineError
 
 LLM_FILE = "torch.int4.safetensors"
+DECODE_MODES = ("eager", "static", "cuda-graph", "compile")
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -277,16 +281,44 @@ class TorchDecoder:
         return self._layers(x, pos, attend)
 
 
+class CudaGraphStep:
+    """`TorchDecoder.decode_static` captured once as a CUDA graph; a call copies x / pos into the captured input
+    buffers and replays. Warm-up and capture write position max_context - 1, a row every real step writes
+    before it is read, so capturing at any time leaves the cached conversation intact."""
+
+    def __init__(self, model: TorchDecoder, warmup: int = 2):
+        import torch
+
+        hidden = model.layers[0]["input_norm"].shape[0]
+        self.x = torch.zeros(1, hidden, dtype=model.dtype, device=model.device)
+        self.pos = torch.full((1,), model.max_context - 1, dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # first calls allocate workspaces and pick kernels outside the capture
+                for _ in range(warmup):
+                    model.decode_static(self.x, self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = model.decode_static(self.x, self.pos)
+
+    def __call__(self, x, pos):
+        self.x.copy_(x)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.out
+
+
 class TorchLLMEngine(LLMEngine):
-    """`LLMEngine` over `TorchDecoder`. `compile`: torch.compile the decode step (CUDA: CUDA graphs through
-    mode="reduce-overhead"; default on CUDA, off on the CPU). `static_decode`: use the fixed-shape decode step
-    without compiling it (what the compiled graph runs; on by default whenever `compile` is)."""
+    """`LLMEngine` over `TorchDecoder`. `decode`: how one-token steps run, one of DECODE_MODES (default
+    "cuda-graph" on CUDA, "eager" on the CPU); "static" is the fixed-shape step without graph or compiler
+    (what the other two run)."""
 
     name = "torch"
 
     def __init__(self, llm_dir, info: dict | None = None, *, device: str = "auto", dtype: str | None = None,
-                 max_context: int | None = None, threads: int | None = None, compile: bool | None = None,
-                 static_decode: bool | None = None):
+                 max_context: int | None = None, threads: int | None = None, decode: str | None = None):
         super().__init__()
         import torch
 
@@ -308,22 +340,27 @@ class TorchLLMEngine(LLMEngine):
         self.vocab_size = int(config["vocab_size"])
         self.config = config
         self.model = TorchDecoder(tensors, config, dtype=self.dtype, device=self.device, max_context=self.max_context)
-        self.compiled = (self.device == "cuda") if compile is None else bool(compile)
-        self.static_decode = self.compiled if static_decode is None else bool(static_decode)
+        self.decode_mode = decode or ("cuda-graph" if self.device == "cuda" else "eager")
+        if self.decode_mode not in DECODE_MODES:
+            raise EngineError(f"decode {self.decode_mode!r} is not one of: {', '.join(DECODE_MODES)}")
+        if self.decode_mode == "cuda-graph" and self.device != "cuda":
+            raise EngineError("decode 'cuda-graph' needs the CUDA device")
+        self.static_decode = self.decode_mode != "eager"
         self._decode = self.model.decode_static
-        if self.compiled:
+        if self.decode_mode == "compile":
             for t in self.model.tensors():  # fixed addresses: CUDA graphs neither copy nor re-record them
                 torch._dynamo.mark_static_address(t)
             mode = "reduce-overhead" if self.device == "cuda" else None
             self._decode = torch.compile(self.model.decode_static, mode=mode, fullgraph=True)
+        elif self.decode_mode == "cuda-graph":
+            self._decode = CudaGraphStep(self.model)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def describe(self) -> dict:
         kinds = sorted({m["kind"] for m in self.config["linears"].values()})
         return {"backend": self.name, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
                 "linears": kinds, "int4_kernel": "_weight_int4pack_mm" + ("_for_cpu" if self.device == "cpu" else ""),
-                "decode": ("torch.compile" + (" + CUDA graphs" if self.device == "cuda" else "")) if self.compiled
-                else ("static (eager)" if self.static_decode else "eager"),
+                "decode": self.decode_mode,
                 "kv_cache": f"static {self.kv_bytes() / (1 << 20):.1f} MiB", "lm_head": "last position only",
                 "max_context": self.max_context}
 
