@@ -319,23 +319,36 @@ class TorchLLMEngine(LLMEngine):
 
     def __init__(self, llm_dir, info: dict | None = None, *, device: str = "auto", dtype: str | None = None,
                  max_context: int | None = None, threads: int | None = None, decode: str | None = None):
-        super().__init__()
-        import torch
-
         llm_dir = Path(llm_dir)
         info = dict(info or {})
-        self.device = torch_device(device)
-        self.dtype = torch_dtype(dtype, self.device)
-        if threads and self.device == "cpu":
-            torch.set_num_threads(int(threads))
         tensors, config = read_safetensors(llm_dir / LLM_FILE)
         files = info.get("files") if isinstance(info.get("files"), dict) else {}
         emb_path = llm_dir / Path(str(files.get("embed_tokens") or "embed_tokens.npy")).name
         if not emb_path.is_file():
             raise EngineError(f"{emb_path}: embedding table missing; rebuild with `vila-edge build`")
-        self.embed_table = np.load(emb_path, mmap_mode="r")
         ctx = int(info.get("context_length") or info.get("max_context") or 4096)
-        self.max_context = min(ctx, max_context) if max_context else ctx
+        self._setup(tensors, config, np.load(emb_path, mmap_mode="r"), device=device, dtype=dtype,
+                    max_context=min(ctx, max_context) if max_context else ctx, threads=threads, decode=decode)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, config: dict, embed_table: np.ndarray, *, max_context: int,
+                     device: str = "auto", dtype: str | None = None, decode: str | None = None) -> TorchLLMEngine:
+        """An engine over in-memory weights in the file's layout (benchmarks build random ones at real sizes)."""
+        self = cls.__new__(cls)
+        self._setup(tensors, config, embed_table, device=device, dtype=dtype, max_context=max_context, threads=None,
+                    decode=decode)
+        return self
+
+    def _setup(self, tensors, config, embed_table, *, device, dtype, max_context, threads, decode) -> None:
+        import torch
+
+        LLMEngine.__init__(self)
+        self.device = torch_device(device)
+        self.dtype = torch_dtype(dtype, self.device)
+        if threads and self.device == "cpu":
+            torch.set_num_threads(int(threads))
+        self.embed_table = embed_table
+        self.max_context = int(max_context)
         self.hidden_size = int(config["hidden_size"])
         self.vocab_size = int(config["vocab_size"])
         self.config = config

@@ -87,6 +87,20 @@ class TorchVisionEngine(VisionEngine):
 
     def __init__(self, vision_dir, info: dict | None = None, *, device: str = "auto", dtype: str | None = None,
                  max_batch: int | None = None, threads: int | None = None):
+        tensors, config = read_safetensors(Path(vision_dir) / VISION_FILE)
+        info = dict(info or {})
+        self._setup(tensors, config, device=device, dtype=dtype, threads=threads,
+                    max_batch=int(max_batch if max_batch is not None else info.get("max_batch", 0) or 0))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, config: dict, *, device: str = "auto", dtype: str | None = None,
+                     max_batch: int = 0) -> TorchVisionEngine:
+        """An engine over in-memory weights in the file's layout (benchmarks build random ones at real sizes)."""
+        self = cls.__new__(cls)
+        self._setup(tensors, config, device=device, dtype=dtype, threads=None, max_batch=max_batch)
+        return self
+
+    def _setup(self, tensors, config, *, device, dtype, threads, max_batch: int) -> None:
         import torch
 
         self.device = torch_device(device)
@@ -94,12 +108,10 @@ class TorchVisionEngine(VisionEngine):
         self.on_gpu = self.device == "cuda"
         if threads and self.device == "cpu":
             torch.set_num_threads(int(threads))
-        tensors, config = read_safetensors(Path(vision_dir) / VISION_FILE)
         self.config = config
         self.tower = SigLIPTower(tensors, config, self.dtype, self.device)
         self.projector = load_projector_module(tensors, config, self.dtype, self.device)
-        info = dict(info or {})
-        self.max_batch = int(max_batch if max_batch is not None else info.get("max_batch", 0) or 0)
+        self.max_batch = max_batch  # 0: every tile in one batch
 
     def _run(self, fn, x: np.ndarray) -> np.ndarray:
         import torch

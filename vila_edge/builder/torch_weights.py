@@ -156,6 +156,13 @@ def rope_tables(raw_llm: dict) -> tuple[np.ndarray, float]:
     return rotary.inv_freq.detach().float().numpy(), float(getattr(rotary, "attention_scaling", 1.0))
 
 
+def llm_config(raw_llm: dict, linears: dict, **dims) -> dict:
+    """The metadata "config" of an LLM weights file: geometry, norm / activation settings, the linears' kinds."""
+    return {"format": FORMAT, **dims, "hidden_size": int(raw_llm["hidden_size"]),
+            "vocab_size": int(linears["lm_head"]["out"]), "rms_norm_eps": float(raw_llm.get("rms_norm_eps", 1e-6)),
+            "hidden_act": str(raw_llm.get("hidden_act", "silu")), "linears": linears}
+
+
 def write_llm_weights(llm_dir: Path, raw_llm: dict) -> dict:
     """Read the built decoder in `llm_dir`, write `llm_dir / LLM_FILE`; returns its description."""
     import onnx
@@ -197,13 +204,8 @@ def write_llm_weights(llm_dir: Path, raw_llm: dict) -> dict:
     described["lm_head"] = _store("lm_head", linears["lm_head"], tensors)
     inv_freq, scaling = rope_tables(raw_llm)
     tensors["rope_inv_freq"] = inv_freq
-    config = {
-        "format": FORMAT, "num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
-        "hidden_size": int(dec.get("hidden_size") or raw_llm["hidden_size"]),
-        "vocab_size": int(linears["lm_head"]["N"]), "rms_norm_eps": float(raw_llm.get("rms_norm_eps", 1e-6)),
-        "hidden_act": str(raw_llm.get("hidden_act", "silu")), "rope_attention_scaling": scaling,
-        "linears": described, "source": dec.get("filename", "model.onnx"),
-    }
+    config = llm_config(raw_llm, described, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                        head_dim=head_dim, rope_attention_scaling=scaling, source=dec.get("filename", "model.onnx"))
     path = llm_dir / LLM_FILE
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
               metadata={"config": json.dumps(config)})
@@ -215,28 +217,31 @@ def write_llm_weights(llm_dir: Path, raw_llm: dict) -> dict:
 # ---- vision ----------------------------------------------------------------------------------------------
 
 
-def write_vision_weights(vision_dir: Path, ckpt) -> dict:
-    """SigLIP (layers used only) + projector of `ckpt` in fp16 -> `vision_dir / VISION_FILE`."""
+def vision_config(raw_vision: dict, cfg) -> dict:
+    """The metadata "config" of a vision weights file, from the raw SigLIP dict and the resolved VilaConfig."""
     import dataclasses
 
+    v = cfg.vision
+    return {"format": FORMAT, "hidden_size": int(raw_vision["hidden_size"]),
+            "num_heads": int(raw_vision["num_attention_heads"]), "layers": int(v.layers_used),
+            "patch_size": int(raw_vision["patch_size"]), "image_size": int(v.image_size),
+            "layer_norm_eps": float(raw_vision.get("layer_norm_eps", 1e-6)),
+            "hidden_act": str(raw_vision.get("hidden_act", "gelu_pytorch_tanh")),
+            "drop_first": v.select_feature == "patch", "projector": dataclasses.asdict(cfg.projector)}
+
+
+def write_vision_weights(vision_dir: Path, ckpt) -> dict:
+    """SigLIP (layers used only) + projector of `ckpt` in fp16 -> `vision_dir / VISION_FILE`."""
     import torch
     from safetensors.torch import save_file
 
     from vila_edge.builder.vision_onnx import load_modules
 
     tower, projector = load_modules(ckpt)
-    raw = ckpt.raw["vision"]
-    v = ckpt.config.vision
     tensors = {f"tower.{k}": t for k, t in tower.state_dict().items()}
     tensors.update({f"projector.{k}": t for k, t in projector.state_dict().items()})
     tensors = {k: t.detach().to(torch.float16).contiguous() for k, t in tensors.items() if t.is_floating_point()}
-    config = {
-        "format": FORMAT, "hidden_size": int(raw["hidden_size"]), "num_heads": int(raw["num_attention_heads"]),
-        "layers": len(tower.layers), "patch_size": int(raw["patch_size"]), "image_size": int(v.image_size),
-        "layer_norm_eps": float(raw.get("layer_norm_eps", 1e-6)),
-        "hidden_act": str(raw.get("hidden_act", "gelu_pytorch_tanh")), "drop_first": bool(tower.drop_first),
-        "projector": dataclasses.asdict(ckpt.config.projector),
-    }
+    config = vision_config(ckpt.raw["vision"], ckpt.config)
     vision_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(vision_dir / VISION_FILE), metadata={"config": json.dumps(config)})
     return {"file": f"{vision_dir.name}/{VISION_FILE}", "dtype": "float16"}
