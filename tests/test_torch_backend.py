@@ -60,15 +60,7 @@ def _int4_reference(tiny_checkpoint, family, engine_dir):
         from vila_edge.reference.model import ReferenceVILA
 
         ref = ReferenceVILA(load_checkpoint(tiny_checkpoint(family)))
-        weights = dequantized_weights(engine_dir / "llm")
-        with torch.no_grad():
-            if "lm_head.weight" in weights and ref.cfg.llm.tie_word_embeddings:  # untie: the table stays float
-                ref.llm.config.tie_word_embeddings = False
-                ref.llm.lm_head.weight = torch.nn.Parameter(ref.llm.lm_head.weight.detach().clone())
-            params = dict(ref.llm.named_parameters())
-            for name, w in weights.items():
-                assert params[name].shape == w.shape, name
-                params[name].copy_(torch.from_numpy(w))
+        ref.load_llm_weights(dequantized_weights(engine_dir / "llm"))
         _REFS[family] = ref
     return _REFS[family]
 

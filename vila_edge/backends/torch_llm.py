@@ -262,7 +262,8 @@ class TorchDecoder:
             self.cache[i, 0, :, start:end] = k
             self.cache[i, 1, :, start:end] = v
             keys, values = self.cache[i, 0, :, :end], self.cache[i, 1, :, :end]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                                  enable_gqa=True)[0]
 
         return self._layers(x, self.positions[start:end], attend)
 
@@ -275,8 +276,8 @@ class TorchDecoder:
         def attend(i, q, k, v):
             self.cache[i, 0].index_copy_(1, pos, k)
             self.cache[i, 1].index_copy_(1, pos, v)
-            return F.scaled_dot_product_attention(q, self.cache[i, 0], self.cache[i, 1], attn_mask=mask,
-                                                  enable_gqa=True)
+            return F.scaled_dot_product_attention(q[None], self.cache[i, 0][None], self.cache[i, 1][None],
+                                                  attn_mask=mask, enable_gqa=True)[0]
 
         return self._layers(x, pos, attend)
 

@@ -79,6 +79,19 @@ class ReferenceVILA:
 
     # ---- language --------------------------------------------------------------------------
     @torch.no_grad()
+    def load_llm_weights(self, weights: dict) -> None:
+        """Replace LLM weights by HF-named float arrays (e.g. a built decoder's dequantized weights, read back
+        with `builder.llm_onnx.dequantized_weights`). A given lm_head unties it: the embedding table stays."""
+        if "lm_head.weight" in weights and self.llm.config.tie_word_embeddings:
+            self.llm.config.tie_word_embeddings = False
+            self.llm.lm_head.weight = torch.nn.Parameter(self.llm.lm_head.weight.detach().clone())
+        params = dict(self.llm.named_parameters())
+        for name, w in weights.items():
+            if params[name].shape != tuple(w.shape):
+                raise ValueError(f"{name}: shape {tuple(w.shape)} does not match the model's {tuple(params[name].shape)}")
+            params[name].copy_(torch.as_tensor(np.asarray(w)))
+
+    @torch.no_grad()
     def embed(self, ids: list[int]) -> torch.Tensor:
         table = self.llm.get_input_embeddings().weight
         return table[torch.as_tensor(ids, dtype=torch.long)].float()

@@ -1,0 +1,538 @@
+"""ONE command that checks and measures the PyTorch backend on an NVIDIA GPU (< 6 minutes on an H100 / H200):
+
+    python benchmarks/gpu_check.py              # on the GPU machine; writes benchmarks/results/gpu_<card>.json
+    python benchmarks/gpu_check.py --dry-run    # on any CPU: the same code end to end, small geometry, no kernels
+
+Sections (each isolated: a failure is recorded and the next one runs):
+
+1. fixtures: the tiny checkpoint of every family -> the real builder with --torch-weights -> the torch backend on
+   the device against the PyTorch reference (fp32, CPU) running the decoder's dequantized int4 weights: relative
+   error of the first logits, greedy agreement over 32 tokens, fp16 vision cosine, and the whole pipeline
+   (S2 / dynamic-S2 merged by vila_edge.kernels on the GPU) against the reference's prompt embeddings.
+   On the GPU the int4 kernel (tinygemm) takes bf16 activations and scales, so the logit tolerance is 3e-2
+   there (1e-3 on the CPU, as in CI) and the greedy agreement is reported, not required.
+2. kernels: benchmarks/gpu_kernels.py --quick (S2 merge vs device copy bandwidth, FP8 GEMMs), its table copied.
+3. geometry, per preset (nvila-lite-2b, vila1.5-3b): random int4 weights at the real layer sizes, built in memory
+   in the torch-weights layout (no checkpoint, no ONNX: minutes saved), every linear int4 (LM head included,
+   the `lm_head="int4"` build). The peer is transformers fp16 eager (sdpa) with the very same dequantized
+   weights on the same GPU; it is also the parity reference. Measured: vision ms/tile (SigLIP + projector fp16,
+   tiles of a 1280x720 image in one batch), TTFT (vision + prefill of media + 32 text positions), decode tok/s
+   at batch 1 (128 greedy tokens, CUDA-graph step), the bytes one decode step reads (weights + the static KV
+   cache, all of it: the graphed step attends over max_context) and the share of the HBM roofline (against
+   the measured device-to-device copy bandwidth and against the datasheet figure when the card is known).
+   `planner` in the JSON: the efficiencies the planner's GPU profiles can take from this run.
+
+Goals (issue 15): decode >= 3x transformers fp16 eager, >= 50% of the roofline at nvila-lite-2b; S2 merge >= 80%
+of copy bandwidth (section 2). Exit status 1 when a parity check fails, 0 otherwise (speed goals are reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite")
+PRESETS = ("nvila-lite-2b", "vila1.5-3b")
+PROMPT = "Describe the image."
+GREEDY = 32
+NEW_TOKENS = 128
+TEXT_TOKENS = 32
+GPU_LOGIT_TOL = 3e-2  # tinygemm: bf16 activations and scales
+CPU_LOGIT_TOL = 1e-3
+VISION_COSINE = 0.999
+# datasheet HBM bandwidth (GB/s) and dense fp16 tensor TFLOPS, matched on the device name
+CARDS = (("H200", 4800, 989), ("H100 NVL", 3900, 835), ("H100 PCIe", 2000, 756), ("H100", 3350, 989),
+         ("A100-SXM4-80GB", 2039, 312), ("A100", 1555, 312), ("L40S", 864, 362), ("RTX 4090", 1008, 165))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Report:
+    def __init__(self) -> None:
+        self.sections: dict[str, dict] = {}
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.parity_failures = 0
+
+    def run(self, name: str, fn, *args) -> None:
+        log(f"== {name}")
+        t0 = time.time()
+        try:
+            self.sections[name] = {"ok": True, "results": fn(self, *args)}
+        except Exception as e:  # noqa: BLE001 - isolate sections
+            traceback.print_exc()
+            self.sections[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            self.row(name, "-", f"ERROR {type(e).__name__}: {str(e)[:100]}", False)
+        self.sections[name]["seconds"] = round(time.time() - t0, 1)
+
+    def row(self, section: str, case: str, result: str, ok: bool | None, parity: bool = False) -> None:
+        verdict = "-" if ok is None else ("PASS" if ok else "FAIL")
+        self.rows.append((section, case, result, verdict))
+        if parity and ok is False:
+            self.parity_failures += 1
+        log(f"   {case}: {result} [{verdict}]")
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    f = np.isfinite(want)
+    return float(np.abs(got[f] - want[f]).max() / np.abs(want[f]).max())
+
+
+def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min())
+
+
+def _image(w=300, h=150, seed=0):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _sync(device: str):
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _median_s(fn, runs: int, sync) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- 1. fixtures: the real builder, parity against the reference ------------------------------------------------
+
+
+def _masked_greedy(first: np.ndarray, step, cfg, steps: int) -> list[int]:
+    import torch
+
+    from vila_edge.reference.model import mask_untrained
+
+    def pick(logits: np.ndarray) -> int:
+        return int(np.argmax(mask_untrained(torch.from_numpy(logits), cfg).numpy()))
+
+    tokens = [pick(first)]
+    for _ in range(steps - 1):
+        tokens.append(pick(step(tokens[-1])))
+    return tokens
+
+
+def fixtures(rep: Report, device: str, work: Path, families) -> list[dict]:
+    import torch
+
+    import vila_edge
+    from vila_edge.backends.torch_llm import TorchLLMEngine
+    from vila_edge.backends.torch_vision import TorchVisionEngine
+    from vila_edge.builder.build import BuildOptions, build
+    from vila_edge.builder.llm_onnx import dequantized_weights
+    from vila_edge.checkpoint import load_checkpoint
+    from vila_edge.media.tiling import preprocess_image
+    from vila_edge.prompt import Message, render, tokenize, user_content
+    from vila_edge.reference.model import ReferenceVILA, mask_untrained
+    from vila_edge.testing import make_tiny_checkpoint
+
+    tol = GPU_LOGIT_TOL if device == "cuda" else CPU_LOGIT_TOL
+    out = []
+    for family in families:
+        ckpt_dir = make_tiny_checkpoint(family, work / f"ckpt-{family}", seed=0, overwrite=True)
+        engine_dir = build(ckpt_dir, work / f"engine-{family}", progress=False, force=True,
+                           options=BuildOptions(llm_quant="rtn", torch_weights=True)).path
+        ref = ReferenceVILA(load_checkpoint(ckpt_dir))
+        ref.load_llm_weights(dequantized_weights(engine_dir / "llm"))
+        cfg, tok, img = ref.cfg, ref.ckpt.tokenizer, _image()
+        items = ref.image_items(preprocess_image(img, cfg.vision, single=True))
+        content = user_content(cfg, PROMPT, n_images=1, n_tiles=len(items))
+        ids = tokenize(cfg, tok, render(cfg.llm.chat_format, [Message("user", content)], tok), first=True)
+        emb = ref.inputs_embeds(ids, items)
+
+        manifest = json.loads((engine_dir / "manifest.json").read_text())
+        llm = TorchLLMEngine(engine_dir / "llm", manifest["llm"], device=device, max_context=512)
+        first = llm.forward(emb.numpy())
+        want = mask_untrained(ref.logits(emb)[-1], cfg).numpy()
+        err = _rel_err(mask_untrained(torch.from_numpy(first), cfg).numpy(), want)
+        got_tokens = _masked_greedy(first, lambda t, llm=llm: llm.forward(llm.embed([t])), cfg, GREEDY)
+        want_tokens = ref.greedy(emb, GREEDY)  # stops on the stop tokens: compared over its length
+        agree = next((i for i, (a, b) in enumerate(zip(got_tokens, want_tokens, strict=False)) if a != b),
+                     min(len(got_tokens), len(want_tokens)))
+        rep.row("fixtures", f"{family} LLM logits", f"relative error {err:.2e} (limit {tol:g}), "
+                f"{llm.describe()['decode']} decode", err <= tol, parity=True)
+        rep.row("fixtures", f"{family} greedy", f"first {agree} of {len(want_tokens)} reference tokens agree",
+                agree == len(want_tokens) if device == "cpu" else None, parity=True)
+
+        size = cfg.vision.image_size
+        pixels = np.random.default_rng(0).uniform(-1, 1, (3, 3, size, size)).astype(np.float32)
+        vision = TorchVisionEngine(engine_dir / "vision", manifest["vision"], device=device, dtype="float16")
+        cos = _cosine_min(vision.encode(pixels), ref.encode_tiles(pixels).numpy())
+        rep.row("fixtures", f"{family} vision fp16", f"cosine min {cos:.6f} vs fp32 reference", cos >= VISION_COSINE,
+                parity=True)
+
+        pipe = vila_edge.load(engine_dir, device=device, vision_backend="torch", llm_backend="torch")
+        pipe_emb = pipe.prompt_embeds(PROMPT, [img])
+        pcos = _cosine_min(pipe_emb, emb.numpy())
+        merge = pipe.describe()["merge"]
+        rep.row("fixtures", f"{family} pipeline embeds", f"cosine min {pcos:.6f} ({merge} merge)",
+                pcos >= VISION_COSINE, parity=True)
+        out.append({"family": family, "logits_rel_err": err, "greedy_agree": agree, "greedy_len": len(want_tokens),
+                    "vision_fp16_cosine_min": cos, "pipeline_embeds_cosine_min": pcos, "merge": merge,
+                    "llm": llm.describe(), "vision": vision.describe()})
+    return out
+
+
+# ---- 2. kernels -------------------------------------------------------------------------------------------------
+
+
+def kernels(rep: Report, results_dir: Path, timeout: int) -> dict:
+    import torch
+    from gpu_kernels import card_slug
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--quick", "--results-dir", str(results_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    path = results_dir / f"gpu_kernels_{card_slug(torch.cuda.get_device_name(0))}.json"
+    if not path.is_file():
+        raise RuntimeError(f"gpu_kernels.py wrote no JSON (exit {proc.returncode}): {proc.stderr[-400:]}")
+    table = json.loads(path.read_text())["table"]
+    for r in table:
+        if r["section"].startswith("s2"):
+            rep.row("kernels", r["case"], r["result"], {"PASS": True, "FAIL": False}.get(r["verdict"]))
+    return {"json": path.name, "exit": proc.returncode, "fails": sum(r["verdict"] == "FAIL" for r in table),
+            "table": table}
+
+
+# ---- 3. geometry: random int4 weights at real sizes, vs transformers fp16 eager ------------------------------------
+
+
+def _shrunk(preset):
+    """The preset at toy size (dry run on a CPU): same families, layer kinds and tiling, tiny widths."""
+    llm = {**preset.llm, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2 if preset.llm["model_type"] == "qwen2" else 4,
+           "vocab_size": 1024}
+    vision = {**preset.vision, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+              "num_attention_heads": 2}
+    top = {**preset.top, "hidden_size": 256, "mm_hidden_size": 64}
+    return dataclasses.replace(preset, llm=llm, vision=vision, top=top)
+
+
+def _random_int4(n: int, k: int, group: int, gen, device: str) -> dict:
+    """Codes, integer zero points and fp16-valued scales (|w| ~ 0.02, like trained projections)."""
+    import torch
+
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device, generator=gen)
+    zeros = torch.randint(0, 16, (n, k // group), device=device, generator=gen).float()
+    scales = (torch.rand(n, k // group, device=device, generator=gen) * 4e-3 + 2e-3).half().float()
+    return {"codes": codes, "zeros": zeros, "scales": scales}
+
+
+def random_llm(raw: dict, device: str, group: int = 128, seed: int = 0):
+    """(tensors + config in the torch-weights layout, fp16 embedding table, HF state dict of the same dequantized
+    weights in float32: the transformers model casts them to its own dtype)."""
+    import torch
+
+    from vila_edge.backends.torch_llm import dequantize_grouped
+    from vila_edge.builder.torch_weights import llm_config, rope_tables
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, inter, layers = raw["hidden_size"], raw["intermediate_size"], raw["num_hidden_layers"]
+    heads, kv = raw["num_attention_heads"], raw["num_key_value_heads"]
+    hd, vocab = h // heads, raw["vocab_size"]
+    qwen = raw["model_type"] == "qwen2"
+    tensors, linears, hf = {}, {}, {}
+
+    def linear(name: str, n: int, k: int, hf_names: list[tuple[str, int]]):
+        q = _random_int4(n, k, group, gen, device)
+        tensors[f"{name}.int4"] = (q["codes"][:, 0::2] << 4) | q["codes"][:, 1::2]
+        tensors[f"{name}.scales_and_zeros"] = torch.stack([q["scales"], (8 - q["zeros"]) * q["scales"]], -1
+                                                          ).transpose(0, 1).contiguous()
+        linears[name] = {"kind": "int4", "in": k, "out": n, "group_size": group, "bits": 4}
+        w = dequantize_grouped(q["codes"], q["zeros"], q["scales"], k)  # float32: exact
+        row = 0
+        for hf_name, rows in hf_names:
+            hf[hf_name] = w[row:row + rows]
+            row += rows
+
+    for i in range(layers):
+        p, m = f"layers.{i}.", f"model.layers.{i}."
+        linear(p + "qkv_proj", (heads + 2 * kv) * hd, h, [(m + "self_attn.q_proj.weight", heads * hd),
+                                                         (m + "self_attn.k_proj.weight", kv * hd),
+                                                         (m + "self_attn.v_proj.weight", kv * hd)])
+        if qwen:
+            bias = torch.randn((heads + 2 * kv) * hd, device=device, generator=gen) * 0.02
+            tensors[p + "qkv_proj.bias"] = bias
+            for j, (name, rows) in enumerate((("q", heads * hd), ("k", kv * hd), ("v", kv * hd))):
+                start = (0, heads * hd, (heads + kv) * hd)[j]
+                hf[m + f"self_attn.{name}_proj.bias"] = bias[start:start + rows]
+        linear(p + "o_proj", h, heads * hd, [(m + "self_attn.o_proj.weight", h)])
+        linear(p + "gate_up_proj", 2 * inter, h, [(m + "mlp.gate_proj.weight", inter), (m + "mlp.up_proj.weight", inter)])
+        linear(p + "down_proj", h, inter, [(m + "mlp.down_proj.weight", h)])
+        for ours, theirs in (("input_norm", "input_layernorm"), ("post_norm", "post_attention_layernorm")):
+            tensors[p + ours] = 1 + 0.1 * torch.rand(h, device=device, generator=gen)
+            hf[m + theirs + ".weight"] = tensors[p + ours]
+    tensors["norm"] = 1 + 0.1 * torch.rand(h, device=device, generator=gen)
+    hf["model.norm.weight"] = tensors["norm"]
+    linear("lm_head", vocab, h, [("lm_head.weight", vocab)])
+    inv_freq, scaling = rope_tables(raw)
+    tensors["rope_inv_freq"] = torch.from_numpy(inv_freq)
+    embed = (torch.randn(vocab, h, device=device, generator=gen) * 0.02).half()
+    hf["model.embed_tokens.weight"] = embed
+    config = llm_config(raw, linears, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
+                        rope_attention_scaling=scaling, source="random")
+    return tensors, config, embed.cpu().numpy(), hf
+
+
+def hf_model(raw: dict, state: dict, device: str, dtype):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = {**raw, "tie_word_embeddings": False}  # the random int4 head is its own tensor
+    model_type = raw.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "architectures"})
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise RuntimeError(f"transformers model weights: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.eval()
+
+
+def _roofline_bandwidth(device: str) -> dict:
+    """Measured device copy bandwidth (bytes read + written) and the datasheet figure when known."""
+    import torch
+
+    if device != "cuda":
+        return {"measured_gbs": None, "datasheet_gbs": None, "fp16_tflops": None}
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    t = _median_s(lambda: b.copy_(a), 10, torch.cuda.synchronize)
+    name = torch.cuda.get_device_name(0)
+    card = next((c for c in CARDS if c[0].lower() in name.lower()), None)
+    return {"measured_gbs": 2 * (1 << 30) / t / 1e9, "datasheet_gbs": card[1] if card else None,
+            "fp16_tflops": card[2] if card else None}
+
+
+def geometry(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: int, runs: int, bw: dict) -> dict:
+    import torch
+
+    from vila_edge.backends.torch_llm import TorchLLMEngine
+    from vila_edge.backends.torch_vision import TorchVisionEngine
+    from vila_edge.media.tiling import preprocess_image
+    from vila_edge.plan import vision_flops_per_tile
+    from vila_edge.presets import get_preset
+
+    preset = get_preset(preset_name)
+    if dry:
+        preset = _shrunk(preset)
+    cfg = preset.config()
+    sync = _sync(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    tol = GPU_LOGIT_TOL if device == "cuda" else CPU_LOGIT_TOL
+
+    # vision: the tiles of a 1280x720 image in one batch
+    vt, vc = random_vision(preset, cfg, device)
+    vision = TorchVisionEngine.from_tensors(vt, vc, device=device, dtype="float16" if device == "cuda" else None)
+    pixels = preprocess_image(_image(1280, 720), cfg.vision, single=True).pixels
+    tiles = pixels.shape[0]
+    vision.project(vision.encode(pixels))  # warm-up
+    t_vision = _median_s(lambda: vision.project(vision.encode(pixels)), runs, sync)
+    media = vision.project(vision.encode(pixels))
+    positions = media.shape[0] * media.shape[1] + TEXT_TOKENS
+    flops_tile = vision_flops_per_tile(cfg)
+
+    # LLM: ours and transformers on the same dequantized weights
+    tensors, config, table, hf_state = random_llm(preset.llm, device)
+    max_context = positions + new_tokens + 16
+    ours = TorchLLMEngine.from_tensors(tensors, config, table, max_context=max_context, device=device,
+                                       dtype="float16" if device == "cuda" else None)
+    weight_bytes = sum(t.numel() * t.element_size() for t in ours.model.tensors()
+                       if t is not ours.model.cache and t is not ours.model.positions)
+    del tensors
+    model = hf_model(preset.llm, hf_state, device, dtype)
+    del hf_state
+    rng = np.random.default_rng(0)
+    prompt = np.asarray(table[rng.integers(0, table.shape[0], positions)], np.float32)
+    prompt_t = torch.from_numpy(prompt).to(device, dtype)[None]
+
+    def ours_prefill():
+        ours.reset()
+        return ours.forward(prompt)
+
+    def ours_decode():
+        logits = ours_prefill()
+        for _ in range(new_tokens):
+            logits = ours.forward(ours.embed([int(np.argmax(logits))]))
+
+    @torch.inference_mode()
+    def hf_prefill():
+        return model(inputs_embeds=prompt_t, use_cache=True)
+
+    @torch.inference_mode()
+    def hf_decode():
+        out = hf_prefill()
+        cache, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt.view(1, 1), past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        sync()
+
+    # parity: first logits and greedy agreement
+    first = ours_prefill()
+    want = hf_prefill().logits[0, -1].float().cpu().numpy()
+    err = _rel_err(first, want)
+    rep.row(preset_name, "logits vs transformers", f"relative error {err:.2e} (limit {tol:g})", err <= tol, parity=True)
+
+    # speed
+    ours_decode()  # warm-up (the CUDA graph is captured at load)
+    t_prefill = _median_s(ours_prefill, runs, sync)
+    t_ours = _median_s(ours_decode, runs, sync) - t_prefill
+    hf_decode()
+    t_hf_prefill = _median_s(hf_prefill, runs, sync)
+    t_hf = _median_s(hf_decode, max(1, runs - 1), sync) - t_hf_prefill
+    tok_s, tok_s_hf = new_tokens / t_ours, new_tokens / t_hf
+    kv_bytes = ours.kv_bytes()
+    step_bytes = weight_bytes + kv_bytes
+    out = {
+        "preset": preset_name, "dry_run_geometry": dry, "tiles": tiles, "positions": positions,
+        "vision_ms_per_tile": 1e3 * t_vision / tiles, "vision_tflops": flops_tile * tiles / t_vision / 1e12,
+        "prefill_ms": 1e3 * t_prefill, "ttft_ms": 1e3 * (t_vision + t_prefill),
+        "transformers_prefill_ms": 1e3 * t_hf_prefill, "transformers_ttft_ms": 1e3 * (t_vision + t_hf_prefill),
+        "decode_tok_s": tok_s, "transformers_fp16_eager_decode_tok_s": tok_s_hf, "decode_speedup": tok_s / tok_s_hf,
+        "decode_bytes_per_token": step_bytes, "weight_bytes": weight_bytes, "kv_bytes_read_per_token": kv_bytes,
+        "logits_rel_err_vs_transformers": err, "llm": ours.describe(), "new_tokens": new_tokens,
+    }
+    rep.row(preset_name, "vision", f"{out['vision_ms_per_tile']:.2f} ms/tile ({tiles} tiles), "
+            f"{out['vision_tflops']:.1f} TFLOPS", None)
+    rep.row(preset_name, "TTFT", f"{out['ttft_ms']:.1f} ms ({positions} positions) vs transformers "
+            f"{out['transformers_ttft_ms']:.1f} ms", None)
+    rep.row(preset_name, "decode", f"{tok_s:.1f} tok/s vs transformers fp16 eager {tok_s_hf:.1f} = "
+            f"{out['decode_speedup']:.2f}x (goal 3x)", out["decode_speedup"] >= 3 if device == "cuda" else None)
+    for key in ("measured_gbs", "datasheet_gbs"):
+        if bw.get(key):
+            share = tok_s * step_bytes / (bw[key] * 1e9)
+            out[f"roofline_share_{key.split('_')[0]}"] = share
+            goal = share >= 0.5 if (key == "datasheet_gbs" and preset_name == "nvila-lite-2b") else None
+            rep.row(preset_name, f"roofline ({key.split('_')[0]} {bw[key]:.0f} GB/s)",
+                    f"{share:.1%} ({step_bytes / 1e9:.3f} GB/token)", goal)
+    if bw.get("fp16_tflops"):
+        out["vision_efficiency"] = out["vision_tflops"] / bw["fp16_tflops"]
+    return out
+
+
+def random_vision(preset, cfg, device: str):
+    """(tensors, config) of a random SigLIP tower (the layers used) + projector at the preset's widths, in the
+    torch-weights layout (std 0.5 / sqrt(fan-in): activations stay O(1) through the layers)."""
+    import torch
+
+    from vila_edge.builder.torch_weights import vision_config
+    from vila_edge.reference.projector import Projector
+
+    v = preset.vision
+    h, inter, patch = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    grid = cfg.vision.image_size // patch
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device) * (0.5 / shape[-1] ** 0.5)
+
+    out = {"tower.embeddings.patch_embedding.weight": rand(h, 3, patch, patch).reshape(h, 3, patch, patch),
+           "tower.embeddings.patch_embedding.bias": torch.zeros(h, device=device),
+           "tower.embeddings.position_embedding.weight": torch.randn(grid * grid, h, device=device) * 0.02}
+    for i in range(cfg.vision.layers_used):
+        p = f"tower.layers.{i}."
+        for ln in ("layer_norm1", "layer_norm2"):
+            out[p + ln + ".weight"], out[p + ln + ".bias"] = torch.ones(h, device=device), torch.zeros(h, device=device)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[p + f"self_attn.{name}.weight"], out[p + f"self_attn.{name}.bias"] = rand(h, h), torch.zeros(h, device=device)
+        out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = rand(inter, h), torch.zeros(inter, device=device)
+        out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = rand(h, inter), torch.zeros(h, device=device)
+    for k, t in Projector(cfg.projector).state_dict().items():
+        out["projector." + k] = t.to(device)
+    return out, vision_config(v, cfg)
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, toy geometry, no kernel section: checks the script")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_<card>.json; dry run: "
+                    "a temp dir)")
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--work-dir", default=None, help="scratch space for the fixture builds (default: a temp dir)")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+
+    import torch
+
+    if args.dry_run:
+        device = "cpu"
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        print("no CUDA GPU visible to PyTorch; run with --dry-run on a CPU", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu-{platform.machine()}"
+    env = {"card": card, "device": device, "dry_run": args.dry_run, "torch": torch.__version__,
+           "cuda_runtime": torch.version.cuda, "python": platform.python_version()}
+    if device == "cuda":
+        cc = torch.cuda.get_device_capability(0)
+        env["sm"] = f"{cc[0]}{cc[1]}"
+    log(f"vila-edge GPU check on {card} ({device}{', dry run' if args.dry_run else ''}); torch {torch.__version__}")
+    rep = Report()
+    from gpu_kernels import card_slug
+
+    results_dir = ROOT / "benchmarks" / "results"
+    with tempfile.TemporaryDirectory(prefix="vila-edge-gpu-check-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        out_path = Path(args.out) if args.out else (Path(tmp) / "gpu_dryrun.json" if args.dry_run
+                                                    else results_dir / f"gpu_{card_slug(card)}.json")
+        rep.run("fixtures", fixtures, device, work, [f for f in args.families.split(",") if f])
+        if device == "cuda" and not args.skip_kernels:
+            rep.run("kernels", kernels, results_dir, 150)
+        bw = _roofline_bandwidth(device)
+        env["bandwidth"] = bw
+        new_tokens, runs = (8, 1) if args.dry_run else (NEW_TOKENS, 3)
+        for name in [p for p in args.presets.split(",") if p]:
+            rep.run(name, geometry, device, name, args.dry_run, new_tokens, runs, bw)
+        geo = [s["results"] for n, s in rep.sections.items() if n in PRESETS and s.get("ok")]
+        planner = {g["preset"]: {k: g.get(k) for k in ("roofline_share_datasheet", "roofline_share_measured",
+                                                       "vision_efficiency")} for g in geo}
+        env["total_seconds"] = round(time.time() - t_start, 1)
+        result = {"env": env, "sections": rep.sections, "planner": planner,
+                  "table": [dict(zip(("section", "case", "result", "verdict"), r, strict=True)) for r in rep.rows]}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    n_fail = sum(r[3] == "FAIL" for r in rep.rows)
+    print("\n" + "=" * 110)
+    print(f"vila-edge GPU check on {card}, {env['total_seconds']} s; JSON: {out_path}")
+    w = [max(len(r[i]) for r in rep.rows + [("section", "case", "result", "verdict")]) for i in range(2)]
+    for sec, case, res, verdict in rep.rows:
+        print(f"{sec:<{w[0]}}  {case:<{w[1]}}  {verdict:<7}  {res}")
+    print(f"{n_fail} FAIL ({rep.parity_failures} parity)", flush=True)
+    return 1 if rep.parity_failures or any(not s.get("ok") for s in rep.sections.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
