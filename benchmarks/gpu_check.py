@@ -364,8 +364,7 @@ def geometry(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: 
     max_context = positions + new_tokens + 16
     ours = TorchLLMEngine.from_tensors(tensors, config, table, max_context=max_context, device=device,
                                        dtype="float16" if device == "cuda" else None)
-    weight_bytes = sum(t.numel() * t.element_size() for t in ours.model.tensors()
-                       if t is not ours.model.cache and t is not ours.model.positions)
+    weight_bytes = sum(t.numel() * t.element_size() for t in ours.model.tensors(decode_only=True))
     del tensors
     model = hf_model(preset.llm, hf_state, device, dtype)
     del hf_state

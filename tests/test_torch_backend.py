@@ -108,11 +108,12 @@ def test_int4_linear_equals_awq_dequantization(group):
     assert sz.shape == (k // group, n, 2) and np.array_equal(sz[..., 1].T, (8 - zeros) * scales)  # exact zeros
     lin = Int4Linear(torch.from_numpy(tw.pack_int4_rows(codes)), torch.from_numpy(sz), group, None,
                      torch.float32, "cpu")
-    x = torch.from_numpy(rng.standard_normal((5, k)).astype(np.float32))
-    want = x.double() @ dequantize_grouped(torch.from_numpy(codes), torch.from_numpy(zeros),
-                                           torch.from_numpy(scales), k).double().T
-    got = lin(x).double()
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+    w = dequantize_grouped(torch.from_numpy(codes), torch.from_numpy(zeros), torch.from_numpy(scales), k).double()
+    for rows in (5, Int4Linear.DENSE_ROWS + 1):  # the int4 kernel; the dequantized dense GEMM (prefill sizes)
+        x = torch.from_numpy(rng.standard_normal((rows, k)).astype(np.float32))
+        want = x.double() @ w.T
+        got = lin(x).double()
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-6
 
 
 def test_packed_rows_put_the_even_column_in_the_high_nibble():
@@ -131,6 +132,9 @@ def test_shapes_the_int4_kernels_refuse_are_stored_grouped():
                            "zeros": np.full((32, 2), 3, np.float32), "scales": np.ones((32, 2), np.float32)},
                      tensors)["kind"] == "int4"
     assert tw._store("z", {**part, "bits": 8}, tensors)["kind"] == "grouped"
+    inexact = {**part, "N": 32, "codes": np.zeros((32, 64), np.uint8), "zeros": np.full((32, 2), 1, np.float32),
+               "scales": np.full((32, 2), 1 + 2.0 ** -23, np.float32)}  # 24 significant bits: 7 * s rounds
+    assert tw._store("w", inexact, tensors)["kind"] == "grouped"
 
 
 # ---- LLM parity ---------------------------------------------------------------------------------------------

@@ -90,34 +90,64 @@ def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
 
 
-class Int4Linear:
-    """y = x @ W.T (+ b) with W int4, per group of `group_size` input columns: (q - 8) * scale + zero."""
+def unpack_int4_rows(packed_rows):
+    """uint8 [N, K/2] (even K index in the high nibble) -> uint8 codes [N, K]."""
+    import torch
 
-    def __init__(self, packed_rows, scales_and_zeros, group_size: int, bias, dtype, device: str):
+    return torch.stack([packed_rows >> 4, packed_rows & 0x0F], dim=-1).reshape(packed_rows.shape[0], -1)
+
+
+class Int4Linear:
+    """y = x @ W.T (+ b) with W int4, per group of `group_size` input columns: (q - 8) * scale + zero.
+
+    Calls with at most DENSE_ROWS rows (decode) run the int4 kernel. tinygemm and the CPU int4 kernel are
+    GEMV-class: at prefill sizes they are 10-30x slower than a dense GEMM, so with `dense_prefill` (keeps the
+    nibble rows and float32 scales/zeros too: +0.5 byte a weight) larger calls dequantize the weight (exact
+    float32 arithmetic, then the model dtype) and run F.linear."""
+
+    DENSE_ROWS = 16
+
+    def __init__(self, packed_rows, scales_and_zeros, group_size: int, bias, dtype, device: str,
+                 dense_prefill: bool = True):
         import torch
 
         self.group_size = group_size
         self.out_features = packed_rows.shape[0]
+        self.dtype = dtype
         k = packed_rows.shape[1] * 2
         inner = _inner_k_tiles(k)
+        packed_rows = packed_rows.to(device).contiguous()
         if device == "cuda":
             # tinygemm takes the nibble-packed rows and tiles them for the tensor cores (on the GPU)
-            self.weight = torch.ops.aten._convert_weight_to_int4pack(packed_rows.to(device).contiguous(), inner)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(packed_rows, inner)
             self.sz = scales_and_zeros.to(device=device, dtype=torch.bfloat16).contiguous()
             self.mm = torch.ops.aten._weight_int4pack_mm
             self.kernel_dtype = torch.bfloat16
         else:
-            codes = torch.stack([packed_rows >> 4, packed_rows & 0x0F], dim=-1).reshape(self.out_features, k)
-            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), inner)
+            codes = unpack_int4_rows(packed_rows).to(torch.int32).contiguous()
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, inner)
             self.sz = scales_and_zeros.to(dtype).contiguous()
             self.mm = torch.ops.aten._weight_int4pack_mm_for_cpu
             self.kernel_dtype = dtype
+        self.rows = packed_rows if dense_prefill else None
+        self.sz32 = scales_and_zeros.to(device=device, dtype=torch.float32).contiguous() if dense_prefill else None
         self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
+    def dense_weight(self):
+        """The weight [N, K] in the model dtype: (q - 8) * scale + zero in float32."""
+        codes = unpack_int4_rows(self.rows).float().reshape(self.out_features, -1, self.group_size)
+        scale, zero = self.sz32[..., 0].t()[..., None], self.sz32[..., 1].t()[..., None]
+        return ((codes - 8) * scale + zero).reshape(self.out_features, -1).to(self.dtype)
+
     def __call__(self, x):
+        import torch.nn.functional as F
+
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = self.mm(x2.to(self.kernel_dtype).contiguous(), self.weight, self.group_size, self.sz).to(x.dtype)
+        if self.rows is not None and x2.shape[0] > self.DENSE_ROWS:
+            y = F.linear(x2, self.dense_weight())
+        else:
+            y = self.mm(x2.to(self.kernel_dtype).contiguous(), self.weight, self.group_size, self.sz).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -143,12 +173,12 @@ def dequantize_grouped(codes, zeros, scales, k: int):
     return ((c - zeros.float()[..., None]) * scales.float()[..., None]).reshape(n, -1)[:, :k]
 
 
-def make_linear(tensors: dict, name: str, meta: dict, dtype, device: str):
+def make_linear(tensors: dict, name: str, meta: dict, dtype, device: str, dense_prefill: bool = True):
     bias = tensors.get(f"{name}.bias")
     kind = meta["kind"]
     if kind == "int4":
         return Int4Linear(tensors[f"{name}.int4"], tensors[f"{name}.scales_and_zeros"], int(meta["group_size"]),
-                          bias, dtype, device)
+                          bias, dtype, device, dense_prefill)
     if kind == "grouped":
         w = dequantize_grouped(tensors[f"{name}.codes"], tensors[f"{name}.zeros"], tensors[f"{name}.scales"],
                                int(meta["in"]))
@@ -182,7 +212,8 @@ def rotate(x, cos, sin):
 class TorchDecoder:
     """Llama / Qwen2 decoder over a static KV cache. `forward(x [n, D], start)` -> last-position logits [V]."""
 
-    def __init__(self, tensors: dict, config: dict, *, dtype, device: str, max_context: int):
+    def __init__(self, tensors: dict, config: dict, *, dtype, device: str, max_context: int,
+                 dense_prefill: bool = True):
         import torch
 
         self.cfg = config
@@ -200,11 +231,11 @@ class TorchDecoder:
             self.layers.append({
                 "input_norm": tensors[p + "input_norm"].to(device=device, dtype=dtype),
                 "post_norm": tensors[p + "post_norm"].to(device=device, dtype=dtype),
-                **{name: make_linear(tensors, p + name, lin[p + name], dtype, device)
+                **{name: make_linear(tensors, p + name, lin[p + name], dtype, device, dense_prefill)
                    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")},
             })
         self.norm = tensors["norm"].to(device=device, dtype=dtype)
-        self.lm_head = make_linear(tensors, "lm_head", lin["lm_head"], dtype, device)
+        self.lm_head = make_linear(tensors, "lm_head", lin["lm_head"], dtype, device, dense_prefill)
         self.inv_freq = tensors["rope_inv_freq"].to(device=device, dtype=torch.float32)
         self.rope_scaling = float(config.get("rope_attention_scaling", 1.0))
         self.max_context = max_context
@@ -212,16 +243,18 @@ class TorchDecoder:
         self.cache = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.arange(max_context, device=device)
 
-    def tensors(self):
-        """Every tensor the decoder holds (weights, cache, tables)."""
-        parts = [self.cache, self.positions, self.inv_freq, self.norm, self.lm_head]
+    def tensors(self, decode_only: bool = False):
+        """Every tensor the decoder holds (weights, cache, tables); `decode_only`: the weights and norms a decode
+        step reads (not the cache, not the dense-prefill copies)."""
+        parts = [self.norm, self.lm_head] + ([] if decode_only else [self.cache, self.positions, self.inv_freq])
         for layer in self.layers:
             parts += list(layer.values())
         for p in parts:
-            if hasattr(p, "weight"):  # a linear
-                yield from (t for t in (p.weight, getattr(p, "sz", None), p.bias) if t is not None)
-            else:
+            if not hasattr(p, "weight"):  # a norm or a table
                 yield p
+                continue
+            extra = () if decode_only else (getattr(p, "rows", None), getattr(p, "sz32", None))
+            yield from (t for t in (p.weight, getattr(p, "sz", None), p.bias, *extra) if t is not None)
 
     def rope(self, pos):
         """cos, sin [n, head_dim] for integer positions `pos` [n], in float32 then the model dtype (as transformers)."""
@@ -314,12 +347,13 @@ class CudaGraphStep:
 class TorchLLMEngine(LLMEngine):
     """`LLMEngine` over `TorchDecoder`. `decode`: how one-token steps run, one of DECODE_MODES (default
     "cuda-graph" on CUDA, "eager" on the CPU); "static" is the fixed-shape step without graph or compiler
-    (what the other two run)."""
+    (what the other two run). `dense_prefill`: see `Int4Linear` (off: less memory, slower prefill)."""
 
     name = "torch"
 
     def __init__(self, llm_dir, info: dict | None = None, *, device: str = "auto", dtype: str | None = None,
-                 max_context: int | None = None, threads: int | None = None, decode: str | None = None):
+                 max_context: int | None = None, threads: int | None = None, decode: str | None = None,
+                 dense_prefill: bool = True):
         llm_dir = Path(llm_dir)
         info = dict(info or {})
         tensors, config = read_safetensors(llm_dir / LLM_FILE)
@@ -329,18 +363,21 @@ class TorchLLMEngine(LLMEngine):
             raise EngineError(f"{emb_path}: embedding table missing; rebuild with `vila-edge build`")
         ctx = int(info.get("context_length") or info.get("max_context") or 4096)
         self._setup(tensors, config, np.load(emb_path, mmap_mode="r"), device=device, dtype=dtype,
-                    max_context=min(ctx, max_context) if max_context else ctx, threads=threads, decode=decode)
+                    max_context=min(ctx, max_context) if max_context else ctx, threads=threads, decode=decode,
+                    dense_prefill=dense_prefill)
 
     @classmethod
     def from_tensors(cls, tensors: dict, config: dict, embed_table: np.ndarray, *, max_context: int,
-                     device: str = "auto", dtype: str | None = None, decode: str | None = None) -> TorchLLMEngine:
+                     device: str = "auto", dtype: str | None = None, decode: str | None = None,
+                     dense_prefill: bool = True) -> TorchLLMEngine:
         """An engine over in-memory weights in the file's layout (benchmarks build random ones at real sizes)."""
         self = cls.__new__(cls)
         self._setup(tensors, config, embed_table, device=device, dtype=dtype, max_context=max_context, threads=None,
-                    decode=decode)
+                    decode=decode, dense_prefill=dense_prefill)
         return self
 
-    def _setup(self, tensors, config, embed_table, *, device, dtype, max_context, threads, decode) -> None:
+    def _setup(self, tensors, config, embed_table, *, device, dtype, max_context, threads, decode,
+               dense_prefill) -> None:
         import torch
 
         LLMEngine.__init__(self)
@@ -353,7 +390,9 @@ class TorchLLMEngine(LLMEngine):
         self.hidden_size = int(config["hidden_size"])
         self.vocab_size = int(config["vocab_size"])
         self.config = config
-        self.model = TorchDecoder(tensors, config, dtype=self.dtype, device=self.device, max_context=self.max_context)
+        self.dense_prefill = dense_prefill
+        self.model = TorchDecoder(tensors, config, dtype=self.dtype, device=self.device, max_context=self.max_context,
+                                  dense_prefill=dense_prefill)
         self.decode_mode = decode or ("cuda-graph" if self.device == "cuda" else "eager")
         if self.decode_mode not in DECODE_MODES:
             raise EngineError(f"decode {self.decode_mode!r} is not one of: {', '.join(DECODE_MODES)}")
@@ -375,6 +414,7 @@ class TorchLLMEngine(LLMEngine):
         return {"backend": self.name, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
                 "linears": kinds, "int4_kernel": "_weight_int4pack_mm" + ("_for_cpu" if self.device == "cpu" else ""),
                 "decode": self.decode_mode,
+                "prefill": "dequantized dense GEMM" if self.dense_prefill else "int4 kernel",
                 "kv_cache": f"static {self.kv_bytes() / (1 << 20):.1f} MiB", "lm_head": "last position only",
                 "max_context": self.max_context}
 

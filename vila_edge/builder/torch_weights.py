@@ -13,8 +13,8 @@ linear, one of three storage kinds (the safetensors metadata "config" JSON says 
   `_convert_weight_to_int4pack` (CUDA; the backend repacks into the tensor-core tile layout on the GPU at load,
   the packed layout depends on the device). `{name}.scales_and_zeros` float32 [K/G, N, 2]. Those kernels
   dequantize `(q - 8) * scale + zero` with a float zero; AWQ / MatMulNBits compute `(q - z) * scale` with an
-  integer zero point z, so `zero = (8 - z) * scale`: an integer in -7..8 times a scale with at most 24
-  significant bits is exact in float32 (checked here, per tensor).
+  integer zero point z, so `zero = (8 - z) * scale`: an integer in -7..8 times an fp16-valued scale (AWQ's) is
+  exact in float32. Checked per tensor; a linear whose products are not exact is stored "grouped" instead.
 - "grouped": any other quantized linear (8-bit heads, shapes the int4 kernels refuse: N % 16, K % 32, group
   sizes outside 32..256): `{name}.codes` uint8 [N, blocks*G], `{name}.zeros` and `{name}.scales` float32
   [N, blocks]; the backend dequantizes them once at load.
@@ -97,21 +97,28 @@ def _fuse(parts: list[dict], where: str) -> dict:
     return {**out, "K": first["K"], "N": out["codes"].shape[0], "block": first["block"], "bits": first["bits"]}
 
 
+def _float_zeros(scales: np.ndarray, zeros: np.ndarray) -> np.ndarray | None:
+    """(8 - z) * scale in float32, or None when a product is not exact (scales with more than ~20 significant
+    bits: not AWQ's fp16 ones)."""
+    s = scales.astype(np.float32)
+    zf = ((8.0 - zeros.astype(np.float32)) * s).astype(np.float32)
+    exact = np.array_equal(zf.astype(np.float64), (8.0 - zeros.astype(np.float64)) * s.astype(np.float64))
+    return zf if exact else None
+
+
 def _int4_ok(p: dict) -> bool:
     zeros_are_codes = np.array_equal(p["zeros"], np.round(p["zeros"])) and p["zeros"].min() >= 0 \
         and p["zeros"].max() <= 15
     return (p.get("bits") == 4 and zeros_are_codes and p["block"] in INT4_GROUPS and p["K"] % p["block"] == 0
-            and p["K"] % 32 == 0 and p["N"] % 16 == 0)
+            and p["K"] % 32 == 0 and p["N"] % 16 == 0 and _float_zeros(p["scales"], p["zeros"]) is not None)
 
 
 def int4_scales_and_zeros(scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
     """[N, groups] scales and integer zero points -> float32 [groups, N, 2] (scale, (8 - z) * scale), exact."""
-    s = scales.astype(np.float32)
-    zf = ((8.0 - zeros.astype(np.float32)) * s).astype(np.float32)
-    if not np.array_equal(zf.astype(np.float64), (8.0 - zeros.astype(np.float64)) * s.astype(np.float64)):
-        raise EngineError("an AWQ zero point is not exactly representable as a float32 zero (scales with more "
-                          "than 20 significant bits); please report it")
-    return np.ascontiguousarray(np.stack([s, zf], axis=-1).transpose(1, 0, 2))
+    zf = _float_zeros(scales, zeros)
+    if zf is None:
+        raise EngineError("a zero point is not exactly representable as a float32 zero; store the linear grouped")
+    return np.ascontiguousarray(np.stack([scales.astype(np.float32), zf], axis=-1).transpose(1, 0, 2))
 
 
 def pack_int4_rows(codes: np.ndarray) -> np.ndarray:
