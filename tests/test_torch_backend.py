@@ -148,8 +148,9 @@ def test_int4_llm_matches_reference_with_the_same_weights(torch_engine_dir, tiny
     want_first = ref.logits(emb)[-1].numpy()
     want_tokens = _reference_greedy(ref, emb, GREEDY_STEPS)
     meta = json.loads((engine_dir / "manifest.json").read_text())["llm"]
-    for static in (False, True):  # eager decode; the fixed-shape step that CUDA graphs capture
-        eng = TorchLLMEngine(engine_dir / "llm", meta, device="cpu", decode="static" if static else "eager",
+    # eager decode + dequantized prefill; the fixed-shape step that CUDA graphs capture + int4-kernel prefill
+    for decode, dense_prefill in (("eager", True), ("static", False)):
+        eng = TorchLLMEngine(engine_dir / "llm", meta, device="cpu", decode=decode, dense_prefill=dense_prefill,
                              max_context=256)
         assert eng.describe()["linears"] == ["grouped", "int4"]  # int4 body, 8-bit lm_head
         first, tokens = _engine_greedy(eng, emb.numpy(), GREEDY_STEPS, ref.cfg)
@@ -323,3 +324,26 @@ def test_builder_writes_the_torch_weights(tiny_checkpoint, tmp_path):
 
     pipe = vila_edge.load(out, device="cpu", threads=1, vision_backend="torch", llm_backend="torch")
     assert pipe.generate(PROMPT, images=[_image()], max_new_tokens=3).token_ids
+
+
+# ---- planner --------------------------------------------------------------------------------------------------
+
+
+def test_planner_torch_backend_on_orin_uses_the_stated_estimates():
+    """The Orin profiles state torch backend efficiencies (estimates); NVILA-Lite-2B decode is predicted above
+    TinyChat's NVILA-3B 45 tok/s on AGX Orin, counting the default build's 8-bit head as fp16."""
+    from vila_edge.errors import VilaEdgeError
+    from vila_edge.plan import list_profiles, load_profile, plan
+
+    for name in (n for n in list_profiles() if "orin" in n):
+        prof = load_profile(name)
+        assert 0 < prof.torch_decode_efficiency < prof.decode_efficiency and prof.torch_vision_efficiency > 0, name
+    native = plan("nvila-lite-2b", "agx-orin-64gb", max_context=2048)
+    torch_plan = plan("nvila-lite-2b", "agx-orin-64gb", max_context=2048, backend="torch")
+    assert torch_plan.efficiency["backend"] == "torch" and torch_plan.efficiency["decode_efficiency"] == 0.45
+    assert torch_plan.predicted["decode_bytes_per_token_ctx1k"] > native.predicted["decode_bytes_per_token_ctx1k"]
+    assert torch_plan.predicted["decode_tok_s_ctx1k"] > 45.0
+    with pytest.raises(VilaEdgeError, match="no torch backend efficiencies"):
+        plan("nvila-lite-2b", "cpu-laptop", backend="torch")
+    with pytest.raises(VilaEdgeError, match="backend 'jax'"):
+        plan("nvila-lite-2b", "agx-orin-64gb", backend="jax")

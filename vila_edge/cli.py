@@ -87,6 +87,8 @@ def plan(
     vision_precision: str | None = typer.Option(None, help="Vision tower weights: fp16 | fp32 | fp8 | int8 (default fp16 on GPUs, fp32 on CPUs)."),
     single_scale: bool = typer.Option(False, "--single-scale", help="Run the vision tower at one scale instead of S2."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    backend: str = typer.Option("native", help="native (TensorRT / ONNX Runtime) | torch (the PyTorch backend's "
+                                "efficiencies, estimates until measured)."),
 ):
     """Memory budget and predicted speed of a model on a device; exits 2 with one line if it does not fit."""
     from vila_edge.catalog import find_known
@@ -98,7 +100,7 @@ def plan(
     known = find_known(hub.repo) if hub else None
     target = known.preset.config() if known else (_checkpoint(model).path if hub else model)
     p = make_plan(target, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision,
-                  vision_precision=vision_precision, single_scale=single_scale)
+                  vision_precision=vision_precision, single_scale=single_scale, backend=backend)
     if hub:
         p.model = hub.name
     if as_json:

@@ -67,6 +67,8 @@ class DeviceProfile:
     vision_efficiency: float
     fused_attention: bool
     fp32_tflops: float = 0.0
+    torch_decode_efficiency: float = 0.0  # the PyTorch backend (`plan(..., backend="torch")`); 0: not stated
+    torch_vision_efficiency: float = 0.0
     source: str = ""
 
     @property
@@ -159,8 +161,9 @@ def llm_small_bytes(cfg: VilaConfig) -> int:
     return 2 * n
 
 
-def llm_weight_bytes(cfg: VilaConfig, precision: str) -> dict[str, int]:
-    """Resident LLM bytes by piece, and what one decode step reads (`decode_read`)."""
+def llm_weight_bytes(cfg: VilaConfig, precision: str, lm_head_bits: float | None = None) -> dict[str, int]:
+    """Resident LLM bytes by piece, and what one decode step reads (`decode_read`). `lm_head_bits`: the head's
+    bits when they differ from the body's (quantized builds)."""
     bits = _bits(precision)
     m = cfg.llm
     table = m.vocab_size * m.hidden_size
@@ -172,7 +175,7 @@ def llm_weight_bytes(cfg: VilaConfig, precision: str) -> dict[str, int]:
         lm_head = table * dense
         embed = 0 if m.tie_word_embeddings else table * dense
     else:
-        lm_head = math.ceil(table * bits / 8)
+        lm_head = math.ceil(table * (lm_head_bits or bits) / 8)
         embed = 0 if m.tie_word_embeddings else table * 2
     total = linear + small + lm_head + embed
     row = m.hidden_size * 2
@@ -295,9 +298,9 @@ def _resolve_model(model) -> tuple[str, VilaConfig]:
 
 
 def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_precision: str, max_context: int,
-            max_tiles: int, single_scale: bool) -> tuple[dict, dict, int, int]:
+            max_tiles: int, single_scale: bool, lm_head_bits: float | None = None) -> tuple[dict, dict, int, int]:
     m, v = cfg.llm, cfg.vision
-    w = llm_weight_bytes(cfg, llm_precision)
+    w = llm_weight_bytes(cfg, llm_precision, lm_head_bits)
     vp = vision_params(cfg)
     vbytes = _bits(vision_precision) / 8
     pbytes = 4 if vision_precision == "fp32" else 2
@@ -326,10 +329,10 @@ def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_prec
 
 
 def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int, positions: int,
-            max_context: int) -> tuple[dict, dict]:
+            max_context: int, lm_head_bits: float | None = None) -> tuple[dict, dict]:
     """Predicted speeds (and the efficiency factors they assume)."""
     m = cfg.llm
-    w = llm_weight_bytes(cfg, llm_precision)
+    w = llm_weight_bytes(cfg, llm_precision, lm_head_bits)
     bw = dev.bandwidth_gbs * 1e9
     kvp = m.kv_bytes_per_token_fp16
 
@@ -363,12 +366,25 @@ def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int,
 
 def plan(model, device, *, max_context: int | None = None, max_tiles: int | None = None,
          llm_precision: str = "int4", vision_precision: str | None = None, single_scale: bool = False,
-         suggest: bool = True) -> Plan:
+         suggest: bool = True, backend: str = "native") -> Plan:
     """Memory budget and speed predictions for `model` (preset name, checkpoint path, Checkpoint or
     VilaConfig) on `device` (profile name, TOML path or DeviceProfile). Defaults: the checkpoint's own
-    max length and max tiles; vision weights fp16 on GPUs, fp32 on CPUs (what `vila-edge build` exports)."""
+    max length and max tiles; vision weights fp16 on GPUs, fp32 on CPUs (what `vila-edge build` exports).
+    `backend`: "native" (the profile's engines: TensorRT / TensorRT-LLM, ONNX Runtime on CPUs) or "torch" (the
+    PyTorch backend: the profile's torch_* efficiencies; the default build's 8-bit LM head runs dequantized
+    to fp16 there, so it is counted at 16 bits)."""
     label, cfg = _resolve_model(model)
     dev = load_profile(device)
+    head_bits = None
+    if backend == "torch":
+        if not (dev.torch_decode_efficiency > 0 and dev.torch_vision_efficiency > 0):
+            raise VilaEdgeError(f"device profile {dev.name} states no torch backend efficiencies "
+                                f"(torch_decode_efficiency / torch_vision_efficiency)")
+        dev = dataclasses.replace(dev, decode_efficiency=dev.torch_decode_efficiency,
+                                  vision_efficiency=dev.torch_vision_efficiency)
+        head_bits = 16 if llm_precision in ("int4", "int8") else None
+    elif backend != "native":
+        raise VilaEdgeError(f"backend {backend!r} is not one of: native, torch")
     vision_precision = vision_precision or ("fp32" if dev.kind == "cpu" else "fp16")
     _bits(llm_precision)
     if vision_precision not in ("fp16", "bf16", "fp32", "fp8", "int8"):
@@ -380,8 +396,9 @@ def plan(model, device, *, max_context: int | None = None, max_tiles: int | None
     if max_context < 1 or max_tiles < 1:
         raise VilaEdgeError("--max-context and --max-tiles must be positive")
     memory, detail, tiles, positions = _budget(cfg, dev, llm_precision, vision_precision, max_context, max_tiles,
-                                               single_scale)
-    pred, eff = predict(cfg, dev, llm_precision, tiles, positions, max_context)
+                                               single_scale, head_bits)
+    pred, eff = predict(cfg, dev, llm_precision, tiles, positions, max_context, head_bits)
+    eff["backend"] = backend
     p = Plan(model=label, device=dev, llm_precision=llm_precision, vision_precision=vision_precision,
              max_context=max_context, max_tiles=max_tiles, single_scale=single_scale, tiles=tiles,
              image_positions=positions, memory=memory, detail=detail, predicted=pred, efficiency=eff)
