@@ -159,6 +159,21 @@ def test_int4_llm_matches_reference_with_the_same_weights(torch_engine_dir, tiny
         assert eng.length == emb.shape[0] + GREEDY_STEPS - 1
 
 
+@pytest.mark.parametrize("dtype, limit", [("float16", 3e-3), ("bfloat16", 3e-2)])
+def test_half_precision_llm_stays_near_the_reference(torch_engine_dir, tiny_checkpoint, dtype, limit):
+    """fp16 (the CUDA model dtype) and bf16 (what the CUDA int4 kernel computes in: activations and scales) on
+    the CPU int4 kernel: the first logits within `limit` (bf16: the tolerance benchmarks/gpu_check.py uses on
+    the GPU; greedy tokens of these random tiny models are near-ties that bf16 flips within a few steps)."""
+    engine_dir = torch_engine_dir("nvila")
+    ref = _int4_reference(tiny_checkpoint, "nvila", engine_dir)
+    emb = _reference_embeds(ref, PROMPT, [_image()])
+    want = ref.logits(emb)[-1].numpy()
+    for dense_prefill in (True, False):
+        eng = TorchLLMEngine(engine_dir / "llm", {}, device="cpu", dtype=dtype, dense_prefill=dense_prefill,
+                             max_context=256)
+        assert _rel_err(_masked(eng.forward(emb.numpy()), ref.cfg), want) <= limit
+
+
 @pytest.mark.parametrize("family", ["nvila", "vila1.5"])
 def test_pipeline_with_the_torch_llm_uses_the_same_sampler_and_stops(torch_engine_dir, tiny_checkpoint, family):
     """vila_edge.load(..., llm_backend="torch"): greedy generation and stop tokens as the reference's."""
