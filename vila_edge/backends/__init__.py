@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from vila_edge.backends import torch_llm, torch_vision  # weight file names only (torch is imported lazily)
 from vila_edge.backends.base import ContextOverflow, LLMEngine, VisionEngine
 from vila_edge.engine_dir import Manifest
 from vila_edge.errors import EngineError
@@ -58,7 +59,7 @@ def make_vision_engine(kind: str, engine_dir, manifest: Manifest, *, device: str
     info = manifest.vision
     if kind == "auto":
         kind = "tensorrt" if (device != "cpu" and _trt_vision_files(engine_dir) and _have("tensorrt")) else "onnxruntime"
-        if kind == "onnxruntime" and _torch_cuda(engine_dir / "vision" / "torch.fp16.safetensors", device):
+        if kind == "onnxruntime" and _torch_cuda(engine_dir / "vision" / torch_vision.VISION_FILE, device):
             kind = "torch"
     if kind == "onnxruntime":
         from vila_edge.backends.ort_vision import OrtVisionEngine
@@ -83,7 +84,7 @@ def make_llm_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = 
     trt = _trtllm_dir(engine_dir)
     if kind == "auto":
         kind = "tensorrt-llm" if (device != "cpu" and trt is not None and _have("tensorrt_llm")) else "onnxruntime"
-        if kind == "onnxruntime" and _torch_cuda(engine_dir / "llm" / "torch.int4.safetensors", device):
+        if kind == "onnxruntime" and _torch_cuda(engine_dir / "llm" / torch_llm.LLM_FILE, device):
             kind = "torch"
     if kind == "onnxruntime":
         from vila_edge.backends.ort_llm import OrtLLMEngine

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from vila_edge.backends.torch_llm import LLM_FILE
+from vila_edge.backends.torch_vision import VISION_FILE
 from vila_edge.errors import EngineError
 
 FORMAT = 1
-VISION_FILE = "torch.fp16.safetensors"
-LLM_FILE = "torch.int4.safetensors"
 INT4_GROUPS = (32, 64, 128, 256)
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 
