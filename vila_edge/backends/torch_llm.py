@@ -407,7 +407,12 @@ class TorchLLMEngine(LLMEngine):
             mode = "reduce-overhead" if self.device == "cuda" else None
             self._decode = torch.compile(self.model.decode_static, mode=mode, fullgraph=True)
         elif self.decode_mode == "cuda-graph":
-            self._decode = CudaGraphStep(self.model)
+            try:
+                self._decode = CudaGraphStep(self.model)
+            except RuntimeError as exc:  # a kernel that cannot be captured on this GPU / torch build
+                if decode is not None:
+                    raise EngineError(f"decode 'cuda-graph': capturing the decode step failed ({exc})") from None
+                self.decode_mode = f"static (CUDA graph capture failed: {str(exc)[:120]})"
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def describe(self) -> dict:
