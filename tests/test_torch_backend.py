@@ -331,10 +331,11 @@ def test_builder_writes_the_torch_weights(tiny_checkpoint, tmp_path):
     res = build(tiny_checkpoint("nvila-lite"), out, options=BuildOptions(llm_quant="rtn", torch_weights=True),
                 progress=False)
     m = res.manifest
-    assert m["options"]["torch_weights"] is True
-    assert m["torch"]["llm"]["int4_linears"] == 4 * m["config"]["llm"]["num_layers"]
+    assert m.options["torch_weights"] is True
+    assert m.llm["torch"]["int4_linears"] == 4 * m.config.llm.num_layers
+    assert m.vision["torch"]["dtype"] == "float16"
     for rel in ("vision/torch.fp16.safetensors", "llm/torch.int4.safetensors"):
-        assert rel in m["files"] and (out / rel).is_file()
+        assert rel in m.files and (out / rel).is_file()
     import vila_edge
 
     pipe = vila_edge.load(out, device="cpu", threads=1, vision_backend="torch", llm_backend="torch")
