@@ -376,23 +376,30 @@ def geometry(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: 
         ours.reset()
         return ours.forward(prompt)
 
-    def ours_decode():
+    def ours_decode() -> float:
+        """Seconds of `new_tokens` greedy steps after a prefill (the prefill not counted)."""
         logits = ours_prefill()
+        sync()
+        t0 = time.perf_counter()
         for _ in range(new_tokens):
             logits = ours.forward(ours.embed([int(np.argmax(logits))]))
+        return time.perf_counter() - t0
 
     @torch.inference_mode()
     def hf_prefill():
         return model(inputs_embeds=prompt_t, use_cache=True)
 
     @torch.inference_mode()
-    def hf_decode():
+    def hf_decode() -> float:
         out = hf_prefill()
         cache, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        sync()
+        t0 = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=nxt.view(1, 1), past_key_values=cache, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[0, -1].argmax()
         sync()
+        return time.perf_counter() - t0
 
     # parity: first logits and greedy agreement
     first = ours_prefill()
@@ -403,10 +410,10 @@ def geometry(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: 
     # speed
     ours_decode()  # warm-up (the CUDA graph is captured at load)
     t_prefill = _median_s(ours_prefill, runs, sync)
-    t_ours = _median_s(ours_decode, runs, sync) - t_prefill
+    t_ours = statistics.median(ours_decode() for _ in range(runs))
     hf_decode()
     t_hf_prefill = _median_s(hf_prefill, runs, sync)
-    t_hf = _median_s(hf_decode, max(1, runs - 1), sync) - t_hf_prefill
+    t_hf = statistics.median(hf_decode() for _ in range(max(1, runs - 1)))
     tok_s, tok_s_hf = new_tokens / t_ours, new_tokens / t_hf
     kv_bytes = ours.kv_bytes()
     step_bytes = weight_bytes + kv_bytes
