@@ -37,6 +37,7 @@ class TensorInfo:
     name: str  # name inside the file
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's bytes start in the file (after the header)
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +68,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        out[name] = TensorInfo(path, name, meta["dtype"], tuple(meta["shape"]))
+        out[name] = TensorInfo(path, name, meta["dtype"], tuple(meta["shape"]), 8 + n + meta["data_offsets"][0])
         end = max(end, meta["data_offsets"][1])
     if 8 + n + end > size:
         raise CheckpointError(

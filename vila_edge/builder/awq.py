@@ -58,6 +58,10 @@ class AWQSettings:
     # busy processes, 1 thread can be several times faster: the searches run thousands of small
     # element-wise ops, and each parallel op waits for every worker thread to get a core.
     threads: int | None = None
+    # the next layer's calibration input: "float" (the float layer's output, as llm-awq's run_awq and AutoAWQ
+    # compute it) or "quantized" (the output of the layer just quantized, so later layers see earlier errors)
+    next_inputs: str = "float"
+    device: str | None = None  # torch device for the searches (None: "cuda" when torch sees one, else "cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ class _ChunkedRunner:
         for chunk in self.chunks(x):
             y = fn(chunk)
             if out is None:
-                out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype)
+                out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device)
             out[start:start + y.shape[0]] = y
             start += y.shape[0]
         return out
@@ -288,7 +292,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, settings: AWQSettings) ->
     groups = in_features // gs
     tokens = sample_tokens(x, settings.clip_tokens).reshape(-1, groups, gs)  # [T, G, gs]
     wg = weight.reshape(out_features, groups, gs)
-    best_max = torch.empty(out_features, groups)
+    best_max = torch.empty(out_features, groups, device=weight.device)
     rows_per_batch = 256 if out_features % 256 == 0 else 64
     for start in range(0, out_features, rows_per_batch):
         w = wg[start:start + rows_per_batch]
@@ -372,7 +376,8 @@ def _capture_linear_inputs(layer: nn.Module, runner: _ChunkedRunner, hidden: tor
                "gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
     n, length = hidden.shape[:2]
     # preallocated and filled chunk by chunk (a list + cat would need twice the memory at the end)
-    captured = {key: torch.empty(n, length, m.in_features, dtype=torch.float32) for key, m in modules.items()}
+    captured = {key: torch.empty(n, length, m.in_features, dtype=torch.float32, device=hidden.device)
+                for key, m in modules.items()}
     filled = dict.fromkeys(modules, 0)
 
     def keep(key, args):
@@ -404,11 +409,13 @@ def peak_rss_mib() -> float | None:
 
 def _progress_bar(enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     # stderr, like the build's own step lines: stdout carries results (the engine path, JSON) for scripts.
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled, console=Console(stderr=True))
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
+                    console=Console(stderr=True))
 
 
 @contextlib.contextmanager
@@ -514,14 +521,20 @@ def _quantize_layers(model, calib, settings: AWQSettings, progress: bool, float3
         "layers": layer_stats,
     }
     if use_awq:
-        reductions = [s[g]["loss"] / s[g]["rtn_loss"] for s in layer_stats for g in ("qkv", "o", "gate_up", "down")
-                      if g in s and s[g]["rtn_loss"] > 0]
-        summary["mean_block_error_vs_rtn"] = round(sum(reductions) / len(reductions), 4) if reductions else None
-        summary["mean_ratio"] = {
-            g: round(sum(s[g]["ratio"] for s in layer_stats if g in s) / sum(g in s for s in layer_stats), 3)
-            for g in ("qkv", "o", "gate_up", "down") if any(g in s for s in layer_stats)
-        }
+        summary.update(awq_search_summary(layer_stats))
     return quantized, summary
+
+
+def awq_search_summary(layer_stats: list[dict]) -> dict:
+    """Mean block error relative to RTN and mean scale exponent per linear group, over the layers."""
+    groups = ("qkv", "o", "gate_up", "down")
+    reductions = [s[g]["loss"] / s[g]["rtn_loss"] for s in layer_stats for g in groups
+                  if g in s and s[g]["rtn_loss"] > 0]
+    return {
+        "mean_block_error_vs_rtn": round(sum(reductions) / len(reductions), 4) if reductions else None,
+        "mean_ratio": {g: round(sum(s[g]["ratio"] for s in layer_stats if g in s) / sum(g in s for s in layer_stats), 3)
+                       for g in groups if any(g in s for s in layer_stats)},
+    }
 
 
 def quantize_lm_head(model: nn.Module, group_size: int, w_bit: int = 4) -> QuantizedLinear:

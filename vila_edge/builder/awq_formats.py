@@ -136,6 +136,53 @@ def copy_tokenizer_files(src_dir: Path, out_dir: Path) -> None:
         shutil.copy2(path, Path(out_dir) / path.name)
 
 
+class AwqCheckpointWriter:
+    """Writes an AutoAWQ-compatible HF folder one shard at a time (``model-0000k-of-0000n.safetensors``
+    + ``model.safetensors.index.json``; a single shard is ``model.safetensors``), so a layer-streamed
+    quantizer never holds the whole checkpoint. Float tensors are stored as ``float_dtype``
+    (float16, as AutoAWQ does)."""
+
+    def __init__(self, out_dir: Path | str, config: dict, *, group_size: int, num_shards: int = 1,
+                 tokenizer_dir: Path | str | None = None, float_dtype: torch.dtype = torch.float16):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config, self.group_size, self.num_shards = dict(config), group_size, num_shards
+        self.tokenizer_dir, self.float_dtype = tokenizer_dir, float_dtype
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+
+    def add(self, float_tensors: dict[str, torch.Tensor], quantized: dict[str, QuantizedLinear]) -> None:
+        """One shard: unquantized parameters by full name, and linears by module name (their ``.weight`` dropped)."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().to(self.float_dtype).contiguous() for name, t in float_tensors.items()}
+        for prefix, layer in quantized.items():
+            tensors.pop(f"{prefix}.weight", None)
+            for suffix, tensor in awq_gemm_tensors(layer).items():
+                tensors[f"{prefix}.{suffix}"] = tensor.contiguous()
+        shard = len(set(self.weight_map.values())) + 1
+        if shard > self.num_shards:
+            raise ValueError(f"{self.out_dir}: more than the {self.num_shards} announced shards")
+        filename = ("model.safetensors" if self.num_shards == 1
+                    else f"model-{shard:05d}-of-{self.num_shards:05d}.safetensors")
+        save_file(tensors, str(self.out_dir / filename), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, filename))
+        self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def close(self) -> Path:
+        if self.num_shards > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = dict(self.config)
+        config["quantization_config"] = awq_quantization_config(self.group_size)
+        config["torch_dtype"] = "float16"
+        config.pop("dtype", None)
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if self.tokenizer_dir is not None:
+            copy_tokenizer_files(Path(self.tokenizer_dir), self.out_dir)
+        return self.out_dir
+
+
 def write_awq_checkpoint(
     out_dir: Path | str,
     config: dict,
@@ -146,33 +193,15 @@ def write_awq_checkpoint(
     tokenizer_dir: Path | str | None = None,
     float_dtype: torch.dtype = torch.float16,
 ) -> Path:
-    """Write an AutoAWQ-compatible HF folder.
+    """Write an AutoAWQ-compatible HF folder in one ``model.safetensors``.
 
     ``float_tensors`` are the unquantized parameters by full name (norms, embeddings, lm_head);
     ``quantized`` maps a linear's module name (``model.layers.0.self_attn.q_proj``) to its codes.
-    Float tensors are stored as ``float_dtype`` (float16, as AutoAWQ does).
     """
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, tensor in float_tensors.items():
-        tensors[name] = tensor.detach().to(float_dtype).contiguous()
-    for prefix, layer in quantized.items():
-        tensors.pop(f"{prefix}.weight", None)
-        for suffix, tensor in awq_gemm_tensors(layer).items():
-            tensors[f"{prefix}.{suffix}"] = tensor.contiguous()
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-
-    config = dict(config)
-    config["quantization_config"] = awq_quantization_config(group_size)
-    config["torch_dtype"] = "float16"
-    config.pop("dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if tokenizer_dir is not None:
-        copy_tokenizer_files(Path(tokenizer_dir), out_dir)
-    return out_dir
+    writer = AwqCheckpointWriter(out_dir, config, group_size=group_size, tokenizer_dir=tokenizer_dir,
+                                 float_dtype=float_dtype)
+    writer.add(float_tensors, quantized)
+    return writer.close()
 
 
 def _load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
@@ -289,27 +318,30 @@ def read_tinychat_v2(
     quantized = {}
     for name in [n for n in state if n.endswith(".qweight")]:
         prefix = name[: -len(".qweight")]
-        packed = state.pop(name)
-        scales = state.pop(f"{prefix}.scales")
-        scaled_zeros = state.pop(f"{prefix}.scaled_zeros")
-        codes = unpack_tinychat_v2(packed)
-        out_features, in_features = codes.shape
-        if in_features % group_size:
-            raise ValueError(f"{pt_path}: {prefix} has K={in_features}, not divisible by group size {group_size}")
-        groups = in_features // group_size
-        if scales.shape[0] < groups or scales.shape[1] != out_features:
-            raise ValueError(
-                f"{pt_path}: {prefix}.scales has shape {tuple(scales.shape)}, expected ({groups}+, {out_features}); "
-                "is the group size right?"
-            )
-        group_scales = scales[:groups].t().contiguous().to(torch.float16)
-        zeros = torch.round(-scaled_zeros[:groups].t().float() / group_scales.float().clamp(min=1e-10))
-        quantized[prefix] = QuantizedLinear(
-            q=codes, scales=group_scales, zeros=zeros.clamp(0, 15).to(torch.uint8),
-            group_size=group_size, bits=4, bias=state.pop(f"{prefix}.bias", None),
-        )
+        quantized[prefix] = tinychat_v2_linear(
+            state.pop(name), state.pop(f"{prefix}.scales"), state.pop(f"{prefix}.scaled_zeros"),
+            group_size, bias=state.pop(f"{prefix}.bias", None), where=f"{pt_path}: {prefix}")
     floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
     return floats, quantized
+
+
+def tinychat_v2_linear(packed: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
+                       bias: torch.Tensor | None = None, where: str = "TinyChat v2") -> QuantizedLinear:
+    """One TinyChat v2 linear (qweight int16 [N/4, K], scales / scaled_zeros fp16 [G_pad, N]) -> QuantizedLinear."""
+    codes = unpack_tinychat_v2(packed)
+    out_features, in_features = codes.shape
+    if in_features % group_size:
+        raise ValueError(f"{where} has K={in_features}, not divisible by group size {group_size}")
+    groups = in_features // group_size
+    if scales.shape[0] < groups or scales.shape[1] != out_features:
+        raise ValueError(
+            f"{where}.scales has shape {tuple(scales.shape)}, expected ({groups}+, {out_features}); "
+            "is the group size right?"
+        )
+    group_scales = scales[:groups].t().contiguous().to(torch.float16)
+    zeros = torch.round(-scaled_zeros[:groups].t().float() / group_scales.float().clamp(min=1e-10))
+    return QuantizedLinear(q=codes, scales=group_scales, zeros=zeros.clamp(0, 15).to(torch.uint8),
+                           group_size=group_size, bits=4, bias=bias)
 
 
 def tinychat_v2_to_awq_checkpoint(

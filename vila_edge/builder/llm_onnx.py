@@ -339,6 +339,8 @@ def build_llm_onnx(
     calib_samples: int = 128,
     calib_seqlen: int = 512,
     quantize_threads: int | None = None,
+    writer: str = "stream",
+    awq_settings=None,
 ) -> dict:
     """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
 
@@ -350,6 +352,12 @@ def build_llm_onnx(
     (it is needed to rebuild the PyTorch reference; otherwise it is temporary). ``quantize_threads``:
     torch threads for the AWQ/RTN quantizer (None: torch's setting; see ``AWQSettings.threads``),
     independent of ``threads``, the decoder's ONNX Runtime intra-op threads.
+
+    ``writer``: ``"stream"`` (default) builds int4 decoders from our quantizer or a pre-quantized folder
+    one layer at a time (``llm_stream``: bounded memory, the same graph); ``"genai"`` runs
+    onnxruntime-genai's builder on the whole model, which is also what fp32 / fp16 / int8 and
+    ``quant="builder"`` always use. ``awq_settings``: an ``AWQSettings`` overriding the quantizer's
+    defaults (grid, calibration size, device, next_inputs) for streamed builds.
     """
     llm_dir, out_dir = Path(llm_dir), Path(out_dir)
     if precision not in PRECISIONS:
@@ -362,8 +370,10 @@ def build_llm_onnx(
         raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
     if lm_head not in LM_HEAD_PRECISIONS:
         raise ValueError(f"lm_head must be one of {LM_HEAD_PRECISIONS}, got {lm_head!r}")
-    from vila_edge.builder.awq import quantize_checkpoint
-    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, tinychat_v2_to_awq_checkpoint
+    if writer not in ("stream", "genai"):
+        raise ValueError(f"writer must be 'stream' or 'genai', got {writer!r}")
+    from vila_edge.builder.awq import AWQSettings
+    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint
 
     _read_config(llm_dir)  # fail early, naming the folder, when it is not an HF model folder
     prequantized = is_awq_checkpoint(llm_dir) or find_tinychat_v2_file(llm_dir) is not None
@@ -374,76 +384,19 @@ def build_llm_onnx(
     staging = Path(tempfile.mkdtemp(prefix=".llm-build-", dir=out_dir))
     info: dict = {"precision": precision, "group_size": group_size if precision in ("int4", "int8") else None}
     try:
-        builder_input = llm_dir
-        source_for_embed = llm_dir
-        awq_stats = None
-        if precision == "int4" and (prequantized or quant in ("awq", "rtn")):
-            if is_awq_checkpoint(llm_dir):
-                awq_source = llm_dir
-                info["quant"] = "prequantized-autoawq"
-            elif prequantized:
-                awq_source = Path(awq_dir) if awq_dir else staging / "awq"
-                tinychat_v2_to_awq_checkpoint(find_tinychat_v2_file(llm_dir), llm_dir, awq_source)
-                info["quant"] = "prequantized-tinychat-v2"
-            else:
-                awq_source = Path(awq_dir) if awq_dir else staging / "awq"
-                awq_stats = quantize_checkpoint(
-                    llm_dir, awq_source, w_bit=4, group_size=group_size, method=quant, calib_path=calib_path,
-                    calib_samples=calib_samples, calib_seqlen=calib_seqlen, progress=progress,
-                    threads=quantize_threads,
-                )
-                info["quant"] = quant
-            awq_config = _read_config(awq_source)
-            ckpt_group = int(awq_config["quantization_config"].get("group_size", group_size))
-            info["group_size"] = ckpt_group
-            source_for_embed = awq_source
-            if awq_dir or awq_source == llm_dir:
-                info["awq_dir"] = str(awq_source)
-            vocab = int(awq_config["vocab_size"])
-            hidden = int(awq_config["hidden_size"])
-            builder_input = awq_source
-            if lm_head == "int4" and vocab % 8 == 0 and hidden % ckpt_group == 0:
-                builder_input = staging / "builder_input"
-                info["lm_head"] = _stage_with_int4_head(awq_source, builder_input, ckpt_group, awq_config)
-            elif lm_head == "int4":
-                # AWQ packing needs vocab % 8 == 0: let the builder quantize the head (symmetric RTN)
-                info["lm_head"] = {"quant": "builder-rtn-int4-symmetric", "group_size": ckpt_group,
-                                   "reason": f"vocab {vocab} / hidden {hidden} do not fit AWQ int4 packing"}
-        elif precision == "int4":
-            info["quant"] = "builder-rtn-int4-symmetric"
+        if writer == "stream" and precision == "int4" and (prequantized or quant in ("awq", "rtn")):
+            embed_dtype, awq_stats = _build_streamed(
+                llm_dir, out_dir, info, quant=quant, group_size=group_size, lm_head=lm_head,
+                accuracy_level=accuracy_level, prune_lm_head=prune_lm_head, threads=threads, awq_dir=awq_dir,
+                calib_path=calib_path, progress=progress, settings=awq_settings or AWQSettings(
+                    w_bit=4, group_size=group_size, method=quant, calib_samples=calib_samples,
+                    calib_seqlen=calib_seqlen, threads=quantize_threads))
         else:
-            info["quant"] = "none" if precision in ("fp16", "fp32") else "builder-rtn-int8-symmetric"
-        if "lm_head" not in info:
-            if precision in ("fp16", "fp32") or lm_head == "float":
-                info["lm_head"] = {"quant": "float"}
-            else:
-                bits = 8 if lm_head == "int8" or precision == "int8" else 4
-                info["lm_head"] = {"quant": f"builder-rtn-int{bits}-symmetric", "group_size": info["group_size"]}
-
-        extra = {
-            "exclude_embeds": "true",
-            # the table lives outside the graph (embed_tokens.npy); sharing it with the head would add
-            # Gather to the quantized op types, which int8 cannot quantize
-            "shared_embeddings": "false",
-            "prune_lm_head": "true" if prune_lm_head else "false",
-            "filename": DECODER_FILENAME,
-            "hf_token": "false",
-            # current names and the deprecated int4_* aliases (older builders read only those)
-            "accuracy_level": str(accuracy_level),
-            "int4_accuracy_level": str(accuracy_level),
-            "block_size": str(info["group_size"] or 32),
-            "int4_block_size": str(info["group_size"] or 32),
-        }
-        if precision in ("int4", "int8") and info["lm_head"]["quant"] == "float":
-            extra["nodes_to_exclude"] = "/lm_head/MatMul"
-        elif precision == "int4" and info["lm_head"]["quant"] == "builder-rtn-int8-symmetric":
-            extra["matmul_mixed_precision"] = "last_matmul:int8"
-        _run_builder(builder_input, out_dir, precision, extra, staging / "cache", staging / "builder.log")
-
-        # text embedding table for the runtime, from the same weights the decoder was built from
-        embed, _ = _embedding_and_head(source_for_embed, _read_config(source_for_embed))
-        embed_np = _embedding_array(embed)
-        np.save(out_dir / EMBED_FILENAME, embed_np)
+            embed_dtype, awq_stats = _build_with_genai(
+                llm_dir, out_dir, staging, info, precision=precision, quant=quant, group_size=group_size,
+                lm_head=lm_head, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head, awq_dir=awq_dir,
+                calib_path=calib_path, calib_samples=calib_samples, calib_seqlen=calib_seqlen, progress=progress,
+                quantize_threads=quantize_threads, prequantized=prequantized)
 
         genai_path = out_dir / "genai_config.json"
         genai = json.loads(genai_path.read_text())
@@ -484,7 +437,7 @@ def build_llm_onnx(
             "head_dim": int(decoder["head_size"]),
             "hidden": int(decoder["hidden_size"]),
             "vocab_size": int(genai["model"]["vocab_size"]),
-            "embed_dtype": str(embed_np.dtype),
+            "embed_dtype": embed_dtype,
             "io_dtype": described["io_dtype"],
             "kv_dtype": described["io_dtype"],
             "threads": int(threads),
@@ -500,6 +453,108 @@ def build_llm_onnx(
         return info
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_streamed(llm_dir: Path, out_dir: Path, info: dict, *, settings, awq_dir, **options) -> tuple[str, dict | None]:
+    """int4 decoder written layer by layer (``llm_stream``); fills ``info``; returns (embed dtype, AWQ stats)."""
+    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint
+    from vila_edge.builder.llm_stream import build_int4_decoder
+
+    pt_file = None
+    if is_awq_checkpoint(llm_dir):
+        source = "autoawq"
+        info["awq_dir"] = str(llm_dir)
+    elif find_tinychat_v2_file(llm_dir) is not None:
+        source, pt_file = "tinychat-v2", find_tinychat_v2_file(llm_dir)
+    else:
+        source = "float"
+    facts = build_int4_decoder(llm_dir, out_dir, source=source, awq_dir=awq_dir, settings=settings, pt_file=pt_file,
+                               filename=DECODER_FILENAME, embed_filename=EMBED_FILENAME, **options)
+    info.update({k: facts[k] for k in ("quant", "group_size", "lm_head")})
+    if "awq_dir" in facts:
+        info["awq_dir"] = facts["awq_dir"]
+    return str(np.load(out_dir / EMBED_FILENAME, mmap_mode="r").dtype), facts.get("awq_stats")
+
+
+def _build_with_genai(llm_dir: Path, out_dir: Path, staging: Path, info: dict, *, precision: str, quant: str,
+                      group_size: int, lm_head: str, accuracy_level: int, prune_lm_head: bool, awq_dir, calib_path,
+                      calib_samples: int, calib_seqlen: int, progress: bool, quantize_threads, prequantized: bool
+                      ) -> tuple[str, dict | None]:
+    """The whole model through onnxruntime-genai's builder; fills ``info``; returns (embed dtype, AWQ stats)."""
+    from vila_edge.builder.awq import quantize_checkpoint
+    from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint, tinychat_v2_to_awq_checkpoint
+
+    builder_input = llm_dir
+    source_for_embed = llm_dir
+    awq_stats = None
+    if precision == "int4" and (prequantized or quant in ("awq", "rtn")):
+        if is_awq_checkpoint(llm_dir):
+            awq_source = llm_dir
+            info["quant"] = "prequantized-autoawq"
+        elif prequantized:
+            awq_source = Path(awq_dir) if awq_dir else staging / "awq"
+            tinychat_v2_to_awq_checkpoint(find_tinychat_v2_file(llm_dir), llm_dir, awq_source)
+            info["quant"] = "prequantized-tinychat-v2"
+        else:
+            awq_source = Path(awq_dir) if awq_dir else staging / "awq"
+            awq_stats = quantize_checkpoint(
+                llm_dir, awq_source, w_bit=4, group_size=group_size, method=quant, calib_path=calib_path,
+                calib_samples=calib_samples, calib_seqlen=calib_seqlen, progress=progress,
+                threads=quantize_threads,
+            )
+            info["quant"] = quant
+        awq_config = _read_config(awq_source)
+        ckpt_group = int(awq_config["quantization_config"].get("group_size", group_size))
+        info["group_size"] = ckpt_group
+        source_for_embed = awq_source
+        if awq_dir or awq_source == llm_dir:
+            info["awq_dir"] = str(awq_source)
+        vocab = int(awq_config["vocab_size"])
+        hidden = int(awq_config["hidden_size"])
+        builder_input = awq_source
+        if lm_head == "int4" and vocab % 8 == 0 and hidden % ckpt_group == 0:
+            builder_input = staging / "builder_input"
+            info["lm_head"] = _stage_with_int4_head(awq_source, builder_input, ckpt_group, awq_config)
+        elif lm_head == "int4":
+            # AWQ packing needs vocab % 8 == 0: let the builder quantize the head (symmetric RTN)
+            info["lm_head"] = {"quant": "builder-rtn-int4-symmetric", "group_size": ckpt_group,
+                               "reason": f"vocab {vocab} / hidden {hidden} do not fit AWQ int4 packing"}
+    elif precision == "int4":
+        info["quant"] = "builder-rtn-int4-symmetric"
+    else:
+        info["quant"] = "none" if precision in ("fp16", "fp32") else "builder-rtn-int8-symmetric"
+    if "lm_head" not in info:
+        if precision in ("fp16", "fp32") or lm_head == "float":
+            info["lm_head"] = {"quant": "float"}
+        else:
+            bits = 8 if lm_head == "int8" or precision == "int8" else 4
+            info["lm_head"] = {"quant": f"builder-rtn-int{bits}-symmetric", "group_size": info["group_size"]}
+
+    extra = {
+        "exclude_embeds": "true",
+        # the table lives outside the graph (embed_tokens.npy); sharing it with the head would add
+        # Gather to the quantized op types, which int8 cannot quantize
+        "shared_embeddings": "false",
+        "prune_lm_head": "true" if prune_lm_head else "false",
+        "filename": DECODER_FILENAME,
+        "hf_token": "false",
+        # current names and the deprecated int4_* aliases (older builders read only those)
+        "accuracy_level": str(accuracy_level),
+        "int4_accuracy_level": str(accuracy_level),
+        "block_size": str(info["group_size"] or 32),
+        "int4_block_size": str(info["group_size"] or 32),
+    }
+    if precision in ("int4", "int8") and info["lm_head"]["quant"] == "float":
+        extra["nodes_to_exclude"] = "/lm_head/MatMul"
+    elif precision == "int4" and info["lm_head"]["quant"] == "builder-rtn-int8-symmetric":
+        extra["matmul_mixed_precision"] = "last_matmul:int8"
+    _run_builder(builder_input, out_dir, precision, extra, staging / "cache", staging / "builder.log")
+
+    # text embedding table for the runtime, from the same weights the decoder was built from
+    embed, _ = _embedding_and_head(source_for_embed, _read_config(source_for_embed))
+    embed_np = _embedding_array(embed)
+    np.save(out_dir / EMBED_FILENAME, embed_np)
+    return str(embed_np.dtype), awq_stats
 
 
 def _embedding_array(embed) -> np.ndarray:

@@ -1,0 +1,404 @@
+"""Write the int4 ONNX Runtime decoder graph ourselves, one layer at a time.
+
+The graph is the one onnxruntime-genai's model builder makes for Llama / Qwen2 with
+``exclude_embeds`` (same ops, node names, initializer names and attributes), so decode speed and
+every tool that reads the graph back (``llm_onnx.dequantized_weights``, the runtime) are unchanged:
+
+    inputs_embeds -> [SimplifiedLayerNormalization | SkipSimplifiedLayerNormalization]
+      -> MatMulNBits qkv (+ bias Add) -> GroupQueryAttention (rotary inside, cos/sin caches,
+         KV cache as past/present, seqlens from attention_mask) -> MatMulNBits o
+      -> SkipSimplifiedLayerNormalization -> MatMulNBits gate, up -> SiLU * up -> MatMulNBits down
+    -> final SkipSimplifiedLayerNormalization -> last position (Gather) -> lm_head -> logits
+
+Tensors go to ``model.onnx.data`` as they are produced (``ExternalData``); the ``ModelProto``
+keeps only their offsets, so the writer holds one layer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vila_edge.builder.awq_formats import QuantizedLinear
+
+MS_DOMAIN = "com.microsoft"
+OPSET = 21
+DATA_ALIGNMENT = 64  # bytes; every tensor starts on a multiple (ONNX Runtime may map the file)
+LM_HEAD_CHUNK_ROWS = 8192
+
+
+class ExternalData:
+    """Appends tensors to one external-data file and returns TensorProtos pointing into it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self.offset = 0
+
+    def begin(self, name: str, dtype: np.dtype, dims: tuple[int, ...]):
+        from onnx import TensorProto, helper
+
+        pad = (-self.offset) % DATA_ALIGNMENT
+        if pad:
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+        tensor = TensorProto(name=name, dims=list(dims), data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        tensor.data_location = TensorProto.EXTERNAL
+        return tensor, self.offset
+
+    def write(self, array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array).tobytes()
+        self.file.write(data)
+        self.offset += len(data)
+
+    def end(self, tensor, start: int):
+        from onnx import helper
+
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if self.offset - start != expected:
+            raise AssertionError(f"{tensor.name}: wrote {self.offset - start} bytes, dims need {expected}")
+        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(expected))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def add(self, name: str, array: np.ndarray):
+        tensor, start = self.begin(name, array.dtype, array.shape)
+        self.write(array)
+        return self.end(tensor, start)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The geometry and options of the decoder graph (from the HF config)."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    context_length: int
+    model_type: str
+    accuracy_level: int = 4
+    prune_lm_head: bool = True
+
+    @classmethod
+    def from_config(cls, config: dict, *, accuracy_level: int = 4, prune_lm_head: bool = True) -> DecoderSpec:
+        # transformers 5 keeps RoPE settings in rope_parameters, older configs in rope_theta / rope_scaling
+        rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise NotImplementedError(f"RoPE scaling {rope} is not supported by the decoder writer (plain RoPE only); "
+                                      "build with writer='genai'")
+        heads = int(config["num_attention_heads"])
+        return cls(
+            num_layers=int(config["num_hidden_layers"]), hidden=int(config["hidden_size"]),
+            intermediate=int(config["intermediate_size"]), num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+            vocab_size=int(config["vocab_size"]), rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            context_length=int(config.get("seq_length") or config.get("max_position_embeddings", 2048)),
+            model_type=str(config.get("model_type", "llama")), accuracy_level=accuracy_level,
+            prune_lm_head=prune_lm_head,
+        )
+
+
+def rotary_caches(spec: DecoderSpec) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [context_length, head_dim / 2] as the model builder computes them."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    t = torch.arange(spec.context_length, dtype=torch.int64).type_as(inv_freq)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """uint8 codes [rows, n] (n even) -> [rows, n / 2], the first of each pair in the low nibble."""
+    return (values[:, 0::2] & 0x0F) | ((values[:, 1::2] & 0x0F) << 4)
+
+
+def matmulnbits_arrays(layer: QuantizedLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(qweight uint8 [N, blocks, block/2], scales float32 [N * blocks], zero points uint8) of a 4-bit linear."""
+    codes = layer.q.numpy()
+    n, k = codes.shape
+    blocks = k // layer.group_size
+    qweight = pack_nibbles(codes).reshape(n, blocks, layer.group_size // 2)
+    scales = layer.scales.to(torch.float32).numpy().reshape(-1)
+    zeros = layer.zeros.numpy()
+    if blocks % 2:
+        zeros = np.pad(zeros, ((0, 0), (0, 1)))
+    return qweight, scales, pack_nibbles(zeros).reshape(-1)
+
+
+class DecoderWriter:
+    """Builds the graph layer by layer; ``finish`` writes ``model.onnx`` + ``genai_config.json``."""
+
+    def __init__(self, out_dir: Path, spec: DecoderSpec, filename: str = "model.onnx"):
+        from onnx import helper
+
+        self.out_dir, self.spec, self.filename = Path(out_dir), spec, filename
+        self.data = ExternalData(self.out_dir / (filename + ".data"))
+        self.nodes: list = []
+        self.initializers: list = []
+        self.layers_done = 0
+        self.helper = helper
+        self.residual = "inputs_embeds"  # running sum of the residual stream
+        self.pending = None  # output of the previous block not yet added to the residual
+        self._mask_subgraph()
+        cos, sin = rotary_caches(spec)
+        self.initializers += [self.data.add("cos_cache", cos), self.data.add("sin_cache", sin)]
+
+    # ---- small graph helpers ----------------------------------------------------------------------
+
+    def _node(self, op: str, name: str, inputs: list[str], outputs: list[str] | None = None, domain: str = "",
+              **attrs) -> str:
+        outputs = outputs or [f"{name}/output_0"]
+        self.nodes.append(self.helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs[0]
+
+    def _constant(self, value: int, shape: tuple = ()) -> str:
+        from onnx import numpy_helper
+
+        label = f"[{value}]" if shape else str(value)
+        name = f"/model/constants/INT64/{label}"
+        if not any(n.output[0] == name for n in self.nodes if n.op_type == "Constant"):
+            array = np.array([value] if shape else value, dtype=np.int64)
+            self.nodes.append(self.helper.make_node("Constant", [], [name], name=f"/model/constant_nodes/INT64/{label}",
+                                                    value=numpy_helper.from_array(array, name)))
+        return name
+
+    def _mask_subgraph(self) -> None:
+        """seqlens_k = sum(mask) - 1 and total_sequence_length = mask.shape[1], int32, for GroupQueryAttention."""
+        base = "/model/attn_mask_reformat/attn_mask_subgraph"
+        one_d = self._constant(1, (1,))
+        summed = self._node("ReduceSum", f"{base}/ReduceSum", ["attention_mask", one_d], keepdims=0)
+        minus = self._node("Sub", f"{base}/Sub", [summed, one_d])
+        self.seqlens = self._node("Cast", f"{base}/Sub/Cast", [minus], to=6)
+        shape = self._node("Shape", f"{base}/Shape", ["attention_mask"])
+        total = self._node("Gather", f"{base}/Gather", [shape, self._constant(1)], axis=0)
+        self.total_length = self._node("Cast", f"{base}/Gather/Cast", [total], to=6)
+
+    def _norm(self, name: str, weight_name: str, weight: np.ndarray, last: bool = False) -> str:
+        """RMSNorm of residual + pending (SkipSimplifiedLayerNormalization), or of the input for the first one."""
+        self.initializers.append(self.data.add(weight_name, weight.astype(np.float32)))
+        eps = self.spec.rms_norm_eps
+        if self.pending is None:
+            return self._node("SimplifiedLayerNormalization", f"{name}/LayerNorm", [self.residual, weight_name],
+                              [f"{name}/output_0"], epsilon=eps, axis=-1, stash_type=1)
+        outputs = [f"{name}/output_0"] if last else [f"{name}/output_0", "", "", f"{name}/output_3"]
+        out = self._node("SkipSimplifiedLayerNormalization", f"{name}/SkipLayerNorm",
+                         [self.residual, self.pending, weight_name], outputs, domain=MS_DOMAIN, epsilon=eps)
+        if not last:
+            self.residual = f"{name}/output_3"
+        return out
+
+    def _matmul_nbits(self, base: str, prefix: str, x: str, layer: QuantizedLinear, bias: np.ndarray | None = None
+                      ) -> str:
+        qweight, scales, zeros = matmulnbits_arrays(layer)
+        names = [f"{prefix}.MatMulNBits.{k}" for k in ("qweight", "scales", "qzeros")]
+        self.initializers += [self.data.add(n, a) for n, a in zip(names, (qweight, scales, zeros), strict=True)]
+        out = self._node("MatMulNBits", f"{base}/MatMulNBits", [x, *names], domain=MS_DOMAIN,
+                         **self._nbits_attrs(layer.in_features, layer.out_features, 4, layer.group_size))
+        if bias is None:
+            return out
+        bias_name = f"{prefix}.Add.bias"
+        self.initializers.append(self.data.add(bias_name, bias.astype(np.float32)))
+        return self._node("Add", f"{base}/Add", [out, bias_name])
+
+    def _nbits_attrs(self, k: int, n: int, bits: int, block: int) -> dict:
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        if self.spec.accuracy_level:
+            attrs["accuracy_level"] = self.spec.accuracy_level
+        return attrs
+
+    # ---- layers -------------------------------------------------------------------------------------
+
+    def add_layer(self, index: int, norms: dict[str, np.ndarray], linears: dict[str, QuantizedLinear]) -> None:
+        """One decoder layer: ``norms`` input_layernorm / post_attention_layernorm, ``linears`` by HF name
+        (``self_attn.q_proj`` ..., bias inside); q/k/v are fused into one MatMulNBits as the builder does."""
+        if index != self.layers_done:
+            raise ValueError(f"layers must be added in order: expected {self.layers_done}, got {index}")
+        spec, root = self.spec, f"/model/layers.{index}"
+        prefix = f"model.layers.{index}"
+        x = self._norm(f"{root}/input_layernorm", f"{prefix}.input_layernorm.weight", norms["input_layernorm"])
+        qkv = fuse_rows([linears[f"self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")])
+        h = self._matmul_nbits(f"{root}/attn/qkv_proj", f"{prefix}.attn.qkv_proj", x, qkv,
+                               None if qkv.bias is None else qkv.bias.float().numpy())
+        attn = self._node(
+            "GroupQueryAttention", f"{root}/attn/GroupQueryAttention",
+            [h, "", "", f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens,
+             self.total_length, "cos_cache", "sin_cache", "", "", ""],
+            [f"{root}/attn/GroupQueryAttention/output_0", f"present.{index}.key", f"present.{index}.value"],
+            domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
+            scale=float(np.float32(1 / math.sqrt(spec.head_dim))), local_window_size=-1, softcap=0.0, do_rotary=1,
+            rotary_interleaved=0)
+        self.pending = self._matmul_nbits(f"{root}/attn/o_proj", f"{prefix}.attn.o_proj", attn,
+                                          linears["self_attn.o_proj"], _bias(linears["self_attn.o_proj"]))
+        x = self._norm(f"{root}/post_attention_layernorm", f"{prefix}.post_attention_layernorm.weight",
+                       norms["post_attention_layernorm"])
+        gate = self._matmul_nbits(f"{root}/mlp/gate_proj", f"{prefix}.mlp.gate_proj", x, linears["mlp.gate_proj"],
+                                  _bias(linears["mlp.gate_proj"]))
+        up = self._matmul_nbits(f"{root}/mlp/up_proj", f"{prefix}.mlp.up_proj", x, linears["mlp.up_proj"],
+                                _bias(linears["mlp.up_proj"]))
+        sigmoid = self._node("Sigmoid", f"{root}/mlp/act_fn/Sigmoid", [gate])
+        silu = self._node("Mul", f"{root}/mlp/act_fn/Mul", [gate, sigmoid])
+        product = self._node("Mul", f"{root}/mlp/Mul", [silu, up])
+        self.pending = self._matmul_nbits(f"{root}/mlp/down_proj", f"{prefix}.mlp.down_proj", product,
+                                          linears["mlp.down_proj"], _bias(linears["mlp.down_proj"]))
+        self.layers_done += 1
+
+    def finish(self, final_norm: np.ndarray, head_rows, head: str, group_size: int) -> Path:
+        """Final norm, last-position slice and the lm_head; write model.onnx. ``head_rows`` yields float32
+        row chunks of the [vocab, hidden] head weight; ``head``: ``int8`` | ``int4`` | ``float``."""
+        spec = self.spec
+        if self.layers_done != spec.num_layers:
+            raise ValueError(f"{self.layers_done} of {spec.num_layers} layers were added")
+        x = self._norm(f"/model/layers.{spec.num_layers}/final_norm_layernorm",
+                       f"model.layers.{spec.num_layers}.final_norm_layernorm.weight", final_norm, last=True)
+        if spec.prune_lm_head:
+            last = self._node("Gather", "/lm_head/prune/Gather", [x, self._constant(-1)], axis=1)
+            x = self._node("Unsqueeze", "/lm_head/prune/Unsqueeze", [last, self._constant(1, (1,))])
+        self._lm_head(x, head_rows, head, group_size)
+        self.data.close()
+        return self._save()
+
+    def _lm_head(self, x: str, head_rows, head: str, group_size: int) -> None:
+        spec = self.spec
+        n, k = spec.vocab_size, spec.hidden
+        if head == "float":
+            weight = np.empty((k, n), np.float32)
+            for start, rows in head_rows:
+                weight[:, start:start + rows.shape[0]] = rows.T
+            self.initializers.append(self.data.add("lm_head.MatMul.weight", weight))
+            self._node("MatMul", "/lm_head/MatMul", [x, "lm_head.MatMul.weight"], ["logits"])
+            return
+        bits = 8 if head == "int8" else 4
+        blocks = -(-k // group_size)
+        scales, zeros = [], []
+        qname = "lm_head.MatMul.weight_Q8" if bits == 8 else "lm_head.MatMulNBits.qweight"
+        tensor, start = self.data.begin(qname, np.uint8, (n, blocks, group_size * bits // 8))
+        for _, rows in head_rows:
+            packed, chunk_scales, chunk_zeros = _quantize_head_rows(rows, bits, group_size)
+            self.data.write(packed)
+            scales.append(chunk_scales)
+            zeros.append(chunk_zeros)
+        self.initializers.append(self.data.end(tensor, start))
+        if bits == 8:  # the builder's int8 head: symmetric (implicit zero point 128), ONNX Runtime's quantizer
+            names = [qname, "lm_head.MatMul.weight_scales"]
+            self.initializers.append(self.data.add(names[1], np.concatenate(scales).reshape(n, blocks)))
+            name = "/lm_head/MatMul_Q8"
+        else:  # our asymmetric int4 RTN with zero points (what int4_lm_head_weight reproduces)
+            names = [qname, "lm_head.MatMulNBits.scales", "lm_head.MatMulNBits.qzeros"]
+            self.initializers.append(self.data.add(names[1], np.concatenate(scales).reshape(-1)))
+            self.initializers.append(self.data.add(names[2], np.concatenate(zeros).reshape(-1)))
+            name = "/lm_head/MatMulNBits"
+        self._node("MatMulNBits", name, [x, *names], ["logits"], domain=MS_DOMAIN,
+                   **self._nbits_attrs(k, n, bits, group_size))
+
+    def _save(self) -> Path:
+        import onnx
+        from onnx import TensorProto, helper
+
+        spec = self.spec
+        kv = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+        present = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
+        inputs = [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+                  helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT,
+                                                ["batch_size", "sequence_length", spec.hidden])]
+        outputs = [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["batch_size", 1 if spec.prune_lm_head else "sequence_length", spec.vocab_size])]
+        for kind in ("key", "value"):
+            for i in range(spec.num_layers):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
+        graph = helper.make_graph(self.nodes, "main_graph", inputs, outputs, initializer=self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)],
+                                  producer_name="vila-edge", ir_version=10)
+        path = self.out_dir / self.filename
+        onnx.save_model(model, str(path))
+        return path
+
+    def close(self) -> None:
+        self.data.close()
+
+
+def _bias(layer: QuantizedLinear) -> np.ndarray | None:
+    return None if layer.bias is None else layer.bias.float().numpy()
+
+
+def fuse_rows(layers: list[QuantizedLinear]) -> QuantizedLinear:
+    """One linear computing the concatenated outputs of ``layers`` (fused q/k/v)."""
+    biases = [layer.bias for layer in layers]
+    if any(b is not None for b in biases):
+        biases = [torch.zeros(layer.out_features) if b is None else b.float() for layer, b in zip(layers, biases,
+                                                                                                 strict=True)]
+        bias = torch.cat(biases)
+    else:
+        bias = None
+    return QuantizedLinear(torch.cat([layer.q for layer in layers]), torch.cat([layer.scales for layer in layers]),
+                           torch.cat([layer.zeros for layer in layers]), layers[0].group_size, layers[0].bits, bias)
+
+
+def _quantize_head_rows(rows, bits: int, group_size: int):
+    """(packed codes, scales, packed zero points) of float32 head rows [n, K] for MatMulNBits."""
+    if bits == 8:
+        from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+        n, k = rows.shape
+        blocks = -(-k // group_size)
+        weight = np.ascontiguousarray(rows.numpy().T)  # [K, n]: ONNX Runtime's quantizer takes the MatMul weight
+        packed = np.zeros((n, blocks, group_size), np.uint8)
+        scales = np.zeros((n, blocks), np.float32)
+        zeros = np.zeros((n, blocks), np.uint8)
+        quantize_matmul_8bits(packed, weight, scales, zeros, group_size, n, k, True)
+        return packed, scales, zeros
+    from vila_edge.builder.awq import quantize_tensor
+
+    codes, scales, zeros = quantize_tensor(rows, 4, group_size)
+    qweight, flat_scales, packed_zeros = matmulnbits_arrays(QuantizedLinear(codes, scales, zeros, group_size))
+    return qweight, flat_scales, packed_zeros
+
+
+def write_genai_config(out_dir: Path, spec: DecoderSpec, tokens: dict, filename: str, threads: int) -> dict:
+    """genai_config.json in the model builder's layout (the runtime and tools read it); ``tokens``: the
+    bos / eos / pad token ids."""
+    genai = {
+        "model": {
+            "bos_token_id": tokens["bos_token_id"],
+            "context_length": spec.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                    "intra_op_num_threads": int(threads)},
+                "filename": filename, "head_size": spec.head_dim, "hidden_size": spec.hidden,
+                "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": spec.num_heads, "num_hidden_layers": spec.num_layers,
+                "num_key_value_heads": spec.num_kv_heads,
+            },
+            "eos_token_id": tokens["eos_token_id"],
+            "pad_token_id": tokens["pad_token_id"],
+            "type": spec.model_type,
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": spec.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+    }
+    (Path(out_dir) / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
+    return genai
