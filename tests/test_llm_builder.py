@@ -177,6 +177,110 @@ def test_int4_build_rejects_unsupported_group_size(tmp_path, tiny_llm):
         build_llm_onnx(tiny_llm("llama"), tmp_path / "decoder", group_size=96, progress=False)
 
 
+# ---- streamed build (llm_stream) ----------------------------------------------------------------
+
+
+def graph_contents(decoder_dir: Path):
+    """(initializers by name, nodes as comparable tuples) of a built decoder."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(decoder_dir / "model.onnx"), load_external_data=True)
+    tensors = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes = [(n.op_type, n.domain, n.name, list(n.input), list(n.output),
+              sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute)) for n in model.graph.node]
+    return tensors, nodes
+
+
+@pytest.mark.parametrize("family,quant,lm_head", [("llama", "awq", "int4"), ("qwen2", "rtn", "int8")])
+def test_streamed_build_equals_genai_builder(tmp_path, tiny_llm, family, quant, lm_head):
+    """The layer-streamed build writes the graph onnxruntime-genai's builder makes from the in-memory
+    quantizer's checkpoint: same nodes, every initializer equal bit for bit, same embedding table."""
+    options = dict(precision="int4", quant=quant, group_size=64, accuracy_level=1, lm_head=lm_head, progress=False,
+                   calib_samples=4, calib_seqlen=64, threads=1)
+    genai = build_llm_onnx(tiny_llm(family), tmp_path / "genai", writer="genai", **options)
+    streamed = build_llm_onnx(tiny_llm(family), tmp_path / "stream", writer="stream", **options)
+    (genai_tensors, genai_nodes), (stream_tensors, stream_nodes) = (graph_contents(tmp_path / d)
+                                                                    for d in ("genai", "stream"))
+    assert stream_nodes == genai_nodes
+    assert set(stream_tensors) == set(genai_tensors)
+    for name, value in genai_tensors.items():
+        assert value.dtype == stream_tensors[name].dtype and np.array_equal(value, stream_tensors[name]), name
+    assert np.array_equal(np.load(tmp_path / "genai" / "embed_tokens.npy"), np.load(tmp_path / "stream" / "embed_tokens.npy"))
+    assert json.loads((tmp_path / "genai" / "genai_config.json").read_text()) == \
+        json.loads((tmp_path / "stream" / "genai_config.json").read_text())
+    for key in ("quant", "group_size", "lm_head", "matmulnbits", "inputs", "outputs", "embed_dtype", "eos_token_id"):
+        assert streamed[key] == genai[key], key
+    if quant == "awq":
+        assert streamed["awq"]["mean_block_error_vs_rtn"] == genai["awq"]["mean_block_error_vs_rtn"]
+
+
+def _write_wide_llm(folder: Path, layers: int, hidden: int = 1024, intermediate: int = 4096, vocab: int = 512) -> int:
+    """A Llama llm/ folder of float16 random weights (no tokenizer: RTN needs none); returns one layer's bytes."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+              "num_key_value_heads": hidden // 64, "vocab_size": vocab, "max_position_embeddings": 256,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+              "torch_dtype": "float16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(0)
+
+    def weight(*shape):
+        return (torch.rand(*shape, generator=generator) * 0.04 - 0.02).to(torch.float16)
+
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+              "mlp.down_proj": (hidden, intermediate)}
+    for index in range(layers):  # one shard per layer, with an index: the sharded layout of real checkpoints
+        tensors = {f"model.layers.{index}.{name}.weight": weight(*shape) for name, shape in shapes.items()}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{index}.{norm}.weight"] = torch.ones(hidden, dtype=torch.float16)
+        save_file(tensors, str(folder / f"model-{index:05d}.safetensors"))
+    save_file({"model.embed_tokens.weight": weight(vocab, hidden), "lm_head.weight": weight(vocab, hidden),
+               "model.norm.weight": torch.ones(hidden, dtype=torch.float16)}, str(folder / "model-head.safetensors"))
+    weight_map = {}
+    for file in folder.glob("*.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            weight_map.update(dict.fromkeys(handle.keys(), file.name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return sum(2 * a * b for a, b in shapes.values())
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from vila_edge.builder.llm_onnx import build_llm_onnx
+build_llm_onnx(sys.argv[1], sys.argv[2], quant="rtn", group_size=128, progress=False, threads=1, lm_head="int8")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_streamed_build_peak_memory_does_not_grow_with_layers(tmp_path):
+    """2 vs 8 layers of the same width (one layer: 32 MiB of float16, 64 MiB as float32), each built in a fresh
+    process: the peak RSS grows by less than one layer's bytes (the in-memory build grows by several per layer)."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for layers in (2, 8):
+        layer_bytes = _write_wide_llm(tmp_path / f"llm{layers}", layers)
+        result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / f"llm{layers}"),
+                                 str(tmp_path / f"out{layers}")], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks[layers] = int(result.stdout.split()[-1])
+        info = json.loads((tmp_path / f"out{layers}" / "decoder_info.json").read_text())
+        assert info["num_layers"] == layers and info["matmulnbits"]["count"] == 5 * layers + 1
+    growth = peaks[8] - peaks[2]
+    print(f"peak RSS: 2 layers {peaks[2] / 2**20:.0f} MiB, 8 layers {peaks[8] / 2**20:.0f} MiB, "
+          f"one layer {layer_bytes / 2**20:.0f} MiB")
+    assert growth < layer_bytes, peaks
+
+
 @pytest.mark.slow
 def test_smollm2_conversion_answers_paris():
     from transformers import AutoTokenizer, LlamaForCausalLM

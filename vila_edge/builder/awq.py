@@ -409,8 +409,14 @@ def peak_rss_mib() -> float | None:
 
 def _progress_bar(enabled: bool):
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     # stderr, like the build's own step lines: stdout carries results (the engine path, JSON) for scripts.
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

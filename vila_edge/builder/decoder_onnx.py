@@ -52,9 +52,9 @@ class ExternalData:
         return tensor, self.offset
 
     def write(self, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array).tobytes()
-        self.file.write(data)
-        self.offset += len(data)
+        array = np.ascontiguousarray(array)
+        self.file.write(memoryview(array).cast("B"))  # no bytes copy
+        self.offset += array.nbytes
 
     def end(self, tensor, start: int):
         from onnx import helper

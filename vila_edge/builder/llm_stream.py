@@ -22,6 +22,8 @@ oracle (``llm_onnx.reference_model``) reads; ``awq_dir`` writes that checkpoint 
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,14 @@ from vila_edge.builder.awq_formats import (
     quantized_linear_from_awq_gemm,
     tinychat_v2_linear,
 )
-from vila_edge.builder.awq_stream import NORM_NAMES, QuantizedLayer, calibration_for, model_skeleton, quantize_layers, summarize
+from vila_edge.builder.awq_stream import (
+    NORM_NAMES,
+    QuantizedLayer,
+    calibration_for,
+    model_skeleton,
+    quantize_layers,
+    summarize,
+)
 from vila_edge.builder.decoder_onnx import DecoderSpec, DecoderWriter, write_genai_config
 from vila_edge.builder.tensor_stream import SafetensorsReader, TorchFileReader
 
@@ -62,6 +71,7 @@ def build_int4_decoder(
     from transformers import AutoConfig
 
     llm_dir, out_dir = Path(llm_dir), Path(out_dir)
+    large_blocks_from_mmap()
     config = AutoConfig.from_pretrained(str(llm_dir)).to_dict()  # with the model type's defaults filled in
     spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head)
     started = time.perf_counter()
@@ -102,6 +112,23 @@ def build_int4_decoder(
         if (llm_dir / name).is_file():
             (out_dir / name).write_bytes((llm_dir / name).read_bytes())
     return facts
+
+
+def large_blocks_from_mmap(threshold: int = 1 << 20) -> None:
+    """Serve allocations >= ``threshold`` from mmap, returned to the OS on free (glibc only).
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), so each layer's
+    float32 copies and quantizer temporaries would then land in the heap, which fragments: over a
+    build the resident set drifts up by a few layers' worth at random. A fixed threshold keeps the
+    peak at one layer's working set. Process-wide and permanent; a no-op elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl)
+        return
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (setting it also turns off the dynamic adjustment)
 
 
 def special_token_ids(llm_dir: Path, config: dict) -> dict:
