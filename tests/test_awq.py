@@ -142,6 +142,59 @@ def test_awq_checkpoint_round_trip(tiny_qwen2, tmp_path):
         torch.testing.assert_close(state[f"{name}.weight"], model.get_submodule(name).weight.data, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_awq_equals_in_memory_awq(tiny_qwen2, tmp_path, dtype):
+    """awq_stream (one layer read from disk at a time, model on the meta device) computes exactly what
+    quantize_model computes on the loaded model: the same codes, scales, zeros, biases and folded norms."""
+    from transformers import AutoModelForCausalLM
+
+    from vila_edge.builder.awq_stream import model_skeleton, quantize_layers
+    from vila_edge.builder.tensor_stream import SafetensorsReader
+
+    from vila_edge.builder.awq_formats import copy_tokenizer_files
+
+    folder = tmp_path / "llm"
+    AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=dtype).save_pretrained(folder)
+    copy_tokenizer_files(tiny_qwen2, folder)
+    model, tokenizer = awq.load_float_model(folder)
+    calib = awq.calibration_ids(tokenizer, awq.default_corpus()[0], 4, 64)
+    settings = awq.AWQSettings(w_bit=4, group_size=64, method="awq", n_grid=5, calib_samples=4, calib_seqlen=64)
+    folded: dict = {}
+    quantized, stats = awq.quantize_model(model, calib, settings, progress=False, float32_params=folded)
+    with SafetensorsReader(folder) as reader:
+        streamed = list(quantize_layers(model_skeleton(folder), reader, settings, calib, progress=False))
+    assert [layer.index for layer in streamed] == [0, 1]
+    for layer in streamed:
+        assert layer.stats["qkv"] == stats["layers"][layer.index]["qkv"]
+        floats, linears = layer.checkpoint_tensors()
+        for name, value in floats.items():
+            assert torch.equal(value, folded[name]), name
+        for name, qlinear in linears.items():
+            expected = quantized[name]
+            assert torch.equal(qlinear.q, expected.q) and torch.equal(qlinear.zeros, expected.zeros), name
+            assert torch.equal(qlinear.scales, expected.scales), name
+            assert (qlinear.bias is None and expected.bias is None) or torch.equal(qlinear.bias, expected.bias), name
+
+
+def test_streamed_awq_next_inputs_from_quantized_layer(tiny_qwen2):
+    """next_inputs="quantized" feeds layer 1 the quantized layer 0's output: layer 0 is unchanged, layer 1 differs."""
+    from vila_edge.builder.awq_stream import model_skeleton, quantize_layers
+    from vila_edge.builder.tensor_stream import SafetensorsReader
+
+    _, tokenizer = awq.load_float_model(tiny_qwen2)
+    calib = awq.calibration_ids(tokenizer, awq.default_corpus()[0], 4, 64)
+    runs = {}
+    for mode in ("float", "quantized"):
+        settings = awq.AWQSettings(w_bit=4, group_size=64, n_grid=5, next_inputs=mode)
+        with SafetensorsReader(tiny_qwen2) as reader:
+            runs[mode] = list(quantize_layers(model_skeleton(tiny_qwen2), reader, settings, calib, progress=False))
+    first, second = (runs[m][0].linears["mlp.down_proj"].q for m in runs), (runs[m][1].stats["qkv"] for m in runs)
+    assert torch.equal(*first)
+    assert len({s["loss"] for s in second}) == 2
+    with pytest.raises(ValueError, match="next_inputs"):
+        next(quantize_layers(model_skeleton(tiny_qwen2), None, awq.AWQSettings(next_inputs="x"), calib))
+
+
 def test_tinychat_v2_checkpoint_converts_to_same_weights(tiny_qwen2, tmp_path):
     model, _ = awq.load_float_model(tiny_qwen2, dtype=torch.float32)
     quantized, _ = awq.quantize_model(model, None, awq.AWQSettings(group_size=64, method="rtn"), progress=False)

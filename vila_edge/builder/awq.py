@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vila_edge.builder.awq_formats import QuantizedLinear, write_awq_checkpoint
+from vila_edge.builder.awq_formats import QuantizedLinear
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_BITS = (3, 4)
@@ -613,31 +613,43 @@ def quantize_checkpoint(
     calib_seqlen: int = 512,
     progress: bool = True,
     threads: int | None = None,
+    settings: AWQSettings | None = None,
 ) -> dict:
-    """Quantize a HF ``llm/`` folder and write an AutoAWQ GEMM checkpoint to ``out_dir``.
+    """Quantize a HF ``llm/`` folder layer by layer (``awq_stream``) into an AutoAWQ GEMM checkpoint
+    in ``out_dir``, one shard per layer: memory is one layer plus the calibration activations.
 
-    Returns the statistics (also written to ``out_dir/awq_stats.json``).
+    ``settings`` overrides the keyword defaults (grid, device, next_inputs...). Returns the statistics
+    (also written to ``out_dir/awq_stats.json``).
     """
+    from vila_edge.builder.awq_formats import AwqCheckpointWriter
+    from vila_edge.builder.awq_stream import (
+        calibration_for,
+        checkpoint_tail,
+        model_skeleton,
+        quantize_layers,
+        summarize,
+    )
+    from vila_edge.builder.tensor_stream import SafetensorsReader
+
     if w_bit != 4:
         raise ValueError(f"checkpoints are written in AutoAWQ's 4-bit format; w_bit={w_bit} is for evaluation only")
     llm_dir = Path(llm_dir)
-    model, tokenizer = load_float_model(llm_dir)
-    settings = AWQSettings(w_bit=w_bit, group_size=group_size, method=method,
-                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, threads=threads)
-    check_group_size(model, group_size, w_bit)
-    calib = None
-    if method == "awq":
-        calib = calibration_ids(tokenizer, load_calibration_text(calib_path), calib_samples, calib_seqlen)
-    folded = {}
-    quantized, stats = quantize_model(model, calib, settings, progress=progress, float32_params=folded,
-                                      keep_dequantized=False)
+    settings = settings or AWQSettings(w_bit=w_bit, group_size=group_size, method=method,
+                                       calib_samples=calib_samples, calib_seqlen=calib_seqlen, threads=threads)
+    started = time.perf_counter()
+    skeleton = model_skeleton(llm_dir)
+    calib = calibration_for(llm_dir, settings, calib_path) if settings.method == "awq" else None
+    config = skeleton.config.to_dict()
+    writer = AwqCheckpointWriter(out_dir, config, group_size=settings.group_size,
+                                 num_shards=config["num_hidden_layers"] + 1, tokenizer_dir=llm_dir)
+    layer_stats = []
+    with SafetensorsReader(llm_dir) as reader:
+        for layer in quantize_layers(skeleton, reader, settings, calib, progress=progress):
+            writer.add(*layer.checkpoint_tensors())
+            layer_stats.append(layer.stats)
+        writer.add(checkpoint_tail(reader, config), {})
+    writer.close()
+    stats = summarize(settings, calib, layer_stats, time.perf_counter() - started)
     stats["calib_source"] = "pydoc_data.topics" if calib_path is None else Path(calib_path).name
-
-    quantized_weights = {f"{name}.weight" for name in quantized} | {f"{name}.bias" for name in quantized}
-    float_tensors = {k: folded.get(k, v) for k, v in model.state_dict().items() if k not in quantized_weights}
-    if getattr(model.config, "tie_word_embeddings", False):
-        float_tensors.pop("lm_head.weight", None)  # the tied head is the embedding
-    write_awq_checkpoint(out_dir, model.config.to_dict(), float_tensors, quantized,
-                         group_size=group_size, tokenizer_dir=llm_dir)
     (Path(out_dir) / "awq_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats

@@ -40,6 +40,7 @@ from vila_edge.builder.awq import (
 from vila_edge.builder.awq_formats import QuantizedLinear
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
+EMBED = "model.embed_tokens.weight"
 
 
 @dataclass
@@ -48,6 +49,29 @@ class QuantizedLayer:
     norms: dict[str, torch.Tensor]  # NORM_NAMES -> float32 (AWQ scales folded in)
     linears: dict[str, QuantizedLinear]  # LINEAR_NAMES -> codes (bias inside)
     stats: dict = field(default_factory=dict)
+
+    def checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedLinear]]:
+        """(float tensors, quantized linears) by full HF name, for ``AwqCheckpointWriter.add``."""
+        prefix = f"model.layers.{self.index}"
+        return ({f"{prefix}.{name}.weight": value for name, value in self.norms.items()},
+                {f"{prefix}.{name}": value for name, value in self.linears.items()})
+
+
+def head_name(reader, config: dict) -> str:
+    """The lm_head weight's name: its own, or the embedding's when the two are tied."""
+    if "lm_head.weight" in reader:
+        return "lm_head.weight"
+    if not config.get("tie_word_embeddings", False):
+        raise ValueError(f"{reader.folder}: no lm_head.weight and tie_word_embeddings is false")
+    return EMBED
+
+
+def checkpoint_tail(reader, config: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint's last shard: final norm, embedding table, and the lm_head when it is not tied."""
+    tail = {"model.norm.weight": reader.read("model.norm.weight"), EMBED: reader.read(EMBED)}
+    if head_name(reader, config) != EMBED:
+        tail["lm_head.weight"] = reader.read("lm_head.weight")
+    return tail
 
 
 def model_skeleton(llm_dir: Path | str) -> nn.Module:
@@ -103,7 +127,7 @@ def quantize_layers(skeleton: nn.Module, reader, settings: AWQSettings, calib: t
     device = search_device(settings)
     hidden = runner = None
     if use_awq:
-        hidden = gather_rows(reader, "model.embed_tokens.weight", calib).to(device)
+        hidden = gather_rows(reader, EMBED, calib).to(device)
         rotary = type(skeleton.model.rotary_emb)(config=skeleton.config).to(device)
         positions = torch.arange(calib.shape[1], device=device).unsqueeze(0)
         position_embeddings = tuple(t.to(torch.float32) for t in rotary(hidden[:1], positions))

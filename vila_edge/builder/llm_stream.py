@@ -40,9 +40,12 @@ from vila_edge.builder.awq_formats import (
     tinychat_v2_linear,
 )
 from vila_edge.builder.awq_stream import (
+    EMBED,
     NORM_NAMES,
     QuantizedLayer,
     calibration_for,
+    checkpoint_tail,
+    head_name,
     model_skeleton,
     quantize_layers,
     summarize,
@@ -50,7 +53,6 @@ from vila_edge.builder.awq_stream import (
 from vila_edge.builder.decoder_onnx import DecoderSpec, DecoderWriter, write_genai_config
 from vila_edge.builder.tensor_stream import SafetensorsReader, TorchFileReader
 
-EMBED = "model.embed_tokens.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -166,32 +168,19 @@ def _write_layers(writer: DecoderWriter, layers: Iterator[QuantizedLayer], check
             linears = {name: _bias_through_fp16(ql) for name, ql in layer.linears.items()}
             writer.add_layer(layer.index, {k: v.numpy() for k, v in norms.items()}, linears)
             if checkpoint is not None:
-                prefix = f"model.layers.{layer.index}"
-                checkpoint.add({f"{prefix}.{k}.weight": v for k, v in norms.items()},
-                               {f"{prefix}.{k}": v for k, v in linears.items()})
+                checkpoint.add(*QuantizedLayer(layer.index, norms, linears).checkpoint_tensors())
             stats.append(layer.stats)
         final_norm = _through_fp16(reader.read("model.norm.weight").float())
-        head_name = _head_name(reader, config)
         write_embedding_table(reader, embed_path)
-        head_rows = ((start, _through_fp16(rows)) for start, rows in reader.row_chunks(head_name, torch.float32))
+        head_rows = ((start, _through_fp16(rows))
+                     for start, rows in reader.row_chunks(head_name(reader, config), torch.float32))
         writer.finish(final_norm.numpy(), head_rows, lm_head, group_size)
     finally:
         writer.close()
     if checkpoint is not None:
-        tail = {"model.norm.weight": final_norm, EMBED: reader.read(EMBED)}
-        if head_name != EMBED:
-            tail["lm_head.weight"] = reader.read(head_name)
-        checkpoint.add(tail, {})
+        checkpoint.add(checkpoint_tail(reader, config), {})
         checkpoint.close()
     return stats
-
-
-def _head_name(reader, config: dict) -> str:
-    if "lm_head.weight" in reader:
-        return "lm_head.weight"
-    if not config.get("tie_word_embeddings", False):
-        raise ValueError(f"{reader.folder}: no lm_head.weight and tie_word_embeddings is false")
-    return EMBED
 
 
 def _head_facts(lm_head: str, group_size: int) -> dict:
