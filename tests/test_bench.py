@@ -118,3 +118,21 @@ def test_llm_comparison_without_ours_is_labelled_with_the_peers(engine, tmp_path
     doc = bench.run_llm_comparison(a, [peer], tag="llama_cpp")
     assert doc["label"] == "nvila-lite-2b-vs-llama_cpp"
     assert [r["name"] for r in doc["results"]] == ["vila-edge ORT int4 g128", "stand-in peer"]
+
+
+def test_peak_rss_is_this_process_only():
+    """A contender child started by a process that peaked high (an in-process build) reports its own peak:
+    Linux folds the parent's peak into the child's ru_maxrss, not into its VmHWM."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the inherited ru_maxrss is a Linux behaviour")
+    big = np.ones(512 << 17)  # 512 MiB, touched: this process's peak is now at least that
+    code = ("import resource; from vila_edge.bench import _peak_rss; "
+            "print(_peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    own, inherited = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    del big
+    assert inherited >= 512 << 20  # the defect this guards against
+    assert own < 256 << 20, own

@@ -387,3 +387,15 @@ def test_trtllm_engine_build(tmp_path, tiny_llm):
     info = build_trtllm_engine(plan, tmp_path / "engine")
     assert (tmp_path / "engine" / "llm" / "config.json").is_file()
     assert info["prompt_table"]["max_rows"] == 32 and info["plan"]["max_seq_len"] == 1024
+
+
+def test_build_options_awq_calibration():
+    from vila_edge.builder.build import BuildOptions
+    from vila_edge.errors import VilaEdgeError
+
+    assert BuildOptions(awq_calib="32x512").validate().awq_calibration() == (32, 512)
+    for bad in ("32", "ax512", "0x512"):
+        with pytest.raises(VilaEdgeError, match="--awq-calib"):
+            BuildOptions(awq_calib=bad).validate()
+    with pytest.raises(VilaEdgeError, match="--awq-grid"):
+        BuildOptions(awq_grid=0).validate()

@@ -49,9 +49,20 @@ def prompt_of_tokens(tokenizer, n_tokens: int) -> str:
 
 
 def _peak_rss() -> int:
+    """Peak RSS of this process only. Linux folds the parent's peak into a child's ru_maxrss (execve keeps
+    the larger of the two), so a contender started after an in-process build would report the build's peak;
+    /proc/self/status VmHWM is the high-water mark of this process's own address space."""
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux
+        pass
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
 
 
 def _rss() -> int:

@@ -58,6 +58,8 @@ class BuildOptions:
     llm_precision: str = "int4"
     llm_quant: str = "awq"
     group_size: int = 128
+    awq_calib: str = "128x512"  # calibration sequences x tokens per sequence
+    awq_grid: int = 20  # scale-exponent grid points per linear group
     skip_llm: bool = False
     token_order: str | None = None
     splice: str | None = None
@@ -79,9 +81,22 @@ class BuildOptions:
         one_of("trt_precision", self.trt_precision, TRT_PRECISIONS)
         if self.group_size not in (32, 64, 128, 256):
             raise VilaEdgeError(f"--group-size {self.group_size} is not one of: 32, 64, 128, 256")
+        self.awq_calibration()
+        if self.awq_grid < 1:
+            raise VilaEdgeError(f"--awq-grid {self.awq_grid} must be at least 1")
         if not self.trt_workspace_gb > 0:
             raise VilaEdgeError(f"--trt-workspace-gb {self.trt_workspace_gb} must be positive")
         return self
+
+    def awq_calibration(self) -> tuple[int, int]:
+        """(sequences, tokens per sequence) of --awq-calib NxL."""
+        try:
+            samples, seqlen = (int(v) for v in self.awq_calib.lower().split("x"))
+        except ValueError:
+            raise VilaEdgeError(f"--awq-calib {self.awq_calib!r} is not SEQUENCESxTOKENS, e.g. 32x512") from None
+        if samples < 1 or seqlen < 16:
+            raise VilaEdgeError(f"--awq-calib {self.awq_calib!r}: need at least 1 sequence of 16 tokens")
+        return samples, seqlen
 
     def export_key(self) -> dict:
         """The options that decide what the export stage writes."""
@@ -444,8 +459,10 @@ def _build_llm(ckpt, tmp: Path, options: BuildOptions, threads: int | None, rep:
 
     out = tmp / LLM_DIR
     with rep.step(f"LLM -> ONNX ({options.llm_precision})", spinner=False), _llm_source(ckpt, tmp) as src:
+        samples, seqlen = options.awq_calibration()
         info = build_llm_onnx(src, out, precision=options.llm_precision, quant=options.llm_quant,
-                              group_size=options.group_size, calib_path=None, threads=threads, progress=rep.enabled)
+                              group_size=options.group_size, calib_path=None, threads=threads, progress=rep.enabled,
+                              calib_samples=samples, calib_seqlen=seqlen, awq_grid=options.awq_grid)
     return _relativize(dict(info or {}), out)
 
 

@@ -28,7 +28,10 @@ from vila_edge.builder.awq_formats import QuantizedLinear
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 21
-DATA_ALIGNMENT = 64  # bytes; every tensor starts on a multiple (ONNX Runtime may map the file)
+DATA_ALIGNMENT = 64  # bytes; every tensor starts on a multiple
+# tensors of 1 MiB and more start on a 64 KiB boundary (the allocation granularity onnx's external-data
+# writer aligns to), so that ONNX Runtime can memory-map them instead of reading them into its own buffers
+LARGE_TENSOR_BYTES, LARGE_TENSOR_ALIGNMENT = 1 << 20, 1 << 16
 LM_HEAD_CHUNK_ROWS = 8192
 
 
@@ -43,7 +46,8 @@ class ExternalData:
     def begin(self, name: str, dtype: np.dtype, dims: tuple[int, ...]):
         from onnx import TensorProto, helper
 
-        pad = (-self.offset) % DATA_ALIGNMENT
+        nbytes = int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+        pad = (-self.offset) % (LARGE_TENSOR_ALIGNMENT if nbytes >= LARGE_TENSOR_BYTES else DATA_ALIGNMENT)
         if pad:
             self.file.write(b"\0" * pad)
             self.offset += pad

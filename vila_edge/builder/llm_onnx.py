@@ -340,6 +340,7 @@ def build_llm_onnx(
     calib_seqlen: int = 512,
     quantize_threads: int | None = None,
     writer: str = "stream",
+    awq_grid: int = 20,
     awq_settings=None,
 ) -> dict:
     """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
@@ -356,8 +357,8 @@ def build_llm_onnx(
     ``writer``: ``"stream"`` (default) builds int4 decoders from our quantizer or a pre-quantized folder
     one layer at a time (``llm_stream``: bounded memory, the same graph); ``"genai"`` runs
     onnxruntime-genai's builder on the whole model, which is also what fp32 / fp16 / int8 and
-    ``quant="builder"`` always use. ``awq_settings``: an ``AWQSettings`` overriding the quantizer's
-    defaults (grid, calibration size, device, next_inputs) for streamed builds.
+    ``quant="builder"`` always use. ``awq_grid``: scale-search grid points. ``awq_settings``: an
+    ``AWQSettings`` overriding all the quantizer's options (device, next_inputs...) for streamed builds.
     """
     llm_dir, out_dir = Path(llm_dir), Path(out_dir)
     if precision not in PRECISIONS:
@@ -390,7 +391,7 @@ def build_llm_onnx(
                 accuracy_level=accuracy_level, prune_lm_head=prune_lm_head, threads=threads, awq_dir=awq_dir,
                 calib_path=calib_path, progress=progress, settings=awq_settings or AWQSettings(
                     w_bit=4, group_size=group_size, method=quant, calib_samples=calib_samples,
-                    calib_seqlen=calib_seqlen, threads=quantize_threads))
+                    calib_seqlen=calib_seqlen, threads=quantize_threads, n_grid=awq_grid))
         else:
             embed_dtype, awq_stats = _build_with_genai(
                 llm_dir, out_dir, staging, info, precision=precision, quant=quant, group_size=group_size,
