@@ -148,10 +148,9 @@ def test_streamed_awq_equals_in_memory_awq(tiny_qwen2, tmp_path, dtype):
     quantize_model computes on the loaded model: the same codes, scales, zeros, biases and folded norms."""
     from transformers import AutoModelForCausalLM
 
+    from vila_edge.builder.awq_formats import copy_tokenizer_files
     from vila_edge.builder.awq_stream import model_skeleton, quantize_layers
     from vila_edge.builder.tensor_stream import SafetensorsReader
-
-    from vila_edge.builder.awq_formats import copy_tokenizer_files
 
     folder = tmp_path / "llm"
     AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=dtype).save_pretrained(folder)
