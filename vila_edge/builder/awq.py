@@ -11,9 +11,10 @@ For every decoder layer, one at a time:
 5. quantize asymmetric ``w_bit`` integers with a zero point per group of ``group_size`` inputs.
 
 The next layer's calibration input is the float layer's output (as llm-awq and AutoAWQ do).
-Peak memory is the model plus one layer's calibration activations: the model stays in its own
-dtype, only the layer being quantized is promoted to float32, and when writing a checkpoint each
-linear's float weight is dropped as soon as its integer codes exist.
+``quantize_model`` works on a loaded model (peak: the model plus one layer's calibration
+activations; the layer being quantized is promoted to float32). Checkpoints on disk go through
+``awq_stream`` instead (``quantize_checkpoint``, the decoder build): the same searches, bit for bit,
+one layer read from disk at a time, on a CUDA GPU when torch sees one.
 
 ``method="rtn"`` skips steps 2-4 (plain round-to-nearest with zero points), for comparison.
 """
