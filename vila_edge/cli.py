@@ -137,6 +137,12 @@ def serve(
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
     threads: int | None = typer.Option(None, min=1, help="Engine threads (default: physical cores)."),
     log_level: str = typer.Option("info", help="critical | error | warning | info | debug"),
+    cluster: str | None = typer.Option(None, help="Serve on a Ray cluster: auto (join this machine's, else start "
+                                       "one) | local (start one) | HEAD:6379 (join); needs the `ray` extra."),
+    replicas: int = typer.Option(1, min=1, help="With --cluster: replicas of the model (each loads the engines)."),
+    max_replicas: int | None = typer.Option(None, min=1, help="With --cluster: autoscale up to this many replicas."),
+    node_profile: str | None = typer.Option(None, help="With --cluster: device profile of the GPU nodes (e.g. "
+                                            "orin-nano-8gb): a replica reserves the GPU share the planner predicts."),
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health, /metrics) and a live camera page."""
     from vila_edge.serve import bind_socket, is_loopback, run
@@ -152,6 +158,11 @@ def serve(
         max_queue=max_queue, request_timeout=request_timeout, allow_remote_images=allow_remote_images,
         remote_image_networks=parse_networks(allow_image_network),
         api_key=api_key or None, allowed_hosts=(host,), camera_prompt=prompt, camera_interval=interval, camera_max_tokens=caption_tokens)
+    if cluster is not None:
+        _serve_cluster(engines, settings, cluster=cluster, host=host, port=port, api_key=api_key, device=device,
+                       threads=threads, replicas=replicas, max_replicas=max_replicas, node_profile=node_profile,
+                       camera=camera)
+        return
     sock = bind_socket(host, port)  # before loading engines: a busy port fails fast
     models = load_engines(engines, device=device, threads=threads)
     cam = None
@@ -172,6 +183,27 @@ def serve(
         print("vila-edge: stopped", file=sys.stderr, flush=True)
 
     run(create_app(models, settings, camera=cam), log_level=log_level, on_listen=ready, on_stop=stopped, sock=sock)
+
+
+def _serve_cluster(engines, settings, *, cluster, host, port, api_key, device, threads, replicas, max_replicas,
+                   node_profile, camera) -> None:
+    from vila_edge.serve import is_loopback
+    from vila_edge.serve.cluster import ClusterOptions, serve_cluster
+
+    if camera is not None:
+        raise VilaEdgeError("--camera is served by one `vila-edge serve` process, not by --cluster")
+    if not is_loopback(host) and not api_key:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
+              "models", file=sys.stderr)
+    opts = ClusterOptions(replicas=replicas, max_replicas=max_replicas, threads=threads or 1,
+                          node_profile=node_profile, max_queue=settings.max_queue)
+
+    def ready(url: str) -> None:
+        print(f"vila-edge: serving {engines[0].name} at {url}/v1 on a Ray cluster ({replicas}"
+              f"{'-' + str(max_replicas) if max_replicas else ''} replicas)", file=sys.stderr, flush=True)
+
+    serve_cluster(engines, settings, opts, cluster=cluster, host=host, port=port, load_kwargs={"device": device},
+                  on_listen=ready, on_stop=lambda: print("vila-edge: stopped", file=sys.stderr, flush=True))
 
 
 @app.command()
