@@ -73,9 +73,9 @@ def _variants(model: str, max_tokens: int) -> list[dict]:
 
 
 class Server:
-    def __init__(self, engine_dir: Path, max_queue: int, max_tokens: int, timeout: float = 120):
+    def __init__(self, engine_dir: Path, max_queue: int, max_tokens: int, timeout: float = 120, extra: tuple = ()):
         cmd = [sys.executable, "-m", "vila_edge.cli", "serve", str(engine_dir), "--host", "127.0.0.1", "--port", "0",
-               "--max-queue", str(max_queue), "--max-tokens", str(max_tokens), "--log-level", "warning"]
+               "--max-queue", str(max_queue), "--max-tokens", str(max_tokens), "--log-level", "warning", *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.stderr: list[str] = []
@@ -102,13 +102,21 @@ class Server:
 
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
-    def stop(self) -> int:
+    def stop(self, wait: float = 20) -> int:
         self.proc.terminate()
         try:
-            return self.proc.wait(20)
+            return self.proc.wait(wait)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(10)
+
+
+def _error_of(body: bytes) -> dict:
+    """The OpenAI error object of a response body; a body that is not one (a proxy's plain text) as its message."""
+    try:
+        return json.loads(body).get("error", {})
+    except (ValueError, AttributeError):
+        return {"message": body.decode("utf-8", "replace")[:200]}
 
 
 async def _one(client, url: str, body: dict, stream: bool) -> dict:
@@ -123,13 +131,13 @@ async def _one(client, url: str, body: dict, stream: bool) -> dict:
             out["text"] = j["choices"][0]["message"]["content"]
             out["finish"] = j["choices"][0]["finish_reason"]
         else:
-            out["error"] = r.json().get("error", {})
+            out["error"] = _error_of(r.content)
             out["retry_after"] = r.headers.get("retry-after")
         return out
     async with client.stream("POST", url, json={**body, "stream": True}) as r:
         out["status"] = r.status_code
         if r.status_code != 200:
-            out["error"] = json.loads(await r.aread()).get("error", {})
+            out["error"] = _error_of(await r.aread())
             out["retry_after"] = r.headers.get("retry-after")
             out["latency"] = time.perf_counter() - t0
             return out
@@ -168,7 +176,9 @@ async def _abandon(client, url: str, body: dict) -> str:
 
 
 async def _round(url: str, variants: list[dict], refs: list[tuple[str, str]], clients: int, per_client: int,
-                 abandon: int, request_timeout: float) -> dict:
+                 abandon: int, request_timeout: float, proxy_429: bool = False) -> dict:
+    """One round of load. `proxy_429`: a 429 with Retry-After from a proxy in front of the servers (Ray Serve's
+    backpressure: plain text, no OpenAI error code) is a rejection too, counted apart."""
     import httpx
 
     results: list[dict] = []
@@ -193,7 +203,7 @@ async def _round(url: str, variants: list[dict], refs: list[tuple[str, str]], cl
         outs = await asyncio.gather(*tasks, return_exceptions=True)
         seconds = time.perf_counter() - t0
     abandoned = [o for o in outs[clients:]]
-    completed = wrong = rejected = other = 0
+    completed = wrong = rejected = by_proxy = other = 0
     for r in results:
         if r["status"] == 200 and "error" not in r:
             ref_text, ref_finish = refs[r["variant"]]
@@ -206,6 +216,9 @@ async def _round(url: str, variants: list[dict], refs: list[tuple[str, str]], cl
         elif r["status"] == 429:
             if r.get("error", {}).get("code") == "queue_full" and (r.get("retry_after") or "").isdigit():
                 rejected += 1
+            elif proxy_429 and "code" not in r.get("error", {}) and (r.get("retry_after") or "").isdigit():
+                rejected += 1
+                by_proxy += 1
             else:
                 other += 1
                 problems.append(f"429 without the queue_full error / Retry-After: {r}")
@@ -219,7 +232,8 @@ async def _round(url: str, variants: list[dict], refs: list[tuple[str, str]], cl
     def pct(xs, p):
         return round(xs[min(len(xs) - 1, int(p * len(xs)))], 4) if xs else None
 
-    return {"sent": len(results), "completed": completed, "rejected_429": rejected, "wrong_answers": wrong,
+    return {"sent": len(results), "completed": completed, "rejected_429": rejected, "rejected_429_by_proxy": by_proxy,
+            "wrong_answers": wrong,
             "other_errors": other, "abandoned_streams": sum(1 for a in abandoned if a == "abandoned"),
             "abandon_outcomes": [str(a) for a in abandoned], "seconds": round(seconds, 3),
             "completed_per_s": round(completed / seconds, 2) if seconds else None,

@@ -141,7 +141,7 @@ def merge_metrics(live: list[str], gone: list[str] = ()) -> str:
             entry[1] += value
             entry[2] += 1
     lines = []
-    for name, (help_line, type_line, kind) in families.items():
+    for name, (help_line, type_line, _) in families.items():
         lines += [x for x in (help_line, type_line) if x]
         for key, (family, total, n) in totals.items():
             if family == name:
