@@ -199,8 +199,8 @@ def _serve_cluster(engines, settings, *, cluster, host, port, api_key, device, t
                           node_profile=node_profile, max_queue=settings.max_queue)
 
     def ready(url: str) -> None:
-        print(f"vila-edge: serving {engines[0].name} at {url}/v1 on a Ray cluster ({replicas}"
-              f"{'-' + str(max_replicas) if max_replicas else ''} replicas)", file=sys.stderr, flush=True)
+        print(f"vila-edge: serving {engines[0].name} at {url}/v1 on a Ray cluster (replicas: {replicas}"
+              f"{'-' + str(max_replicas) if max_replicas else ''})", file=sys.stderr, flush=True)
 
     serve_cluster(engines, settings, opts, cluster=cluster, host=host, port=port, load_kwargs={"device": device},
                   on_listen=ready, on_stop=lambda: print("vila-edge: stopped", file=sys.stderr, flush=True))

@@ -374,18 +374,18 @@ def serve_cluster(engine_dirs, settings, opts: ClusterOptions, *, cluster: str, 
         raise VilaEdgeError("--cluster serves one model (one deployment); start one `vila-edge serve --cluster` "
                             "per model, each on its own cluster or --port")
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = connect(cluster)
+    # after ray.init, which installs its own handlers (SIGTERM: a C++ one that aborts the process)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         url = deploy(engine_dirs[0], settings, opts, host=host, port=port, load_kwargs=load_kwargs)
         if on_listen is not None:
             on_listen(url)
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
         shutdown(started)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if on_stop is not None:
         on_stop()
