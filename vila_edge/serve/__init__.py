@@ -4,7 +4,8 @@
     with BackgroundServer(create_app(engine)) as srv:   # uvicorn on 127.0.0.1, a free port, in a thread
         openai.OpenAI(base_url=srv.url + "/v1", api_key="-")...
 
-Needs the `serve` extra (fastapi, uvicorn, httpx).
+Needs the `serve` extra (fastapi, uvicorn, httpx). `vila_edge.serve.cluster` runs the same app as a Ray Serve
+deployment (`vila-edge serve --cluster`, the `ray` extra).
 """
 
 from __future__ import annotations

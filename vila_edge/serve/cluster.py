@@ -263,9 +263,11 @@ class ClusterReplica:
                 pass
 
     async def totals(self, path: str, local_body: bytes) -> bytes:
-        mine = self.report()
-        await self.board.put.remote(mine)
-        live, gone = split_reports(await self.board.view.remote())
+        try:
+            await self.board.put.remote(self.report())
+            live, gone = split_reports(await self.board.view.remote())
+        except Exception:  # noqa: BLE001 - no board (Serve shutting down): this replica's own answer
+            return local_body
         if path == "/metrics":
             return merge_metrics([r["metrics"] for r in live], [r["metrics"] for r in gone]).encode()
         return json.dumps(merge_health(json.loads(local_body), live)).encode()
@@ -358,9 +360,18 @@ def _replica_error(serve, name: str) -> str:
     return lines[-1] if lines else "see the Ray logs"
 
 
-def shutdown(started: bool) -> None:
+def shutdown(started: bool, name: str | None = None) -> None:
+    """Take the deployment down: the whole cluster when this process started it, else only `name` (other
+    applications on a joined cluster keep running)."""
     ray, serve = _ray()
-    serve.shutdown()
+    if started or name is None:
+        serve.shutdown()
+    else:
+        serve.delete(name)
+        try:
+            ray.kill(ray.get_actor(f"{BOARD_NAME}-{name}", namespace="serve"))
+        except ValueError:  # never created
+            pass
     if started:
         ray.shutdown()
 
@@ -377,14 +388,15 @@ def serve_cluster(engine_dirs, settings, opts: ClusterOptions, *, cluster: str, 
     started = connect(cluster)
     # after ray.init, which installs its own handlers (SIGTERM: a C++ one that aborts the process)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    name = Path(engine_dirs[0]).resolve().name
     try:
-        url = deploy(engine_dirs[0], settings, opts, host=host, port=port, load_kwargs=load_kwargs)
+        url = deploy(engine_dirs[0], settings, opts, host=host, port=port, load_kwargs=load_kwargs, name=name)
         if on_listen is not None:
             on_listen(url)
         while not stop.wait(0.5):
             pass
     finally:
-        shutdown(started)
+        shutdown(started, name)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if on_stop is not None:
