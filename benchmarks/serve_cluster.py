@@ -143,7 +143,7 @@ def write_results(res: dict, out: Path) -> None:
                      f"{r.get('started_in_s')} |")
     lines += ["", "The replicas share this machine's cores, so a second replica adds no compute here; on a "
               "cluster each replica brings its own node's. Throughput ratios on this shared, busy 2-core machine "
-              "swing between runs (1.09x and 2.29x in two runs of the same build): the checks are the point. "
+              "swing widely between runs (1.1x to 2.3x so far): the checks are the point. "
               "429s from Ray's proxy come once every replica holds `--max-queue` + 1 + 2 requests and the proxy's "
               "own queue (`--max-queue`) is full."]
     problems = [f"{r['replicas']} replica(s): {p}" for r in res["runs"] for p in r["problems"]]
