@@ -111,7 +111,7 @@ def run(engine_dir: Path | None = None, *, replica_counts=(1, 2), clients: int =
         "config": {"clients": clients, "requests_per_client": requests_per_client, "abandoning_clients": abandon,
                    "max_queue_per_replica": max_queue, "max_tokens": max_tokens, "time_limit_s": time_limit},
         "runs": runs,
-        "throughput_vs_1_replica": {n: round(v / base, 2) if v and base else None for n, v in rates.items()},
+        "throughput_vs_1_replica": {str(n): round(v / base, 2) if v and base else None for n, v in rates.items()},
         "ok": all(r["ok"] for r in runs),
     }
 
@@ -139,7 +139,7 @@ def write_results(res: dict, out: Path) -> None:
         lines.append(f"| {r['replicas']} | {r.get('sent')} | {r.get('completed')} | {r.get('rejected_429')} "
                      f"({r.get('rejected_429_by_proxy')}) | {r.get('wrong_answers')} | {r.get('other_errors')} | "
                      f"{r.get('seconds')} | {r.get('completed_per_s')} | {lat.get('p50')} / {lat.get('p95')} | "
-                     f"{res['throughput_vs_1_replica'].get(r['replicas'])} | {r.get('replicas_rss_mb')} | "
+                     f"{res['throughput_vs_1_replica'].get(str(r['replicas']))} | {r.get('replicas_rss_mb')} | "
                      f"{r.get('started_in_s')} |")
     lines += ["", "The replicas share this machine's cores, so a second replica adds no compute here (on a cluster each "
               "brings its own node's). What doubles is admission: each replica queues `--max-queue` requests, so "
