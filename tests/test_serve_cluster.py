@@ -22,9 +22,8 @@ httpx = pytest.importorskip("httpx")
 from conftest_runtime import runtime_engine  # noqa: E402,F401  (session fixture: tiny engine directories)
 from test_serve import LIMITS, direct_answer, image_message, png_bytes  # noqa: E402
 
-from vila_edge.config import config_from_json  # noqa: E402
+from vila_edge.engine_dir import read_manifest  # noqa: E402
 from vila_edge.plan import load_profile, plan  # noqa: E402
-from vila_edge.runtime import read_manifest  # noqa: E402
 from vila_edge.serve import cluster  # noqa: E402
 from vila_edge.serve.app import ServeSettings  # noqa: E402
 from vila_edge.serve.engine import PipelineEngine  # noqa: E402
@@ -71,8 +70,7 @@ def test_merge_metrics_sums_counters_and_live_gauges():
 def test_replica_resources_from_the_plan(runtime_engine):  # noqa: F811
     engine_dir = runtime_engine("nvila")
     manifest = read_manifest(engine_dir)
-    cfg = config_from_json(manifest["config"])
-    precision = manifest["options"]["llm_precision"]
+    cfg, precision = manifest.config, manifest.options["llm_precision"]
     cpu = cluster.engine_resources(engine_dir, cluster.ClusterOptions(threads=2))
     assert cpu["num_cpus"] == 2 and "num_gpus" not in cpu
     from vila_edge.plan import host_profile

@@ -89,13 +89,11 @@ def replica_resources(cfg, *, llm_precision: str, gpu: bool, threads: int, node_
 
 
 def engine_resources(engine_dir, opts: ClusterOptions) -> dict:
-    from vila_edge.runtime import manifest_config, read_manifest
+    from vila_edge.engine_dir import read_manifest
 
-    manifest = read_manifest(Path(engine_dir))
-    cfg = manifest_config(manifest, str(Path(engine_dir) / "manifest.json"))
-    gpu = (manifest.get("target") or {}).get("device") == "cuda"
-    precision = (manifest.get("options") or {}).get("llm_precision", "int4")
-    return replica_resources(cfg, llm_precision=precision, gpu=gpu, threads=opts.threads,
+    manifest = read_manifest(engine_dir)
+    return replica_resources(manifest.config, llm_precision=manifest.options.get("llm_precision", "int4"),
+                             gpu=manifest.target.device == "cuda", threads=opts.threads,
                              node_profile=opts.node_profile)
 
 
