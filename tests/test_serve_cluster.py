@@ -84,6 +84,8 @@ def test_replica_resources_from_the_plan(runtime_engine):  # noqa: F811
     assert need / orin.usable_bytes <= gpu["num_gpus"] <= need / orin.usable_bytes + 0.01
     whole = cluster.replica_resources(cfg, llm_precision=precision, gpu=True, threads=1)
     assert whole["num_gpus"] == 1.0 and "memory" not in whole
+    with pytest.raises(cluster.VilaEdgeError, match="--node-profile orin-nano-8gb is a GPU profile"):
+        cluster.replica_resources(cfg, llm_precision=precision, gpu=False, threads=1, node_profile="orin-nano-8gb")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,20 +69,18 @@ def replica_resources(cfg, *, llm_precision: str, gpu: bool, threads: int, node_
     GPU share = that total / the node profile's usable memory (a whole GPU without a profile)."""
     from vila_edge.plan import host_profile, load_profile, plan
 
-    profile = load_profile(node_profile) if node_profile else None
-    if profile is None or (profile.kind == "cpu") == gpu:
-        if gpu:
-            profile = load_profile("rtx4090-laptop")  # only the activation width and overheads matter here
-        else:
-            profile = host_profile(1.0, 1.0, memory_gib=1.0)
-        own_profile = False
-    else:
-        own_profile = True
-    need = plan(cfg, profile, llm_precision=llm_precision, suggest=False).memory["total"]
     opts = {"num_cpus": threads}
+    profile = load_profile(node_profile) if node_profile else None
+    if profile is not None and (profile.kind == "cpu") == gpu:
+        raise VilaEdgeError(f"--node-profile {profile.name} is a {'CPU' if profile.kind == 'cpu' else 'GPU'} "
+                            f"profile but the engines are built for {'GPUs' if gpu else 'CPUs'}")
+    if gpu and profile is None:
+        opts["num_gpus"] = 1.0
+        return opts
+    profile = profile or host_profile(1.0, 1.0, memory_gib=1.0)  # only activation width and overhead matter here
+    need = plan(cfg, profile, llm_precision=llm_precision, suggest=False).memory["total"]
     if gpu:
-        share = math.ceil(100 * need / profile.usable_bytes) / 100 if own_profile else 1.0
-        opts["num_gpus"] = min(1.0, share)
+        opts["num_gpus"] = min(1.0, math.ceil(100 * need / profile.usable_bytes) / 100)
     if not gpu or profile.kind == "jetson":  # host memory: CPU engines, and Jetsons' unified memory
         opts["memory"] = int(need)
     return opts
