@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_kernels import Report as KernelReport  # noqa: E402
+from gpu_kernels import log  # noqa: E402
 
 FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite")
 PRESETS = ("nvila-lite-2b", "vila1.5-3b")
@@ -60,33 +62,17 @@ CARDS = (("H200", 4800, 989), ("H100 NVL", 3900, 835), ("H100 PCIe", 2000, 756),
          ("A100-SXM4-80GB", 2039, 312), ("A100", 1555, 312), ("L40S", 864, 362), ("RTX 4090", 1008, 165))
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+class Report(KernelReport):
+    """gpu_kernels' report (sections isolated, one row per case) that also counts parity failures."""
 
-
-class Report:
     def __init__(self) -> None:
-        self.sections: dict[str, dict] = {}
-        self.rows: list[tuple[str, str, str, str]] = []
+        super().__init__()
         self.parity_failures = 0
 
-    def run(self, name: str, fn, *args) -> None:
-        log(f"== {name}")
-        t0 = time.time()
-        try:
-            self.sections[name] = {"ok": True, "results": fn(self, *args)}
-        except Exception as e:  # noqa: BLE001 - isolate sections
-            traceback.print_exc()
-            self.sections[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            self.row(name, "-", f"ERROR {type(e).__name__}: {str(e)[:100]}", False)
-        self.sections[name]["seconds"] = round(time.time() - t0, 1)
-
     def row(self, section: str, case: str, result: str, ok: bool | None, parity: bool = False) -> None:
-        verdict = "-" if ok is None else ("PASS" if ok else "FAIL")
-        self.rows.append((section, case, result, verdict))
+        super().row(section, case, result, ok)
         if parity and ok is False:
             self.parity_failures += 1
-        log(f"   {case}: {result} [{verdict}]")
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:

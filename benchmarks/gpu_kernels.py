@@ -67,7 +67,7 @@ class Report:
         except Exception as e:  # noqa: BLE001 - isolate sections
             traceback.print_exc()
             self.sections[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            self.rows.append((name, "-", f"ERROR {type(e).__name__}: {str(e)[:80]}", "FAIL"))
+            self.row(name, "-", f"ERROR {type(e).__name__}: {str(e)[:100]}", False)
         self.sections[name]["seconds"] = round(time.time() - t0, 1)
         sys.stdout.flush()
 

@@ -92,5 +92,23 @@ class LLMEngine(ABC):
         if self.length + n > self.max_context:
             raise ContextOverflow(self.length + n, self.max_context)
 
+    def checked_embeds(self, embeds) -> np.ndarray:
+        """`forward`'s input as an [n >= 1, hidden_size] array that fits the cache (else one clear error)."""
+        embeds = np.asarray(embeds)
+        if embeds.ndim != 2 or embeds.shape[1] != self.hidden_size:
+            raise EngineError(f"expected embeddings [n, {self.hidden_size}], got {list(embeds.shape)}")
+        if embeds.shape[0] == 0:
+            raise EngineError("forward() needs at least one position")
+        self.check_room(embeds.shape[0])
+        return embeds
+
+
+def embedding_rows(table: np.ndarray, ids) -> np.ndarray:
+    """Rows of an embedding table (memory-mapped .npy) as float32, ids range-checked."""
+    ids = np.asarray(list(ids), dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise EngineError(f"token id out of range for the embedding table ({table.shape[0]} rows)")
+    return np.asarray(table[ids], dtype=np.float32)
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         return None

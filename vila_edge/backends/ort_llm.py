@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vila_edge.backends.base import LLMEngine
+from vila_edge.backends.base import LLMEngine, embedding_rows
 from vila_edge.errors import EngineError
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
@@ -238,19 +238,11 @@ class OrtLLMEngine(LLMEngine):
 
     # ---- compute --------------------------------------------------------------------------------
     def embed(self, ids) -> np.ndarray:
-        ids = np.asarray(list(ids), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.embed_table.shape[0]):
-            raise EngineError(f"token id out of range for the embedding table ({self.embed_table.shape[0]} rows)")
-        return np.asarray(self.embed_table[ids], dtype=np.float32)
+        return embedding_rows(self.embed_table, ids)
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
-        embeds = np.asarray(embeds)
-        if embeds.ndim != 2 or embeds.shape[1] != self.hidden_size:
-            raise EngineError(f"expected embeddings [n, {self.hidden_size}], got {list(embeds.shape)}")
+        embeds = self.checked_embeds(embeds)
         n = embeds.shape[0]
-        if n == 0:
-            raise EngineError("forward() needs at least one position")
-        self.check_room(n)
         past, total = self.length, self.length + n
         fixed = self.share_buffer and self.last_only
         if fixed:  # KV buffers and the logits buffer never move: bound once, only the inputs change

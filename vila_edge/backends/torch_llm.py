@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vila_edge.backends.base import LLMEngine
+from vila_edge.backends.base import LLMEngine, embedding_rows
 from vila_edge.errors import EngineError
 
 LLM_FILE = "torch.int4.safetensors"
@@ -428,21 +428,13 @@ class TorchLLMEngine(LLMEngine):
         return self.model.cache.numel() * self.model.cache.element_size()
 
     def embed(self, ids) -> np.ndarray:
-        ids = np.asarray(list(ids), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.embed_table.shape[0]):
-            raise EngineError(f"token id out of range for the embedding table ({self.embed_table.shape[0]} rows)")
-        return np.asarray(self.embed_table[ids], dtype=np.float32)
+        return embedding_rows(self.embed_table, ids)
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         import torch
 
-        embeds = np.asarray(embeds)
-        if embeds.ndim != 2 or embeds.shape[1] != self.hidden_size:
-            raise EngineError(f"expected embeddings [n, {self.hidden_size}], got {list(embeds.shape)}")
+        embeds = self.checked_embeds(embeds)
         n = embeds.shape[0]
-        if n == 0:
-            raise EngineError("forward() needs at least one position")
-        self.check_room(n)
         x = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)).to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
             if n == 1 and self.static_decode:
