@@ -102,6 +102,9 @@ class LLMEngine(ABC):
         self.check_room(embeds.shape[0])
         return embeds
 
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        return None
+
 
 def embedding_rows(table: np.ndarray, ids) -> np.ndarray:
     """Rows of an embedding table (memory-mapped .npy) as float32, ids range-checked."""
@@ -109,6 +112,3 @@ def embedding_rows(table: np.ndarray, ids) -> np.ndarray:
     if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
         raise EngineError(f"token id out of range for the embedding table ({table.shape[0]} rows)")
     return np.asarray(table[ids], dtype=np.float32)
-
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        return None
