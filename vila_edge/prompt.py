@@ -130,8 +130,10 @@ def _encode_guarded(tokenizer: Tokenizer, text: str, spans: Sequence[tuple[int, 
     A prompt without such tokens (every honest one) gets exactly the ids of a plain `encode`."""
     ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=add_special_tokens)
     special = tokenizer.special_ids
-    forged = [(a, b) for a, b in spans
-              if any(t in special and a <= lo and hi <= b and hi > lo for t, (lo, hi) in zip(ids, offsets, strict=True))]
+    # where special tokens came from the text itself (an added BOS has an empty span); few, so spans are
+    # checked against this short list rather than every token
+    found = [(lo, hi) for t, (lo, hi) in zip(ids, offsets, strict=True) if t in special and hi > lo]
+    forged = [(a, b) for a, b in spans if any(a <= lo and hi <= b for lo, hi in found)]
     if not forged:
         return ids
     out, pos = [], 0

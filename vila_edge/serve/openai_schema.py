@@ -221,12 +221,13 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
 
 def _utf8_text(text: str, where: str) -> str:
     """JSON may carry lone surrogates ("\\ud800") that no tokenizer can encode: a 400, not a 500."""
+    from vila_edge.errors import PromptError
+    from vila_edge.prompt import check_text
+
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad(f"'{where}' holds an unpaired surrogate at character {exc.start}; send valid UTF-8 text", where,
-                  "invalid_text") from None
-    return text
+        return check_text(text, f"'{where}'")
+    except PromptError as exc:
+        raise bad(str(exc), where, "invalid_text") from None
 
 
 def _parse_content(content: Any, where: str, role: str, images: list[ImageRef], limits: Limits) -> list[Part]:
