@@ -455,6 +455,28 @@ def test_dlpack_parsing_and_cpu_rejection(no_cuda):
         K.as_device_array(b, "out")
 
 
+def test_opaque_bf16_array_interface_falls_back_to_dlpack(no_cuda):
+    """torch 2.11 (seen on an H200) describes a CUDA bf16 tensor's array interface as typestr '<V2':
+    such an object must be read through DLPack, which names bfloat16, not refused."""
+    torch = pytest.importorskip("torch")
+
+    class OpaqueBf16:
+        def __init__(self, t):
+            self.t = t
+            self.__cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": "<V2",
+                                              "data": (t.data_ptr(), False), "strides": None, "version": 3}
+
+        def __dlpack__(self, stream=None):
+            return self.t.__dlpack__()
+
+    t = torch.zeros((2, 8), dtype=torch.bfloat16)
+    # reaches DLPack (a CPU tensor here, so refused for its device, not for its dtype)
+    with pytest.raises(ValueError, match=r"out: must be a CUDA device array \(DLPack device type 1\)"):
+        K.as_device_array(OpaqueBf16(t), "out")
+    with pytest.raises(ValueError, match=r"out: unsupported dtype \(array interface typestr '<V2'\)"):
+        K.as_device_array(HostCAI(np.zeros((2, 8), np.float16), typestr="<V2"), "out")
+
+
 def test_stream_handles():
     class TorchLike:
         cuda_stream = 0x1234

@@ -215,10 +215,14 @@ def as_device_array(obj: Any, name: str = "array", *, shape: Sequence[int] | Non
     if hasattr(type(obj), "__cuda_array_interface__") or hasattr(obj, "__cuda_array_interface__"):
         try:
             cai = obj.__cuda_array_interface__
-        except (TypeError, AttributeError, RuntimeError, ValueError) as e:  # e.g. torch bfloat16
+        except (TypeError, AttributeError, RuntimeError, ValueError) as e:  # e.g. torch bfloat16 (old torch)
             cai_error = e
         else:
-            return _from_cai(obj, name, cai)
+            # torch >= 2.11 describes bfloat16 as an opaque '<V2' (seen on an H200 run): the array
+            # interface has no bf16 typestr, so such a dtype goes on to DLPack, which names it
+            if cai["typestr"] in _TYPESTR or not hasattr(obj, "__dlpack__"):
+                return _from_cai(obj, name, cai)
+            cai_error = ValueError(f"unsupported dtype (array interface typestr {cai['typestr']!r})")
     if hasattr(obj, "__dlpack__"):
         dev_type = None
         if hasattr(obj, "__dlpack_device__"):
