@@ -32,6 +32,11 @@ struct S2MergeParams {
     int tile_base[VILA_S2_MAX_SCALES];
     int grid_h[VILA_S2_MAX_SCALES];
     int grid_w[VILA_S2_MAX_SCALES];
+    // Derived on the host (version 2 reads them instead of dividing): batch * n_chunks * chunk_h *
+    // chunk_w output rows, out_w / chunk_w chunks per chunk row, n_chunks chunks per image.
+    int rows;
+    int chunks_w;
+    int n_chunks;
 };
 
 // Source window [lo, hi) of output index i when resampling `in` samples to `out` samples:
@@ -41,11 +46,12 @@ VILA_DEVICE_INLINE void area_window(int i, int in, int out, int& lo, int& hi) {
     hi = (int)(((long long)(i + 1) * in + out - 1) / out);
 }
 
+// Version 1 (superseded by s2_merge_warp_body below; kept for the benchmark's comparison).
 // VEC fp16 values are handled per thread: 8 (one 16-byte load/store) when C % 8 == 0 and both
 // buffers are 16-byte aligned, otherwise 1. Grid: one block per output token; the block's threads
 // stride over the C/VEC channel groups of each scale.
 template <int VEC>
-VILA_DEVICE_INLINE void s2_merge_body(const u16* __restrict__ feat, u16* __restrict__ out,
+VILA_DEVICE_INLINE void s2_merge_legacy_body(const u16* __restrict__ feat, u16* __restrict__ out,
                                       const S2MergeParams& p) {
     const int tokens_per_chunk = p.chunk_h * p.chunk_w;
     const int chunks_w = p.out_w / p.chunk_w;
@@ -117,12 +123,165 @@ VILA_DEVICE_INLINE void s2_merge_body(const u16* __restrict__ feat, u16* __restr
     }
 }
 
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(512)
-    s2_merge_f16_v8(const u16* __restrict__ feat, u16* __restrict__ out, S2MergeParams p) {
-    s2_merge_body<8>(feat, out, p);
+// ---------------------------------------------------------------------------------------------
+// Version 2 (the default): one WARP per (output token, scale), lanes over the channel groups.
+//
+// Version 1 (s2_merge_legacy_body, kept as s2_merge_f16_v8_block for the GPU benchmark's old-vs-new
+// row) ran at 0.24x of copy bandwidth on an H200 for NVILA 1+4+12 tiles. The SASS showed why: it
+// did ~15 64-bit integer divisions per warp (row -> chunk/token in long long, 4 area windows per
+// scale in long long: each a ~70-instruction subroutine, 83 CALLs in the SASS) plus 32-bit div/mod
+// per window element inside the loops, for only 3 x 16 bytes of output per lane. Index math, not
+// memory, set the time. Here:
+//   * all index math is 32-bit (the launcher checks that every product fits), done once per warp
+//     (~10 unsigned divisions), and the tile / pixel position walks the window incrementally;
+//   * the scale is blockIdx.y, so a warp's per-scale parameters are uniform;
+//   * each lane keeps U 16-byte groups (g, g+32, ...) and issues their U loads back to back before
+//     adding, so a warp has up to U * 512 bytes in flight per window element (C = 1152: 144 groups,
+//     one pass of U = 5 slots);
+//   * 4 warps per block: small problems (VILA1.5-s2, 729 tokens x 2 scales) still spread over
+//     every SM.
+// Summation order per output element is unchanged (rows outer, columns inner, from 0, then / kh / kw),
+// so the output stays bit-exact with the reference.
+// ---------------------------------------------------------------------------------------------
+#define VILA_S2_WARPS_PER_BLOCK 4
+#define VILA_S2_SLOTS 5
+
+template <int VEC>
+struct S2Vec;
+template <>
+struct S2Vec<8> {
+    uint4_t v;
+    VILA_DEVICE_INLINE void load(const u16* src) { v = *reinterpret_cast<const uint4_t*>(src); }
+    VILA_DEVICE_INLINE void add_to(float* acc) const {
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+        VILA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+            acc[2 * i] += h2f((u16)(words[i] & 0xFFFFu));
+            acc[2 * i + 1] += h2f((u16)(words[i] >> 16));
+        }
+    }
+};
+template <>
+struct S2Vec<1> {
+    u16 v;
+    VILA_DEVICE_INLINE void load(const u16* src) { v = *src; }
+    VILA_DEVICE_INLINE void add_to(float* acc) const { acc[0] += h2f(v); }
+};
+
+// out = acc / kh / kw rounded to fp16. When both window sides are powers of two (1 or 2 in every
+// NVILA / VILA1.5 case), `* (1/k)` is the same correctly rounded result as `/ k` (the reciprocal is
+// exact), and costs 1 instruction instead of an IEEE division (~8 plus a branch to a slow path).
+template <int VEC>
+VILA_DEVICE_INLINE void s2_store(u16* dst, const float* acc, float kh, float kw, bool pow2, float rh, float rw) {
+    float r[VEC];
+    if (pow2) {  // warp-uniform branch
+        VILA_UNROLL
+        for (int i = 0; i < VEC; ++i) r[i] = acc[i] * rh * rw;
+    } else {
+        VILA_UNROLL
+        for (int i = 0; i < VEC; ++i) r[i] = acc[i] / kh / kw;
+    }
+    if constexpr (VEC == 8) {
+        uint4_t v;
+        v.x = (u32)f2h(r[0]) | ((u32)f2h(r[1]) << 16);
+        v.y = (u32)f2h(r[2]) | ((u32)f2h(r[3]) << 16);
+        v.z = (u32)f2h(r[4]) | ((u32)f2h(r[5]) << 16);
+        v.w = (u32)f2h(r[6]) | ((u32)f2h(r[7]) << 16);
+        *reinterpret_cast<uint4_t*>(dst) = v;
+    } else {
+        dst[0] = f2h(r[0]);
+    }
 }
 
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(512)
+// area_window in 32-bit unsigned arithmetic (the launcher checks (out + 1) * in + out < 2^31).
+VILA_DEVICE_INLINE void area_window_u32(u32 i, u32 in, u32 out, u32& lo, u32& hi) {
+    lo = (i * in) / out;
+    hi = ((i + 1) * in + out - 1) / out;
+}
+
+template <int VEC>
+VILA_DEVICE_INLINE void s2_merge_warp_body(const u16* __restrict__ feat, u16* __restrict__ out,
+                                           const S2MergeParams& p) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 row = blockIdx.x * VILA_S2_WARPS_PER_BLOCK + (threadIdx.x >> 5);
+    if (row >= (u32)p.rows) return;
+    const u32 chunk_w = (u32)p.chunk_w, tokens_per_chunk = (u32)(p.chunk_h * p.chunk_w);
+    const u32 chunks_w = (u32)p.chunks_w, n_chunks = (u32)p.n_chunks;
+    const int s = (int)blockIdx.y;
+    // This scale's parameters with constant indices (a run-time index would copy them to local memory).
+    int tile_base = 0, grid_h = 1, grid_w = 1;
+    VILA_UNROLL
+    for (int i = 0; i < VILA_S2_MAX_SCALES; ++i)
+        if (i == s) {
+            tile_base = p.tile_base[i];
+            grid_h = p.grid_h[i];
+            grid_w = p.grid_w[i];
+        }
+    const u32 tok = row % tokens_per_chunk, rest = row / tokens_per_chunk;
+    const u32 chunk = rest % n_chunks, b = rest / n_chunks;
+    const u32 cy = chunk / chunks_w, cx = chunk - cy * chunks_w;
+    const u32 ty_in = tok / chunk_w, tx_in = tok - ty_in * chunk_w;
+    const u32 oy = cy * (u32)p.chunk_h + ty_in, ox = cx * chunk_w + tx_in;  // output-grid coordinates
+    const u32 h = (u32)p.h, w = (u32)p.w, C = (u32)p.channels;
+    u32 y0, y1, x0, x1;
+    area_window_u32(oy, (u32)grid_h * h, (u32)p.out_h, y0, y1);
+    area_window_u32(ox, (u32)grid_w * w, (u32)p.out_w, x0, x1);
+    const float kh = (float)(y1 - y0), kw = (float)(x1 - x0);
+    const bool pow2 = (((y1 - y0) & (y1 - y0 - 1)) | ((x1 - x0) & (x1 - x0 - 1))) == 0;
+    const float rh = 1.0f / kh, rw = 1.0f / kw;  // exact when pow2
+    const u32 ty0 = y0 / h, py0 = y0 - ty0 * h, tx0 = x0 / w, px0 = x0 - tx0 * w;
+    const u64 tile_elems = (u64)h * w * C;
+    const u32 groups = C / VEC;
+    u16* out_seg = out + (u64)row * (u64)(p.num_scales * C) + (u64)s * C;
+
+    for (u32 g0 = lane; g0 < groups; g0 += 32u * VILA_S2_SLOTS) {
+        float acc[VILA_S2_SLOTS][VEC];
+        VILA_UNROLL
+        for (int u = 0; u < VILA_S2_SLOTS; ++u)
+            VILA_UNROLL
+            for (int i = 0; i < VEC; ++i) acc[u][i] = 0.0f;
+        u32 ty = ty0, py = py0;
+        for (u32 y = y0; y < y1; ++y) {
+            u32 tx = tx0, px = px0;
+            for (u32 x = x0; x < x1; ++x) {
+                const u32 tile = (u32)tile_base + (ty * (u32)grid_w + tx) * (u32)p.batch + b;
+                const u16* src = feat + (u64)tile * tile_elems + (u64)((py * w + px) * C) + (u64)g0 * VEC;
+                S2Vec<VEC> v[VILA_S2_SLOTS];
+                VILA_UNROLL  // every load first: U independent loads in flight
+                for (int u = 0; u < VILA_S2_SLOTS; ++u)
+                    if (g0 + 32u * u < groups) v[u].load(src + 32u * u * VEC);
+                VILA_UNROLL
+                for (int u = 0; u < VILA_S2_SLOTS; ++u)
+                    if (g0 + 32u * u < groups) v[u].add_to(acc[u]);
+                if (++px == w) {
+                    px = 0;
+                    ++tx;
+                }
+            }
+            if (++py == h) {
+                py = 0;
+                ++ty;
+            }
+        }
+        VILA_UNROLL
+        for (int u = 0; u < VILA_S2_SLOTS; ++u)
+            if (g0 + 32u * u < groups) s2_store<VEC>(out_seg + (u64)(g0 + 32u * u) * VEC, acc[u], kh, kw, pow2, rh, rw);
+    }
+}
+
+// grid (ceil(rows / VILA_S2_WARPS_PER_BLOCK), num_scales), block 32 * VILA_S2_WARPS_PER_BLOCK.
+extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(32 * VILA_S2_WARPS_PER_BLOCK)
+    s2_merge_f16_v8(const u16* __restrict__ feat, u16* __restrict__ out, S2MergeParams p) {
+    s2_merge_warp_body<8>(feat, out, p);
+}
+
+extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(32 * VILA_S2_WARPS_PER_BLOCK)
     s2_merge_f16_v1(const u16* __restrict__ feat, u16* __restrict__ out, S2MergeParams p) {
-    s2_merge_body<1>(feat, out, p);
+    s2_merge_warp_body<1>(feat, out, p);
+}
+
+// Version 1, for the benchmark only: grid = one block per output token, block <= 512 threads.
+extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(512)
+    s2_merge_f16_v8_block(const u16* __restrict__ feat, u16* __restrict__ out, S2MergeParams p) {
+    s2_merge_legacy_body<8>(feat, out, p);
 }

@@ -270,6 +270,10 @@ S2_CASES = [
     ([(1, 1), (2, 2)], 3, 3, 0, 8, 3, None, None),  # static S2, batch 3, tile-major order
     ([(1, 1), (2, 2)], 3, 3, 1, 8, 2, (6, 6), None),  # static S2, output idx 1 -> whole 6x6 maps
     ([(1, 1), (1, 1), (1, 1)], 4, 4, -1, 8, 1, None, [0, 0, 0]),  # plain tile repeated per scale
+    ([(1, 1), (3, 3)], 3, 3, 0, 8, 2, None, None),  # 9 -> 3: 3x3 windows, the IEEE-division store path
+    ([(1, 1), (3, 3)], 3, 3, 0, 5, 1, None, None),  # the same on the scalar path
+    ([(1, 1), (2, 3)], 2, 2, 0, 1344, 1, None, None),  # 168 groups: two passes of 5 x 32 lanes; 3x1 windows
+    ([(1, 1), (2, 2)], 2, 2, 0, 1152, 1, None, None),  # SigLIP's C: 144 groups, the 5th slot half the lanes
 ]
 
 
@@ -287,6 +291,12 @@ def test_sim_s2_merge_exact(sim, case):
                           tile_offsets=offs).astype(np.float16)
     assert _bits_equal(out, want)
     assert sim.launches[-1][0] == ("s2_merge_f16_v8" if C % 8 == 0 else "s2_merge_f16_v1")
+    if C % 8 == 0:  # the first version (kept for the GPU benchmark's comparison) is exact too
+        out[...] = np.nan
+        K.s2_merge(HostCAI(f), HostCAI(out), tile_grids=grids, h=h, w=w, output_scale_idx=idx, batch=batch,
+                   chunk=chunk, tile_offsets=offs, variant="block")
+        assert sim.launches[-1][0] == "s2_merge_f16_v8_block"
+        assert _bits_equal(out, want)
 
 
 def test_sim_s2_merge_raw_pointers(sim):
@@ -401,12 +411,18 @@ def test_s2_merge_validation(no_cuda, mutate, match):
         (dict(chunk=(2, 3)), r"chunk: 2x3 does not tile the 3x3 output grid"),
         (dict(tile_offsets=[0]), r"tile_offsets: expected 2"),
         (dict(batch=0), r"batch: must be positive"),
+        (dict(variant="fast"), r"variant: 'fast' is not one of warp, block"),
     ],
 )
 def test_s2_merge_geometry_validation(no_cuda, kw, match):
     f, out, base = _s2_args()
     with pytest.raises(ValueError, match=match):
         K.s2_merge(HostCAI(f), HostCAI(out), **{**base, **kw})
+
+
+def test_s2_merge_refuses_what_32_bit_indexing_cannot_address(no_cuda):
+    with pytest.raises(ValueError, match=r"too large for 32-bit indexing .*split the batch"):
+        K.s2_merge(1 << 20, 1 << 20, channels=1 << 27, tile_grids=[(1, 1)], h=4, w=4, output_scale_idx=0)
 
 
 def test_fp8_validation(no_cuda):
@@ -633,7 +649,8 @@ def test_cuda_backend_flow_with_fake_driver(monkeypatch, cc):
         K.s2_merge(HostCAI(f), HostCAI(np.zeros((1, 9, 16), np.float16)), tile_grids=[(1, 1), (2, 2)], h=3, w=3,
                    output_scale_idx=0, stream=77)
         launch = [c for c in drv.calls if c[0] == "launch"][-1]
-        assert launch[1:6] == ("s2_merge_f16_v8", (9, 1, 1), (32, 1, 1), 0, ("stream", 77))
+        # one warp per (token, scale): 9 tokens / 4 warps per block -> 3 blocks, x 2 scales
+        assert launch[1:6] == ("s2_merge_f16_v8", (3, 2, 1), (128, 1, 1), 0, ("stream", 77))
         assert launch[6] == f.ctypes.data  # kernelParams[0] points at the features pointer
         fatbin = KERNELS / "build" / "s2_merge.fatbin"
         has_sass = fatbin.exists() and ("sass", cc[0] * 10 + cc[1]) in K.fatbin_entries(fatbin)

@@ -557,7 +557,12 @@ class _S2MergeParams(ctypes.Structure):
                 ("channels", ctypes.c_int), ("out_h", ctypes.c_int), ("out_w", ctypes.c_int),
                 ("chunk_h", ctypes.c_int), ("chunk_w", ctypes.c_int),
                 ("tile_base", ctypes.c_int * S2_MAX_SCALES), ("grid_h", ctypes.c_int * S2_MAX_SCALES),
-                ("grid_w", ctypes.c_int * S2_MAX_SCALES)]
+                ("grid_w", ctypes.c_int * S2_MAX_SCALES), ("rows", ctypes.c_int), ("chunks_w", ctypes.c_int),
+                ("n_chunks", ctypes.c_int)]
+
+
+S2_VARIANTS = ("warp", "block")  # "block": the first version (one block per token), kept for the GPU benchmark
+_S2_WARPS_PER_BLOCK = 4  # VILA_S2_WARPS_PER_BLOCK in kernels/s2_merge.cu
 
 
 def _s2_geometry(tile_grids: Sequence[Sequence[int]], h: int, w: int, output_scale_idx: int, batch: int,
@@ -599,7 +604,8 @@ def s2_output_shape(*, tile_grids: Sequence[Sequence[int]], h: int, w: int, outp
 
 def s2_merge(features: Any, out: Any, *, tile_grids: Sequence[Sequence[int]], h: int, w: int,
              output_scale_idx: int, batch: int = 1, chunk: Sequence[int] | None = None,
-             tile_offsets: Sequence[int] | None = None, channels: int | None = None, stream: Any = 0) -> Any:
+             tile_offsets: Sequence[int] | None = None, channels: int | None = None, stream: Any = 0,
+             variant: str = "warp") -> Any:
     """Fused S2 merge: ``features`` fp16 ``[n_tiles, h*w, C]`` -> ``out`` fp16
     ``[batch * n_chunks, chunk_h*chunk_w, C*S]`` (layout: kernels/README.md, kernels_ref.s2_merge_ref).
 
@@ -609,8 +615,12 @@ def s2_merge(features: Any, out: Any, *, tile_grids: Sequence[Sequence[int]], h:
     * VILA1.5-s2 static S2 (scales 384,768): ``tile_grids=[(1,1),(2,2)]``, ``h=w=27``,
       ``output_scale_idx=0``, ``batch=B`` (s2wrapper's tile-major order) -> ``[B, 729, 2*C]``.
       With another ``output_scale_idx`` pass ``chunk=(out_h, out_w)`` to get whole maps per image.
-    ``channels`` is only needed when ``features`` is a raw pointer. Returns ``out``.
+    ``channels`` is only needed when ``features`` is a raw pointer. ``variant``: "warp" (one warp per output
+    token and scale, 32-bit index math) or "block" (the first version, one block per token; for benchmarks).
+    Returns ``out``.
     """
+    if variant not in S2_VARIANTS:
+        raise ValueError(f"variant: {variant!r} is not one of {', '.join(S2_VARIANTS)}")
     grids, offsets, out_h, out_w, ch, cw, n_chunks, n_tiles = _s2_geometry(
         tile_grids, h, w, output_scale_idx, batch, chunk, tile_offsets)
     fshape = _dims(features, "features", 3)
@@ -634,15 +644,25 @@ def s2_merge(features: Any, out: Any, *, tile_grids: Sequence[Sequence[int]], h:
     dst = _arg(out, "out", ("float16",), (batch * n_chunks, ch * cw, C * S), writable=True)
 
     vec8 = C % 8 == 0 and feats.ptr % 16 == 0 and dst.ptr % 16 == 0
-    groups = C // 8 if vec8 else C
-    threads = min(512, max(32, (groups + 31) // 32 * 32))
+    # The "warp" kernel's index math is 32-bit: rows, window products and per-tile offsets must fit.
+    in_max = max(max(nh * h, nw * w) for nh, nw in grids)
+    if max(rows, (max(out_h, out_w) + 1) * in_max + max(out_h, out_w), h * w * C, n_tiles) >= 2**31:
+        raise ValueError(f"s2_merge: problem too large for 32-bit indexing ({rows} rows, {n_tiles} tiles of "
+                         f"{h}x{w}x{C}); split the batch")
     p = _S2MergeParams(S, batch, h, w, C, out_h, out_w, ch, cw)
     for s, ((nh, nw), base) in enumerate(zip(grids, offsets, strict=True)):
         p.tile_base[s], p.grid_h[s], p.grid_w[s] = base, nh, nw
-    gx = min(rows, 2**31 - 1)
-    grid = (gx, -(-rows // gx), 1)
-    kernel = "s2_merge_f16_v8" if vec8 else "s2_merge_f16_v1"
-    _launch([feats, dst], "s2_merge", kernel, grid, (threads, 1, 1), 0, [_ptr(feats), _ptr(dst), p], stream)
+    p.rows, p.chunks_w, p.n_chunks = rows, out_w // cw, n_chunks
+    if variant == "block":
+        if not vec8:
+            raise ValueError("variant 'block': needs C % 8 == 0 and 16-byte aligned buffers")
+        threads = min(512, max(32, (C // 8 + 31) // 32 * 32))
+        grid, block, kernel = (rows, 1, 1), (threads, 1, 1), "s2_merge_f16_v8_block"
+    else:
+        grid = (-(-rows // _S2_WARPS_PER_BLOCK), S, 1)
+        block = (32 * _S2_WARPS_PER_BLOCK, 1, 1)
+        kernel = "s2_merge_f16_v8" if vec8 else "s2_merge_f16_v1"
+    _launch([feats, dst], "s2_merge", kernel, grid, block, 0, [_ptr(feats), _ptr(dst), p], stream)
     return out
 
 
