@@ -428,7 +428,79 @@ def geometry(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: 
                     f"{share:.1%} ({step_bytes / 1e9:.3f} GB/token)", goal)
     if bw.get("fp16_tflops"):
         out["vision_efficiency"] = out["vision_tflops"] / bw["fp16_tflops"]
+    out["decode_profile"] = decode_profile(rep, preset_name, ours, device, 1e6 / tok_s, step_bytes, bw)
     return out
+
+
+def _kernel_table(prof, steps: int, device: str) -> tuple[float, list]:
+    """(device kernels per step, top kernels by total time: (name, calls per step, us per step)) of a profile of
+    `steps` decode steps; on the CPU the aten operators stand in for kernels (what the dry run can count)."""
+    import torch
+
+    want = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
+    rows: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type != want or (device == "cpu" and not e.name.startswith("aten::")):
+            continue
+        t = getattr(e, "device_time", None) if device == "cuda" else None
+        t = t if t is not None else e.cpu_time  # us
+        row = rows.setdefault(e.name, [0, 0.0])
+        row[0] += 1
+        row[1] += t if device == "cuda" else getattr(e, "self_cpu_time_total", t)
+    total = sum(r[0] for r in rows.values())
+    top = sorted(rows.items(), key=lambda kv: -kv[1][1])[:8]
+    return total / steps, [(name[:60], n / steps, us / steps) for name, (n, us) in top]
+
+
+def decode_profile(rep: Report, preset_name: str, engine, device: str, loop_us: float, step_bytes: int,
+                   bw: dict, steps: int = 3, replays: int = 50) -> dict:
+    """Where one decode step's time goes (issue 15): the captured step replayed back to back (device time of the
+    step alone, no host loop) against the generate loop's time per token (host embed lookup, H2D copy, graph
+    replay, logits D2H + sync, Python), the kernels one step launches (count and the top ones by time:
+    torch.profiler over `steps` replays), and the bytes floor. On the CPU (dry run) the same code times the
+    static step eagerly and counts aten operators instead of kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vila_edge.backends.torch_llm import CudaGraphStep
+
+    graphed = isinstance(engine._decode, CudaGraphStep)
+    x = torch.zeros(1, engine.hidden_size, dtype=engine.dtype, device=device)
+    pos = torch.full((1,), engine.length, dtype=torch.long, device=device)  # a row no later step reads unwritten
+
+    def step():
+        if graphed:
+            engine._decode.graph.replay()
+        else:
+            engine.model.decode_static(x, pos)
+
+    with torch.inference_mode():
+        if graphed:
+            engine._decode.pos.copy_(pos)
+        for _ in range(3):
+            step()
+        _sync(device)()
+        t0 = time.perf_counter()
+        for _ in range(replays):
+            step()
+        _sync(device)()
+        step_us = 1e6 * (time.perf_counter() - t0) / replays
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            _sync(device)()
+    per_step, top = _kernel_table(prof, steps, device)
+    floor_us = 1e6 * step_bytes / (bw["measured_gbs"] * 1e9) if bw.get("measured_gbs") else None
+    what = "graph replay" if graphed else "eager static step"
+    rep.row(preset_name, "decode step", f"{step_us:.0f} us/step ({what} x{replays} back to back) vs {loop_us:.0f} us "
+            f"per token in the generate loop: host {loop_us - step_us:.0f} us"
+            + (f"; bytes floor {floor_us:.0f} us" if floor_us else ""), None)
+    rep.row(preset_name, "decode kernels", f"{per_step:.0f} {'kernels' if device == 'cuda' else 'aten ops'}/step; "
+            + ", ".join(f"{name} x{n:.0f} {us:.0f}us" for name, n, us in top[:4]), None)
+    return {"step_us": step_us, "loop_us_per_token": loop_us, "host_us_per_token": loop_us - step_us,
+            "bytes_floor_us": floor_us, "timed": what, "kernels_per_step": per_step,
+            "top_kernels": [{"name": n, "calls_per_step": c, "us_per_step": u} for n, c, u in top]}
 
 
 def random_vision(preset, cfg, device: str):
