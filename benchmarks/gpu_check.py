@@ -351,7 +351,6 @@ def geometry(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: 
     ours = TorchLLMEngine.from_tensors(tensors, config, table, max_context=max_context, device=device,
                                        dtype="float16" if device == "cuda" else None)
     weight_bytes = sum(t.numel() * t.element_size() for t in ours.model.tensors(decode_only=True))
-    del tensors
     model = hf_model(preset.llm, hf_state, device, dtype)
     del hf_state
     rng = np.random.default_rng(0)
@@ -428,8 +427,30 @@ def geometry(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: 
                     f"{share:.1%} ({step_bytes / 1e9:.3f} GB/token)", goal)
     if bw.get("fp16_tflops"):
         out["vision_efficiency"] = out["vision_tflops"] / bw["fp16_tflops"]
-    out["decode_profile"] = decode_profile(rep, preset_name, ours, device, 1e6 / tok_s, step_bytes, bw)
+    try:  # diagnostics: a failure here must not lose the measurements above
+        out["decode_profile"] = decode_profile(rep, preset_name, ours, device, 1e6 / tok_s, step_bytes, bw)
+        out["bf16_model_dtype"] = bf16_step(rep, preset_name, tensors, config, table, prompt, want, max_context,
+                                            device, step_bytes, bw)
+    except Exception as e:  # noqa: BLE001
+        rep.row(preset_name, "decode profile", f"ERROR {type(e).__name__}: {str(e)[:160]}", None)
     return out
+
+
+def bf16_step(rep: Report, preset_name: str, tensors: dict, config: dict, table, prompt, want, max_context: int,
+              device: str, step_bytes: int, bw: dict) -> dict:
+    """Experiment: the same int4 weights with bf16 as the model dtype. tinygemm computes in bf16, so an fp16 model
+    casts activations to bf16 and back around every int4 linear (2 extra kernels x 4 linears x layers per step);
+    a bf16 model has none. Reports its first-logit error against transformers fp16 and its decode step."""
+    from vila_edge.backends.torch_llm import TorchLLMEngine
+
+    eng = TorchLLMEngine.from_tensors(tensors, config, table, max_context=max_context, device=device,
+                                      dtype="bfloat16")
+    err = _rel_err(eng.forward(prompt), want)
+    prof = decode_profile(None, preset_name, eng, device, None, step_bytes, bw)
+    rep.row(preset_name, "decode step bf16 model", f"{prof['step_us']:.0f} us/step ({prof['timed']}), "
+            f"{prof['kernels_per_step']:.0f} {'kernels' if device == 'cuda' else 'aten ops'}/step; first logits "
+            f"vs transformers fp16: relative error {err:.2e}", None)
+    return {**prof, "logits_rel_err_vs_transformers": err}
 
 
 def _kernel_table(prof, steps: int, device: str) -> tuple[float, list]:
@@ -442,18 +463,16 @@ def _kernel_table(prof, steps: int, device: str) -> tuple[float, list]:
     for e in prof.events():
         if e.device_type != want or (device == "cpu" and not e.name.startswith("aten::")):
             continue
-        t = getattr(e, "device_time", None) if device == "cuda" else None
-        t = t if t is not None else e.cpu_time  # us
         row = rows.setdefault(e.name, [0, 0.0])
         row[0] += 1
-        row[1] += t if device == "cuda" else getattr(e, "self_cpu_time_total", t)
+        row[1] += e.device_time_total if device == "cuda" else e.self_cpu_time_total  # us
     total = sum(r[0] for r in rows.values())
     top = sorted(rows.items(), key=lambda kv: -kv[1][1])[:8]
     return total / steps, [(name[:60], n / steps, us / steps) for name, (n, us) in top]
 
 
-def decode_profile(rep: Report, preset_name: str, engine, device: str, loop_us: float, step_bytes: int,
-                   bw: dict, steps: int = 3, replays: int = 50) -> dict:
+def decode_profile(rep: Report | None, preset_name: str, engine, device: str, loop_us: float | None,
+                   step_bytes: int, bw: dict, steps: int = 3, replays: int | None = None) -> dict:
     """Where one decode step's time goes (issue 15): the captured step replayed back to back (device time of the
     step alone, no host loop) against the generate loop's time per token (host embed lookup, H2D copy, graph
     replay, logits D2H + sync, Python), the kernels one step launches (count and the top ones by time:
@@ -465,6 +484,7 @@ def decode_profile(rep: Report, preset_name: str, engine, device: str, loop_us: 
     from vila_edge.backends.torch_llm import CudaGraphStep
 
     graphed = isinstance(engine._decode, CudaGraphStep)
+    replays = replays or (50 if device == "cuda" else 5)
     x = torch.zeros(1, engine.hidden_size, dtype=engine.dtype, device=device)
     pos = torch.full((1,), engine.length, dtype=torch.long, device=device)  # a row no later step reads unwritten
 
@@ -486,20 +506,30 @@ def decode_profile(rep: Report, preset_name: str, engine, device: str, loop_us: 
         _sync(device)()
         step_us = 1e6 * (time.perf_counter() - t0) / replays
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        profiled = what = "graph replay" if graphed else "eager static step"
         with profile(activities=acts) as prof:
             for _ in range(steps):
                 step()
             _sync(device)()
-    per_step, top = _kernel_table(prof, steps, device)
+        per_step, top = _kernel_table(prof, steps, device)
+        if per_step < 1 and graphed:  # this profiler saw no kernels inside graph replays: count the eager step
+            graphed, profiled = False, "eager static step (graph replays showed no kernels)"
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    step()
+                _sync(device)()
+            per_step, top = _kernel_table(prof, steps, device)
     floor_us = 1e6 * step_bytes / (bw["measured_gbs"] * 1e9) if bw.get("measured_gbs") else None
-    what = "graph replay" if graphed else "eager static step"
-    rep.row(preset_name, "decode step", f"{step_us:.0f} us/step ({what} x{replays} back to back) vs {loop_us:.0f} us "
-            f"per token in the generate loop: host {loop_us - step_us:.0f} us"
-            + (f"; bytes floor {floor_us:.0f} us" if floor_us else ""), None)
-    rep.row(preset_name, "decode kernels", f"{per_step:.0f} {'kernels' if device == 'cuda' else 'aten ops'}/step; "
-            + ", ".join(f"{name} x{n:.0f} {us:.0f}us" for name, n, us in top[:4]), None)
-    return {"step_us": step_us, "loop_us_per_token": loop_us, "host_us_per_token": loop_us - step_us,
-            "bytes_floor_us": floor_us, "timed": what, "kernels_per_step": per_step,
+    unit = "kernels" if device == "cuda" else "aten ops"
+    if rep is not None:
+        loop = f" vs {loop_us:.0f} us per token in the generate loop: host {loop_us - step_us:.0f} us" if loop_us else ""
+        rep.row(preset_name, "decode step", f"{step_us:.0f} us/step ({what} x{replays} back to back){loop}"
+                + (f"; bytes floor {floor_us:.0f} us" if floor_us else ""), None)
+        rep.row(preset_name, "decode kernels", f"{per_step:.0f} {unit}/step ({profiled}); "
+                + ", ".join(f"{name} x{n:.0f} {us:.0f}us" for name, n, us in top[:4]), None)
+    return {"step_us": step_us, "loop_us_per_token": loop_us,
+            "host_us_per_token": None if loop_us is None else loop_us - step_us, "bytes_floor_us": floor_us,
+            "timed": what, "profiled": profiled, "kernels_per_step": per_step,
             "top_kernels": [{"name": n, "calls_per_step": c, "us_per_step": u} for n, c, u in top]}
 
 
