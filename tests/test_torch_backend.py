@@ -220,6 +220,35 @@ def test_decode_step_traces_as_one_graph(torch_engine_dir):
     np.testing.assert_allclose(traced.forward(traced.embed([3])), plain.forward(plain.embed([3])), rtol=0, atol=1e-5)
 
 
+def test_static_decode_over_growing_cache_spans_equals_eager(torch_engine_dir):
+    """The static step attends over the smallest cache span past its position (256, 512, ..., max_context): the
+    logits equal the eager step's (which slices the cache to the cached length) across span boundaries, after a
+    jump into a larger span and after a rollback into a smaller one."""
+    from vila_edge.backends.torch_llm import decode_spans
+
+    assert decode_spans(600) == [256, 512, 600] and decode_spans(100) == [100] and decode_spans(512) == [256, 512]
+    engine_dir = torch_engine_dir("nvila-lite")
+    rng = np.random.default_rng(1)
+    plain = TorchLLMEngine(engine_dir / "llm", {}, device="cpu", max_context=600)
+    spans = TorchLLMEngine(engine_dir / "llm", {}, device="cpu", max_context=600, decode="static")
+    calls = []
+    step = spans._decode
+    spans._decode = lambda x, pos, *span: calls.append(span) or step(x, pos, *span)
+
+    def both(emb):
+        np.testing.assert_allclose(spans.forward(emb), plain.forward(emb), rtol=0, atol=1e-5)
+
+    both(rng.standard_normal((253, 128)).astype(np.float32) * 0.1)
+    for t in range(6):  # positions 253..258: spans 256 then 512
+        both(plain.embed([t]))
+    both(rng.standard_normal((260, 128)).astype(np.float32) * 0.1)  # to 519
+    both(plain.embed([7]))  # position 519: span 600
+    for eng in (plain, spans):
+        eng.truncate(100)
+    both(plain.embed([8]))  # back to span 256 over rows the longer conversation left behind
+    assert calls == [(256,)] * 3 + [(512,)] * 3 + [(600,), (256,)]
+
+
 def test_context_overflow_changes_nothing(torch_engine_dir):
     from vila_edge.backends.base import ContextOverflow
 

@@ -12,12 +12,17 @@ Weights: `llm/torch.int4.safetensors`, written by the builder from the ONNX deco
   kernels are GEMV-class; prefill-sized calls dequantize the weight and run a dense GEMM (`Int4Linear`).
 - KV cache: one preallocated [layers, 2, kv_heads, max_context, head_dim] tensor in the model dtype (fp16 on
   CUDA, fp32 on CPU); new positions are written in place, `truncate(n)` is a rollback without a copy.
-- Attention: scaled_dot_product_attention with grouped KV heads. Prefill attends over the cached prefix with
-  an offset causal mask; the decode step ("static" path) attends over the whole cache with a length mask, so
-  its shapes and addresses never change: on CUDA it is captured once as a CUDA graph and replayed per token
-  (`decode="cuda-graph"`, the default there: no compiler, capture takes milliseconds), or compiled with
-  torch.compile (`decode="compile"`: inductor, mode "reduce-overhead" = CUDA graphs on CUDA; optional on the
-  CPU). `decode="eager"` (the CPU default) slices the cache to the cached length instead.
+- Attention: scaled_dot_product_attention. Prefill attends over the cached prefix with an offset causal mask
+  (grouped KV heads). The decode step ("static" path) attends over a fixed cache span with a length mask, the
+  query heads of each KV group as rows of that KV head (no GQA expansion): spans are 256, 512, ... and
+  max_context (`decode_spans`), a step takes the smallest past its position, so shapes and addresses are fixed per
+  span and a step reads at most twice the live cache. On CUDA each span's step is captured once as a CUDA graph
+  (on first use) and replayed per token (`decode="cuda-graph"`, the default there: no compiler, a capture takes
+  milliseconds), or the full-span step is compiled with torch.compile (`decode="compile"`: inductor, mode
+  "reduce-overhead" = CUDA graphs on CUDA; optional on the CPU). `decode="eager"` (the CPU default) slices the
+  cache to the cached length instead.
+- Kernels per decode step (each a few microseconds even inside a CUDA graph, so their count matters at batch 1):
+  fused rms_norm, q and k rotated in one pass from precomputed rotary tables.
 - Logits: final norm + LM head on the last position only.
 
 Sampling and stop handling are the pipeline's (`vila_edge.runtime` / `vila_edge.generate`): this engine only
@@ -311,11 +316,13 @@ class TorchDecoder:
 
         return self._layers(x, self.positions[start:end], attend)
 
-    def decode_static(self, x, pos):
-        """One position (x [1, D]) at `pos` (a [1] tensor): fixed shapes for torch.compile / CUDA graphs."""
+    def decode_static(self, x, pos, span: int | None = None):
+        """One position (x [1, D]) at `pos` (a [1] tensor) attending over the first `span` cache rows (default all
+        max_context; rows past `pos` are masked): fixed shapes for torch.compile / CUDA graphs."""
         import torch.nn.functional as F
 
-        mask = (self.positions <= pos)[None, :]
+        span = span or self.max_context
+        mask = (self.positions[:span] <= pos)[None, :]
         group = self.heads // self.kv_heads
 
         def attend(i, q, k, v):
@@ -325,39 +332,72 @@ class TorchDecoder:
             # head, so attention runs on the cache as stored (no GQA expansion of the keys and values, and a
             # plain masked SDPA that the fused kernels take).
             a = F.scaled_dot_product_attention(q.reshape(self.kv_heads, group, self.head_dim)[None],
-                                               self.cache[i, 0][None], self.cache[i, 1][None], attn_mask=mask)
+                                               self.cache[i, 0, :, :span][None], self.cache[i, 1, :, :span][None],
+                                               attn_mask=mask)
             return a[0].reshape(self.heads, 1, self.head_dim)
 
         return self._layers(x, pos, attend)
 
 
+def decode_spans(max_context: int, smallest: int = 256) -> list[int]:
+    """The cache prefixes a static decode step attends over: powers of two from `smallest`, then max_context. A
+    step at position p uses the smallest span > p, so it reads at most twice the live cache instead of all of
+    max_context (a 1.5B Qwen2 at 32k context: 0.9 GB of cache per token, more than its int4 weights)."""
+    spans = []
+    s = smallest
+    while s < max_context:
+        spans.append(s)
+        s *= 2
+    return spans + [max_context]
+
+
 class CudaGraphStep:
-    """`TorchDecoder.decode_static` captured once as a CUDA graph; a call copies x / pos into the captured input
-    buffers and replays. Warm-up and capture write position max_context - 1, a row every real step writes
-    before it is read, so capturing at any time leaves the cached conversation intact."""
+    """`TorchDecoder.decode_static` captured as CUDA graphs, one per cache span (`decode_spans`), each captured on
+    first use (the first span at load, so that a GPU / torch build that cannot capture is found there). A call
+    copies x / pos into the captured input buffers and replays the graph of its span. Before a capture the step
+    runs eagerly on a side stream with the same buffers (allocates workspaces, picks kernels); at load that writes
+    position max_context - 1, later the call's own position with its own inputs (the replay rewrites the same row),
+    so capturing at any time leaves the cached conversation intact."""
 
     def __init__(self, model: TorchDecoder, warmup: int = 2):
         import torch
 
+        self.model, self.warmup = model, warmup
         hidden = model.layers[0]["input_norm"].shape[0]
         self.x = torch.zeros(1, hidden, dtype=model.dtype, device=model.device)
         self.pos = torch.full((1,), model.max_context - 1, dtype=torch.long, device=model.device)
+        self.graphs: dict[int, tuple] = {}  # span -> (graph, output logits)
+        self._capture(decode_spans(model.max_context)[0])
+
+    def _capture(self, span: int) -> None:
+        import torch
+
         with torch.inference_mode():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # first calls allocate workspaces and pick kernels outside the capture
-                for _ in range(warmup):
-                    model.decode_static(self.x, self.pos)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.model.decode_static(self.x, self.pos, span)
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = model.decode_static(self.x, self.pos)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.model.decode_static(self.x, self.pos, span)
+        self.graphs[span] = (graph, out)
 
-    def __call__(self, x, pos):
+    def __call__(self, x, pos, span: int | None = None):
+        span = span or self.model.max_context
         self.x.copy_(x)
         self.pos.copy_(pos)
-        self.graph.replay()
-        return self.out
+        if span not in self.graphs:
+            self._capture(span)
+        graph, out = self.graphs[span]
+        graph.replay()
+        return out
+
+    @property
+    def graph(self):
+        """The graph of the largest span captured so far (benchmarks replay it to time a step)."""
+        return self.graphs[max(self.graphs)][0]
 
 
 class TorchLLMEngine(LLMEngine):
@@ -429,6 +469,7 @@ class TorchLLMEngine(LLMEngine):
                     raise EngineError(f"decode 'cuda-graph': capturing the decode step failed ({exc})") from None
                 self.decode_mode = f"static (CUDA graph capture failed: {str(exc)[:120]})"
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._spans = decode_spans(self.max_context)
 
     def describe(self) -> dict:
         kinds = sorted({m["kind"] for m in self.config["linears"].values()})
@@ -438,6 +479,13 @@ class TorchLLMEngine(LLMEngine):
                 "prefill": "dequantized dense GEMM" if self.dense_prefill else "int4 kernel",
                 "kv_cache": f"static {self.kv_bytes() / (1 << 20):.1f} MiB", "lm_head": "last position only",
                 "max_context": self.max_context}
+
+    def _span(self) -> tuple[int, ...]:
+        """The cache span of the next decode step as call arguments: none for torch.compile (one span, one
+        compiled graph), else the smallest of `decode_spans` past the current position."""
+        if self.decode_mode == "compile":
+            return ()
+        return (next(s for s in self._spans if s > self.length),)
 
     def kv_bytes(self) -> int:
         return self.model.cache.numel() * self.model.cache.element_size()
@@ -454,7 +502,7 @@ class TorchLLMEngine(LLMEngine):
         with torch.inference_mode():
             if n == 1 and self.static_decode:
                 self._pos.fill_(self.length)
-                logits = self._decode(x, self._pos)
+                logits = self._decode(x, self._pos, *self._span())
             else:
                 logits = self.model.forward(x, self.length)
             out = logits.float().cpu().numpy()
