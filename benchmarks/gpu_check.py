@@ -18,8 +18,12 @@ Sections (each isolated: a failure is recorded and the next one runs):
    weights on the same GPU; it is also the parity reference. Measured: vision ms/tile (SigLIP + projector fp16,
    tiles of a 1280x720 image in one batch), TTFT (vision + prefill of media + 32 text positions), decode tok/s
    at batch 1 (128 greedy tokens, CUDA-graph step), the bytes one decode step reads (weights + the static KV
-   cache, all of it: the graphed step attends over max_context) and the share of the HBM roofline (against
-   the measured device-to-device copy bandwidth and against the datasheet figure when the card is known).
+   cache span the step attends over: here all of max_context = prompt + 144) and the share of the HBM roofline
+   (against the measured device-to-device copy bandwidth and against the datasheet figure when the card is
+   known). Then where a step's time goes: "decode step" (the captured graph replayed 50x back to back vs the
+   generate loop's time per token: the difference is host work per token), "decode kernels" (kernels per step
+   and the top ones by time, torch.profiler over 3 replays), and "decode step bf16 model" (the same weights
+   with bf16 as the model dtype: no casts around the bf16-only int4 kernel; its logit error vs transformers).
    `planner` in the JSON: the efficiencies the planner's GPU profiles can take from this run.
 
 Goals (issue 15): decode >= 3x transformers fp16 eager, >= 50% of the roofline at nvila-lite-2b; S2 merge >= 80%
