@@ -168,26 +168,30 @@ struct S2Vec<1> {
     VILA_DEVICE_INLINE void add_to(float* acc) const { acc[0] += h2f(v); }
 };
 
+// One 16-byte global store. Spelled out because for the first slot nvcc 13.0 otherwise split the
+// uint4_t store into four 4-byte stores (seen in the PTX).
+VILA_DEVICE_INLINE void store_16(u16* dst, u32 a, u32 b, u32 c, u32 d) {
+#if defined(VILA_HOST_SIM)
+    const uint4_t v = {a, b, c, d};
+    __builtin_memcpy(dst, &v, 16);
+#else
+    asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.u32 [g], {%1, %2, %3, %4}; }" ::"l"(dst),
+                 "r"(a), "r"(b), "r"(c), "r"(d)
+                 : "memory");
+#endif
+}
+
 // out = acc / kh / kw rounded to fp16. When both window sides are powers of two (1 or 2 in every
 // NVILA / VILA1.5 case), `* (1/k)` is the same correctly rounded result as `/ k` (the reciprocal is
 // exact), and costs 1 instruction instead of an IEEE division (~8 plus a branch to a slow path).
-template <int VEC>
-VILA_DEVICE_INLINE void s2_store(u16* dst, const float* acc, float kh, float kw, bool pow2, float rh, float rw) {
+template <int VEC, bool POW2>
+VILA_DEVICE_INLINE void s2_store(u16* dst, const float* acc, float kh, float kw, float rh, float rw) {
     float r[VEC];
-    if (pow2) {  // warp-uniform branch
-        VILA_UNROLL
-        for (int i = 0; i < VEC; ++i) r[i] = acc[i] * rh * rw;
-    } else {
-        VILA_UNROLL
-        for (int i = 0; i < VEC; ++i) r[i] = acc[i] / kh / kw;
-    }
+    VILA_UNROLL
+    for (int i = 0; i < VEC; ++i) r[i] = POW2 ? acc[i] * rh * rw : acc[i] / kh / kw;
     if constexpr (VEC == 8) {
-        uint4_t v;
-        v.x = (u32)f2h(r[0]) | ((u32)f2h(r[1]) << 16);
-        v.y = (u32)f2h(r[2]) | ((u32)f2h(r[3]) << 16);
-        v.z = (u32)f2h(r[4]) | ((u32)f2h(r[5]) << 16);
-        v.w = (u32)f2h(r[6]) | ((u32)f2h(r[7]) << 16);
-        *reinterpret_cast<uint4_t*>(dst) = v;
+        store_16(dst, (u32)f2h(r[0]) | ((u32)f2h(r[1]) << 16), (u32)f2h(r[2]) | ((u32)f2h(r[3]) << 16),
+                 (u32)f2h(r[4]) | ((u32)f2h(r[5]) << 16), (u32)f2h(r[6]) | ((u32)f2h(r[7]) << 16));
     } else {
         dst[0] = f2h(r[0]);
     }
@@ -263,9 +267,15 @@ VILA_DEVICE_INLINE void s2_merge_warp_body(const u16* __restrict__ feat, u16* __
                 ++ty;
             }
         }
-        VILA_UNROLL
-        for (int u = 0; u < VILA_S2_SLOTS; ++u)
-            if (g0 + 32u * u < groups) s2_store<VEC>(out_seg + (u64)(g0 + 32u * u) * VEC, acc[u], kh, kw, pow2, rh, rw);
+        if (pow2) {  // warp-uniform; each branch keeps its 16-byte stores
+            VILA_UNROLL
+            for (int u = 0; u < VILA_S2_SLOTS; ++u)
+                if (g0 + 32u * u < groups) s2_store<VEC, true>(out_seg + (u64)(g0 + 32u * u) * VEC, acc[u], kh, kw, rh, rw);
+        } else {
+            VILA_UNROLL
+            for (int u = 0; u < VILA_S2_SLOTS; ++u)
+                if (g0 + 32u * u < groups) s2_store<VEC, false>(out_seg + (u64)(g0 + 32u * u) * VEC, acc[u], kh, kw, rh, rw);
+        }
     }
 }
 
