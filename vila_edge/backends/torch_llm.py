@@ -10,19 +10,20 @@ Weights: `llm/torch.int4.safetensors`, written by the builder from the ONNX deco
   (float32 activations and float32 scales/zeros: the AWQ zero points are used exactly). The packed layout is
   device-specific, so it is made here at load time from the file's device-neutral nibble-packed codes. Those
   kernels are GEMV-class; prefill-sized calls dequantize the weight and run a dense GEMM (`Int4Linear`).
-- KV cache: one preallocated [layers, 2, kv_heads, max_context, head_dim] tensor in the model dtype (fp16 on
-  CUDA, fp32 on CPU); new positions are written in place, `truncate(n)` is a rollback without a copy.
+- KV cache: one preallocated [layers, 2, kv_heads, max_context rounded up to 16, head_dim] tensor in the model
+  dtype (fp16 on CUDA, fp32 on CPU); new positions are written in place, `truncate(n)` is a rollback without a
+  copy.
 - Attention: scaled_dot_product_attention. Prefill attends over the cached prefix with an offset causal mask
   (grouped KV heads). The decode step ("static" path) attends over a fixed cache span with a length mask, the
-  query heads of each KV group as rows of that KV head (no GQA expansion): spans are 256, 512, ... and
-  max_context (`decode_spans`), a step takes the smallest past its position, so shapes and addresses are fixed per
+  query heads of each KV group as rows of that KV head (no GQA expansion): spans are 256, 512, ... and the
+  cache length (`decode_spans`), a step takes the smallest past its position, so shapes and addresses are fixed per
   span and a step reads at most twice the live cache. On CUDA each span's step is captured once as a CUDA graph
   (on first use) and replayed per token (`decode="cuda-graph"`, the default there: no compiler, a capture takes
   milliseconds), or the full-span step is compiled with torch.compile (`decode="compile"`: inductor, mode
   "reduce-overhead" = CUDA graphs on CUDA; optional on the CPU). `decode="eager"` (the CPU default) slices the
   cache to the cached length instead.
 - Kernels per decode step (each a few microseconds even inside a CUDA graph, so their count matters at batch 1):
-  fused rms_norm, q and k rotated in one pass from precomputed rotary tables.
+  fused rms_norm, q and k rotated in one pass from precomputed rotary tables, one additive mask per step.
 - Logits: final norm + LM head on the last position only.
 
 Sampling and stop handling are the pipeline's (`vila_edge.runtime` / `vila_edge.generate`): this engine only
@@ -246,9 +247,12 @@ class TorchDecoder:
         self.inv_freq = tensors["rope_inv_freq"].to(device=device, dtype=torch.float32)
         self.rope_scaling = float(config.get("rope_attention_scaling", 1.0))
         self.max_context = max_context
-        shape = (self.num_layers, 2, self.kv_heads, max_context, self.head_dim)
+        # cache rows rounded up to 16: every decode span then gives the fused attention kernels an aligned mask
+        # (torch pads an unaligned one with a copy per call); the extra rows are never written, always masked
+        self.cache_rows = -(-max_context // 16) * 16
+        shape = (self.num_layers, 2, self.kv_heads, self.cache_rows, self.head_dim)
         self.cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.positions = torch.arange(max_context, device=device)
+        self.positions = torch.arange(self.cache_rows, device=device)
         # rotary tables for every position, computed once: a step indexes them (2 ops) instead of recomputing
         # cos / sin (9 ops per step)
         self.cos_table, self.sin_table = self.rope(self.positions)
@@ -318,11 +322,14 @@ class TorchDecoder:
 
     def decode_static(self, x, pos, span: int | None = None):
         """One position (x [1, D]) at `pos` (a [1] tensor) attending over the first `span` cache rows (default all
-        max_context; rows past `pos` are masked): fixed shapes for torch.compile / CUDA graphs."""
+        of them; rows past `pos` are masked): fixed shapes for torch.compile / CUDA graphs."""
+        import torch
         import torch.nn.functional as F
 
-        span = span or self.max_context
-        mask = (self.positions[:span] <= pos)[None, :]
+        span = span or self.cache_rows
+        # the additive mask once per step (a boolean one is converted to this inside every layer's SDPA call)
+        mask = torch.zeros(1, span, dtype=self.dtype, device=self.device).masked_fill_(
+            self.positions[:span] > pos, float("-inf"))
         group = self.heads // self.kv_heads
 
         def attend(i, q, k, v):
@@ -367,7 +374,7 @@ class CudaGraphStep:
         self.x = torch.zeros(1, hidden, dtype=model.dtype, device=model.device)
         self.pos = torch.full((1,), model.max_context - 1, dtype=torch.long, device=model.device)
         self.graphs: dict[int, tuple] = {}  # span -> (graph, output logits)
-        self._capture(decode_spans(model.max_context)[0])
+        self._capture(decode_spans(model.cache_rows)[0])
 
     def _capture(self, span: int) -> None:
         import torch
@@ -385,7 +392,7 @@ class CudaGraphStep:
         self.graphs[span] = (graph, out)
 
     def __call__(self, x, pos, span: int | None = None):
-        span = span or self.model.max_context
+        span = span or self.model.cache_rows
         self.x.copy_(x)
         self.pos.copy_(pos)
         if span not in self.graphs:
@@ -469,7 +476,7 @@ class TorchLLMEngine(LLMEngine):
                     raise EngineError(f"decode 'cuda-graph': capturing the decode step failed ({exc})") from None
                 self.decode_mode = f"static (CUDA graph capture failed: {str(exc)[:120]})"
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._spans = decode_spans(self.max_context)
+        self._spans = decode_spans(self.model.cache_rows)
 
     def describe(self) -> dict:
         kinds = sorted({m["kind"] for m in self.config["linears"].values()})
