@@ -492,15 +492,18 @@ def decode_profile(rep: Report | None, preset_name: str, engine, device: str, lo
     x = torch.zeros(1, engine.hidden_size, dtype=engine.dtype, device=device)
     pos = torch.full((1,), engine.length, dtype=torch.long, device=device)  # a row no later step reads unwritten
 
-    def step():
-        if graphed:
-            engine._decode.graph.replay()
-        else:
-            engine.model.decode_static(x, pos)
-
     with torch.inference_mode():
-        if graphed:
-            engine._decode.pos.copy_(pos)
+        if graphed:  # the graph of the span a step at this length uses (captured now if no step used it yet)
+            span = engine._span()[0]
+            engine._decode(engine._decode.x.clone(), pos, span)
+            replay = engine._decode.graphs[span][0].replay
+
+        def step():
+            if graphed:
+                replay()
+            else:
+                engine.model.decode_static(x, pos)
+
         for _ in range(3):
             step()
         _sync(device)()

@@ -401,11 +401,6 @@ class CudaGraphStep:
         graph.replay()
         return out
 
-    @property
-    def graph(self):
-        """The graph of the largest span captured so far (benchmarks replay it to time a step)."""
-        return self.graphs[max(self.graphs)][0]
-
 
 class TorchLLMEngine(LLMEngine):
     """`LLMEngine` over `TorchDecoder`. `decode`: how one-token steps run, one of DECODE_MODES (default
