@@ -493,7 +493,7 @@ def decode_profile(rep: Report | None, preset_name: str, engine, device: str, lo
     pos = torch.full((1,), engine.length, dtype=torch.long, device=device)  # a row no later step reads unwritten
 
     with torch.inference_mode():
-        if graphed:  # the graph of the span a step at this length uses (captured now if no step used it yet)
+        if graphed:  # the graph of the span a step at this length uses
             span = engine._span()[0]
             engine._decode(engine._decode.x.clone(), pos, span)
             replay = engine._decode.graphs[span][0].replay

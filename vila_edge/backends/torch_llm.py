@@ -18,7 +18,7 @@ Weights: `llm/torch.int4.safetensors`, written by the builder from the ONNX deco
   query heads of each KV group as rows of that KV head (no GQA expansion): spans are 256, 512, ... and the
   cache length (`decode_spans`), a step takes the smallest past its position, so shapes and addresses are fixed per
   span and a step reads at most twice the live cache. On CUDA each span's step is captured once as a CUDA graph
-  (on first use) and replayed per token (`decode="cuda-graph"`, the default there: no compiler, a capture takes
+  (all at load) and replayed per token (`decode="cuda-graph"`, the default there: no compiler, a capture takes
   milliseconds), or the full-span step is compiled with torch.compile (`decode="compile"`: inductor, mode
   "reduce-overhead" = CUDA graphs on CUDA; optional on the CPU). `decode="eager"` (the CPU default) slices the
   cache to the cached length instead.
@@ -359,12 +359,13 @@ def decode_spans(max_context: int, smallest: int = 256) -> list[int]:
 
 
 class CudaGraphStep:
-    """`TorchDecoder.decode_static` captured as CUDA graphs, one per cache span (`decode_spans`), each captured on
-    first use (the first span at load, so that a GPU / torch build that cannot capture is found there). A call
-    copies x / pos into the captured input buffers and replays the graph of its span. Before a capture the step
-    runs eagerly on a side stream with the same buffers (allocates workspaces, picks kernels); at load that writes
-    position max_context - 1, later the call's own position with its own inputs (the replay rewrites the same row),
-    so capturing at any time leaves the cached conversation intact."""
+    """`TorchDecoder.decode_static` captured as CUDA graphs, one per cache span (`decode_spans`: log2(context / 256)
+    + 1 of them, all at load: no capture while serving, where another thread may be using the GPU). A call copies
+    x / pos into the captured input buffers and replays the graph of its span. Before a capture the step runs
+    eagerly on a side stream with the same buffers (allocates workspaces, picks kernels); at load that writes
+    position max_context - 1, a row every real step writes before it is read; a span captured later (none is, unless
+    a caller passes another span) runs with the call's own inputs, whose replay rewrites the same row. So capturing
+    at any time leaves the cached conversation intact."""
 
     def __init__(self, model: TorchDecoder, warmup: int = 2):
         import torch
@@ -374,7 +375,8 @@ class CudaGraphStep:
         self.x = torch.zeros(1, hidden, dtype=model.dtype, device=model.device)
         self.pos = torch.full((1,), model.max_context - 1, dtype=torch.long, device=model.device)
         self.graphs: dict[int, tuple] = {}  # span -> (graph, output logits)
-        self._capture(decode_spans(model.cache_rows)[0])
+        for span in decode_spans(model.cache_rows):
+            self._capture(span)
 
     def _capture(self, span: int) -> None:
         import torch
