@@ -14,9 +14,10 @@ S2 merge ("generic formulation", vila-reference.md §3.1 / §3.3)
     ``chunk = (ch, cw)`` chunks (default ``(h, w)``), chunks row-major, tokens row-major inside a
     chunk: result ``[batch * n_chunks, ch*cw, C*S]``.
 
-FP8 E4M3 ("e4m3fn": bias 7, max 448, no infinities, 0x7F/0xFF = NaN)
-    Encoding rounds to nearest even and saturates to +-448 (``satfinite``). Block quantization:
-    ``scale = max(amax / 448, 1e-10)`` per block (fp32), ``q = e4m3(x / scale)``; activations use
+FP8, OCP 8-bit floating point: E4M3 ("e4m3fn": bias 7, max 448, no infinities, 0x7F/0xFF = NaN)
+    and E5M2 (bias 15, max 57344, 0x7C = inf, 0x7D..0x7F = NaN). Encoding rounds to nearest even
+    and saturates to +-max (``satfinite``). Block quantization: ``scale = max(amax / max, 1e-10)``
+    per block (fp32), ``q = fp8(x / scale)``; activations use
     1x128 blocks (``scales[M, ceil(K/128)]``), weights 128x128 blocks
     (``scales[ceil(N/128), ceil(K/128)]``). The GEMM reference dequantizes and multiplies in fp32.
 """
@@ -24,11 +25,11 @@ FP8 E4M3 ("e4m3fn": bias 7, max 448, no infinities, 0x7F/0xFF = NaN)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 BLOCK = 128
-E4M3_MAX = 448.0
 SCALE_FLOOR = np.float32(1e-10)
 
 
@@ -136,63 +137,106 @@ def s2_merge_ref(
 
 
 # ---------------------------------------------------------------------------------------------
-# FP8 E4M3
+# FP8 (OCP 8-bit floating point: E4M3 "e4m3fn" and E5M2)
 # ---------------------------------------------------------------------------------------------
-def _e4m3_table() -> np.ndarray:
-    codes = np.arange(256, dtype=np.int64)
-    sign = np.where(codes & 0x80, -1.0, 1.0)
-    e = (codes >> 3) & 15
-    m = codes & 7
-    mag = np.where(e == 0, m / 8.0 * 2.0**-6, (1.0 + m / 8.0) * 2.0 ** (e - 7.0))
-    vals = sign * mag
-    vals[(codes & 0x7F) == 0x7F] = np.nan
-    return vals.astype(np.float32)
+@dataclass(frozen=True)
+class Fp8Format:
+    """One OCP FP8 format: ``exponent_bits`` / ``mantissa_bits``, exponent ``bias``, largest finite
+    value ``max`` and its positive code ``max_code`` (codes 0..max_code are the finite non-negative
+    values in increasing order, so "even mantissa" is "even code")."""
+
+    name: str
+    exponent_bits: int
+    mantissa_bits: int
+    bias: int
+    max: float
+    max_code: int
+
+    def values(self) -> np.ndarray:
+        """code -> value (fp32, exact) for all 256 codes; NaN (and +-inf for E5M2) where the spec puts them."""
+        codes = np.arange(256, dtype=np.int64)
+        m_bits = self.mantissa_bits
+        sign = np.where(codes & 0x80, -1.0, 1.0)
+        e = (codes >> m_bits) & ((1 << self.exponent_bits) - 1)
+        m = codes & ((1 << m_bits) - 1)
+        frac = m / float(1 << m_bits)
+        mag = np.where(e == 0, frac * 2.0 ** (1 - self.bias), (1.0 + frac) * 2.0 ** (e - float(self.bias)))
+        vals = sign * mag
+        if self.name == "e4m3":  # e4m3fn: no infinities, S.1111.111 is NaN
+            vals[(codes & 0x7F) == 0x7F] = np.nan
+        else:  # IEEE-like: exponent all ones is inf (mantissa 0) or NaN
+            top = e == (1 << self.exponent_bits) - 1
+            vals[top] = np.where(m[top] == 0, sign[top] * np.inf, np.nan)
+        return vals.astype(np.float32)
 
 
-E4M3_VALUES = _e4m3_table()  # code -> value (fp32, exact)
-_POS_VALUES = E4M3_VALUES[:127].astype(np.float64)  # codes 0..126: 0 .. 448, increasing
+FP8_FORMATS = {
+    "e4m3": Fp8Format("e4m3", 4, 3, 7, 448.0, 0x7E),
+    "e5m2": Fp8Format("e5m2", 5, 2, 15, 57344.0, 0x7B),
+}
+FP8_VALUES = {name: fmt.values() for name, fmt in FP8_FORMATS.items()}  # code -> value per format
+E4M3_VALUES = FP8_VALUES["e4m3"]
+
+
+def fp8_format(fmt: str) -> Fp8Format:
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"FP8 format must be one of {', '.join(FP8_FORMATS)}, got {fmt!r}")
+    return FP8_FORMATS[fmt]
+
+
+def fp8_decode(codes: np.ndarray, fmt: str = "e4m3") -> np.ndarray:
+    fp8_format(fmt)
+    return FP8_VALUES[fmt][np.asarray(codes, dtype=np.uint8)]
+
+
+def fp8_encode(x: np.ndarray, fmt: str = "e4m3") -> np.ndarray:
+    """fp32 -> FP8 codes (uint8): round to nearest, ties to even, saturate to +-max (``satfinite``:
+    infinities too, as the CUDA ``__nv_cvt_float_to_fp8(..., __NV_SATFINITE, ...)`` and ONNX
+    ``QuantizeLinear(saturate=1)`` do); NaN stays NaN."""
+    f = fp8_format(fmt)
+    finite = FP8_VALUES[fmt][: f.max_code + 1].astype(np.float64)  # 0 .. max, increasing
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        a = np.abs(x).astype(np.float64)
+    hi = np.clip(np.searchsorted(finite, a, side="left"), 0, f.max_code)  # first value >= a
+    lo = np.clip(hi - 1, 0, f.max_code)
+    d_lo = a - finite[lo]
+    d_hi = finite[hi] - a
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    code = np.where(take_hi, hi, lo)
+    code = np.where(a >= f.max, f.max_code, code)  # satfinite (covers inf)
+    code = np.where(np.signbit(x), code | 0x80, code)
+    code = np.where(np.isnan(x), 0x7F, code)  # a NaN code in both formats
+    return code.astype(np.uint8)
 
 
 def e4m3_decode(codes: np.ndarray) -> np.ndarray:
-    return E4M3_VALUES[np.asarray(codes, dtype=np.uint8)]
+    return fp8_decode(codes, "e4m3")
 
 
 def e4m3_encode(x: np.ndarray) -> np.ndarray:
     """fp32 -> e4m3 codes (uint8): round to nearest, ties to even, saturate to +-448."""
-    x = np.asarray(x, dtype=np.float32)
-    with np.errstate(invalid="ignore"):
-        a = np.abs(x).astype(np.float64)
-    hi = np.clip(np.searchsorted(_POS_VALUES, a, side="left"), 0, 126)  # first value >= a
-    lo = np.clip(hi - 1, 0, 126)
-    d_lo = a - _POS_VALUES[lo]
-    d_hi = _POS_VALUES[hi] - a
-    # codes increase with the value, so "even mantissa" == even code
-    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
-    code = np.where(take_hi, hi, lo)
-    code = np.where(a >= E4M3_MAX, 126, code)  # satfinite (covers inf)
-    code = np.where(np.signbit(x), code | 0x80, code)
-    code = np.where(np.isnan(x), 0x7F, code)
-    return code.astype(np.uint8)
+    return fp8_encode(x, "e4m3")
 
 
-def _block_scales(amax: np.ndarray) -> np.ndarray:
-    return np.maximum(amax.astype(np.float32) / np.float32(E4M3_MAX), SCALE_FLOOR).astype(np.float32)
+def _block_scales(amax: np.ndarray, fmt: str) -> np.ndarray:
+    return np.maximum(amax.astype(np.float32) / np.float32(fp8_format(fmt).max), SCALE_FLOOR).astype(np.float32)
 
 
-def fp8_quantize_act_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``x [M, K]`` -> ``(q uint8 [M, K], scales fp32 [M, ceil(K/128)])``, 1x128 blocks."""
+def fp8_quantize_act_ref(x: np.ndarray, fmt: str = "e4m3") -> tuple[np.ndarray, np.ndarray]:
+    """``x [M, K]`` -> ``(q uint8 [M, K], scales fp32 [M, ceil(K/128)])``, 1x128 blocks (dynamic, per token)."""
     x = np.asarray(x, dtype=np.float32)
     M, K = x.shape
     KB = -(-K // BLOCK)
     pad = np.zeros((M, KB * BLOCK), np.float32)
     pad[:, :K] = x
     blocks = pad.reshape(M, KB, BLOCK)
-    scales = _block_scales(np.abs(blocks).max(axis=2))
-    q = e4m3_encode(blocks / scales[:, :, None]).reshape(M, KB * BLOCK)[:, :K]
+    scales = _block_scales(np.abs(blocks).max(axis=2), fmt)
+    q = fp8_encode(blocks / scales[:, :, None], fmt).reshape(M, KB * BLOCK)[:, :K]
     return np.ascontiguousarray(q), scales
 
 
-def fp8_quantize_weight_ref(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fp8_quantize_weight_ref(w: np.ndarray, fmt: str = "e4m3") -> tuple[np.ndarray, np.ndarray]:
     """``w [N, K]`` -> ``(q uint8 [N, K], scales fp32 [ceil(N/128), ceil(K/128)])``, 128x128 blocks."""
     w = np.asarray(w, dtype=np.float32)
     N, K = w.shape
@@ -200,39 +244,46 @@ def fp8_quantize_weight_ref(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pad = np.zeros((NB * BLOCK, KB * BLOCK), np.float32)
     pad[:N, :K] = w
     blocks = pad.reshape(NB, BLOCK, KB, BLOCK)
-    scales = _block_scales(np.abs(blocks).max(axis=(1, 3)))
-    q = e4m3_encode(blocks / scales[:, None, :, None]).reshape(NB * BLOCK, KB * BLOCK)[:N, :K]
+    scales = _block_scales(np.abs(blocks).max(axis=(1, 3)), fmt)
+    q = fp8_encode(blocks / scales[:, None, :, None], fmt).reshape(NB * BLOCK, KB * BLOCK)[:N, :K]
     return np.ascontiguousarray(q), scales
 
 
-def fp8_dequantize_act_ref(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def fp8_dequantize_act_ref(q: np.ndarray, scales: np.ndarray, fmt: str = "e4m3") -> np.ndarray:
     K = q.shape[1]
-    return e4m3_decode(q) * np.repeat(scales, BLOCK, axis=1)[:, :K]
+    return fp8_decode(q, fmt) * np.repeat(scales, BLOCK, axis=1)[:, :K]
 
 
-def fp8_dequantize_weight_ref(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def fp8_dequantize_weight_ref(q: np.ndarray, scales: np.ndarray, fmt: str = "e4m3") -> np.ndarray:
     N, K = q.shape
     s = np.repeat(np.repeat(scales, BLOCK, axis=0), BLOCK, axis=1)[:N, :K]
-    return e4m3_decode(q) * s
+    return fp8_decode(q, fmt) * s
 
 
-def fp8_gemm_ref(xq: np.ndarray, x_scales: np.ndarray, wq: np.ndarray, w_scales: np.ndarray) -> np.ndarray:
+def fp8_qdq_act_ref(x: np.ndarray, fmt: str = "e4m3") -> np.ndarray:
+    """What the activations of an FP8 W8A8 linear become: 1x128 dynamic quantize then dequantize."""
+    q, s = fp8_quantize_act_ref(x, fmt)
+    return fp8_dequantize_act_ref(q, s, fmt)
+
+
+def fp8_gemm_ref(xq: np.ndarray, x_scales: np.ndarray, wq: np.ndarray, w_scales: np.ndarray,
+                 fmt: str = "e4m3") -> np.ndarray:
     """W8A8 reference: dequantize both operands, fp32 ``X @ W^T`` -> ``[M, N]`` fp32."""
-    x = fp8_dequantize_act_ref(xq, x_scales)
-    w = fp8_dequantize_weight_ref(wq, w_scales)
+    x = fp8_dequantize_act_ref(xq, x_scales, fmt)
+    w = fp8_dequantize_weight_ref(wq, w_scales, fmt)
     return (x @ w.T).astype(np.float32)
 
 
-def fp8_gemm_weight_only_ref(x: np.ndarray, wq: np.ndarray, w_scales: np.ndarray) -> np.ndarray:
+def fp8_gemm_weight_only_ref(x: np.ndarray, wq: np.ndarray, w_scales: np.ndarray, fmt: str = "e4m3") -> np.ndarray:
     """Weight-only reference: ``x`` (fp16 values) times the dequantized weight, fp32 ``[M, N]``."""
-    w = fp8_dequantize_weight_ref(wq, w_scales)
+    w = fp8_dequantize_weight_ref(wq, w_scales, fmt)
     return (np.asarray(x, dtype=np.float32) @ w.T).astype(np.float32)
 
 
-def fp8_linear_ref(x: np.ndarray, w: np.ndarray, *, weight_only: bool = False) -> np.ndarray:
+def fp8_linear_ref(x: np.ndarray, w: np.ndarray, *, weight_only: bool = False, fmt: str = "e4m3") -> np.ndarray:
     """End-to-end reference of ``Fp8Linear``: quantize ``w`` (and ``x`` unless weight-only)."""
-    wq, ws = fp8_quantize_weight_ref(w)
+    wq, ws = fp8_quantize_weight_ref(w, fmt)
     if weight_only:
-        return fp8_gemm_weight_only_ref(np.asarray(x, np.float16), wq, ws)
-    xq, xs = fp8_quantize_act_ref(x)
-    return fp8_gemm_ref(xq, xs, wq, ws)
+        return fp8_gemm_weight_only_ref(np.asarray(x, np.float16), wq, ws, fmt)
+    xq, xs = fp8_quantize_act_ref(x, fmt)
+    return fp8_gemm_ref(xq, xs, wq, ws, fmt)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vila_edge.builder.awq_formats import QuantizedLinear
+from vila_edge.builder.fp8_qdq import FloatLinear, QdqGraph, fuse_float_rows
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 21
@@ -57,6 +58,8 @@ class ExternalData:
 
     def write(self, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
+        if array.dtype.itemsize == 1 and array.dtype not in (np.uint8, np.int8):  # ml_dtypes float8: no buffer format
+            array = array.view(np.uint8)
         self.file.write(memoryview(array).cast("B"))  # no bytes copy
         self.offset += array.nbytes
 
@@ -149,7 +152,10 @@ def matmulnbits_arrays(layer: QuantizedLinear) -> tuple[np.ndarray, np.ndarray, 
 class DecoderWriter:
     """Builds the graph layer by layer; ``finish`` writes ``model.onnx`` + ``genai_config.json``."""
 
-    def __init__(self, out_dir: Path, spec: DecoderSpec, filename: str = "model.onnx"):
+    def __init__(self, out_dir: Path, spec: DecoderSpec, filename: str = "model.onnx", fp8: str | None = None,
+                 fp8_activations: str = "dynamic"):
+        """``fp8``: ``e4m3`` | ``e5m2`` to write the layers' linears as FP8 QDQ (``fp8_qdq``; they then come as
+        ``FloatLinear``), None for int4 MatMulNBits."""
         from onnx import helper
 
         self.out_dir, self.spec, self.filename = Path(out_dir), spec, filename
@@ -160,6 +166,7 @@ class DecoderWriter:
         self.helper = helper
         self.residual = "inputs_embeds"  # running sum of the residual stream
         self.pending = None  # output of the previous block not yet added to the residual
+        self.qdq = None if fp8 is None else QdqGraph(self._node, self._initializer, fp8, fp8_activations)
         self._mask_subgraph()
         cos, sin = rotary_caches(spec)
         self.initializers += [self.data.add("cos_cache", cos), self.data.add("sin_cache", sin)]
@@ -208,6 +215,16 @@ class DecoderWriter:
             self.residual = f"{name}/output_3"
         return out
 
+    def _initializer(self, name: str, array: np.ndarray) -> None:
+        self.initializers.append(self.data.add(name, array))
+
+    def _linear(self, base: str, prefix: str, x: str, layer: QuantizedLinear | FloatLinear) -> str:
+        if isinstance(layer, FloatLinear):
+            if self.qdq is None:
+                raise ValueError(f"{prefix}: a float linear needs DecoderWriter(fp8=...)")
+            return self.qdq.linear(base, prefix, x, layer)
+        return self._matmul_nbits(base, prefix, x, layer, _bias(layer))
+
     def _matmul_nbits(self, base: str, prefix: str, x: str, layer: QuantizedLinear, bias: np.ndarray | None = None
                       ) -> str:
         qweight, scales, zeros = matmulnbits_arrays(layer)
@@ -237,9 +254,9 @@ class DecoderWriter:
         spec, root = self.spec, f"/model/layers.{index}"
         prefix = f"model.layers.{index}"
         x = self._norm(f"{root}/input_layernorm", f"{prefix}.input_layernorm.weight", norms["input_layernorm"])
-        qkv = fuse_rows([linears[f"self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")])
-        h = self._matmul_nbits(f"{root}/attn/qkv_proj", f"{prefix}.attn.qkv_proj", x, qkv,
-                               None if qkv.bias is None else qkv.bias.float().numpy())
+        fuse = fuse_float_rows if isinstance(linears["self_attn.q_proj"], FloatLinear) else fuse_rows
+        qkv = fuse([linears[f"self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")])
+        h = self._linear(f"{root}/attn/qkv_proj", f"{prefix}.attn.qkv_proj", x, qkv)
         attn = self._node(
             "GroupQueryAttention", f"{root}/attn/GroupQueryAttention",
             [h, "", "", f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens,
@@ -248,19 +265,16 @@ class DecoderWriter:
             domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
             scale=float(np.float32(1 / math.sqrt(spec.head_dim))), local_window_size=-1, softcap=0.0, do_rotary=1,
             rotary_interleaved=0)
-        self.pending = self._matmul_nbits(f"{root}/attn/o_proj", f"{prefix}.attn.o_proj", attn,
-                                          linears["self_attn.o_proj"], _bias(linears["self_attn.o_proj"]))
+        self.pending = self._linear(f"{root}/attn/o_proj", f"{prefix}.attn.o_proj", attn, linears["self_attn.o_proj"])
         x = self._norm(f"{root}/post_attention_layernorm", f"{prefix}.post_attention_layernorm.weight",
                        norms["post_attention_layernorm"])
-        gate = self._matmul_nbits(f"{root}/mlp/gate_proj", f"{prefix}.mlp.gate_proj", x, linears["mlp.gate_proj"],
-                                  _bias(linears["mlp.gate_proj"]))
-        up = self._matmul_nbits(f"{root}/mlp/up_proj", f"{prefix}.mlp.up_proj", x, linears["mlp.up_proj"],
-                                _bias(linears["mlp.up_proj"]))
+        gate = self._linear(f"{root}/mlp/gate_proj", f"{prefix}.mlp.gate_proj", x, linears["mlp.gate_proj"])
+        up = self._linear(f"{root}/mlp/up_proj", f"{prefix}.mlp.up_proj", x, linears["mlp.up_proj"])
         sigmoid = self._node("Sigmoid", f"{root}/mlp/act_fn/Sigmoid", [gate])
         silu = self._node("Mul", f"{root}/mlp/act_fn/Mul", [gate, sigmoid])
         product = self._node("Mul", f"{root}/mlp/Mul", [silu, up])
-        self.pending = self._matmul_nbits(f"{root}/mlp/down_proj", f"{prefix}.mlp.down_proj", product,
-                                          linears["mlp.down_proj"], _bias(linears["mlp.down_proj"]))
+        self.pending = self._linear(f"{root}/mlp/down_proj", f"{prefix}.mlp.down_proj", product,
+                                    linears["mlp.down_proj"])
         self.layers_done += 1
 
     def finish(self, final_norm: np.ndarray, head_rows, head: str, group_size: int) -> Path:

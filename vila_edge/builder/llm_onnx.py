@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-PRECISIONS = ("int4", "int8", "fp16", "fp32")
+PRECISIONS = ("int4", "int8", "fp8", "fp16", "fp32")
 INT4_QUANT = ("awq", "rtn", "builder")
 LM_HEAD_PRECISIONS = ("int8", "int4", "float")
 DECODER_FILENAME = "model.onnx"
@@ -133,7 +133,7 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
-        if str(info.get("quant", "")).startswith("builder-"):
+        if str(info.get("quant", "")).startswith(("builder-", "fp8-")):
             # the builder quantized the float weights itself: its codes exist only in the graph
             if decoder_dir is None:
                 raise ValueError("the builder quantized this decoder: pass decoder_dir to read its weights back")
@@ -145,6 +145,8 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
             if unknown:
                 raise ValueError(f"{decoder_dir}: graph weights the model does not have: {sorted(unknown)}")
             model.load_state_dict(graph, strict=False)
+            if (info.get("fp8") or {}).get("activations") == "dynamic":
+                quantize_linear_inputs(model, info["fp8"]["format"])
             return model
     head = info.get("lm_head", {})
     if head.get("quant", "").startswith("builder-"):
@@ -162,6 +164,24 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
         else:
             model.get_output_embeddings().weight.data = weight
     return model
+
+
+def quantize_linear_inputs(model, fmt: str) -> None:
+    """Make every decoder-layer ``nn.Linear`` of ``model`` see its input FP8-quantized per token and 128
+    columns (``kernels_ref.fp8_qdq_act_ref``), as the FP8 W8A8 decoder's QDQ nodes do; the lm_head keeps
+    float inputs."""
+    import torch
+
+    from vila_edge.kernels_ref import fp8_qdq_act_ref
+
+    def hook(module, args):
+        x = args[0]
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).numpy()
+        return (torch.from_numpy(fp8_qdq_act_ref(flat, fmt)).reshape(x.shape).to(x.dtype),)
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            module.register_forward_pre_hook(hook)
 
 
 def matmulnbits_parts(node, initializers) -> dict:
@@ -203,6 +223,24 @@ def _unpack_matmulnbits(node, initializers) -> np.ndarray:
     return ((codes - p["zeros"][:, :, None]) * p["scales"][:, :, None]).reshape(n, blocks * block)[:, :p["K"]]
 
 
+def _fp8_weights(nodes, initializers) -> dict[str, np.ndarray]:
+    """FP8 QDQ weights (``fp8_qdq``): each weight DequantizeLinear's output name -> the float32 [N, K] it makes."""
+    from onnx import TensorProto, numpy_helper
+
+    from vila_edge.builder.fp8_qdq import weight_from_qdq
+
+    formats = {TensorProto.FLOAT8E4M3FN: "e4m3", TensorProto.FLOAT8E5M2: "e5m2"}
+    out = {}
+    for node in nodes:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            codes = initializers[node.input[0]]
+            if codes.data_type in formats and len(codes.dims) == 2:
+                out[node.output[0]] = weight_from_qdq(numpy_helper.to_array(codes),
+                                                      numpy_helper.to_array(initializers[node.input[1]]),
+                                                      formats[codes.data_type])
+    return out
+
+
 def dequantized_weights(decoder_dir: Path | str) -> dict[str, np.ndarray]:
     """HF-named float32 weights that the built decoder computes with, read back from its graph.
 
@@ -240,11 +278,15 @@ def dequantized_weights(decoder_dir: Path | str) -> dict[str, np.ndarray]:
             out[f"{prefix}.{suffix}"] = value
 
     out: dict[str, np.ndarray] = {}
+    fp8_weights = _fp8_weights(model.graph.node, initializers)  # DequantizeLinear output -> float32 [N, K]
     for node in model.graph.node:
         parts = node.name.split("/")
-        if node.op_type == "MatMulNBits" or (node.op_type == "MatMul" and node.input[1] in initializers):
+        if node.op_type == "MatMulNBits" or (node.op_type == "MatMul" and (node.input[1] in initializers
+                                                                           or node.input[1] in fp8_weights)):
             if node.op_type == "MatMulNBits":
                 weight = _unpack_matmulnbits(node, initializers)
+            elif node.input[1] in fp8_weights:
+                weight = fp8_weights[node.input[1]]
             else:
                 weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32).T
             if len(parts) > 1 and parts[1] == "lm_head":
@@ -342,6 +384,8 @@ def build_llm_onnx(
     writer: str = "stream",
     awq_grid: int = 20,
     awq_settings=None,
+    fp8_format: str = "e4m3",
+    fp8_activations: str = "dynamic",
 ) -> dict:
     """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
 
@@ -359,6 +403,10 @@ def build_llm_onnx(
     onnxruntime-genai's builder on the whole model, which is also what fp32 / fp16 / int8 and
     ``quant="builder"`` always use. ``awq_grid``: scale-search grid points. ``awq_settings``: an
     ``AWQSettings`` overriding all the quantizer's options (device, next_inputs...) for streamed builds.
+
+    ``precision="fp8"``: the layers' linears as FP8 QDQ (``fp8_qdq``), ``fp8_format`` ``e4m3`` | ``e5m2``,
+    ``fp8_activations`` ``dynamic`` (per-token 1x128 scales, W8A8) | ``none`` (weight-only); always streamed
+    from a float folder; the lm_head as ``lm_head`` says.
     """
     llm_dir, out_dir = Path(llm_dir), Path(out_dir)
     if precision not in PRECISIONS:
@@ -378,6 +426,13 @@ def build_llm_onnx(
 
     _read_config(llm_dir)  # fail early, naming the folder, when it is not an HF model folder
     prequantized = is_awq_checkpoint(llm_dir) or find_tinychat_v2_file(llm_dir) is not None
+    if precision == "fp8":
+        from vila_edge.builder.fp8_qdq import ACTIVATION_MODES, FP8_LINEAR_FORMATS
+
+        if fp8_format not in FP8_LINEAR_FORMATS:
+            raise ValueError(f"fp8_format must be one of {FP8_LINEAR_FORMATS}, got {fp8_format!r}")
+        if fp8_activations not in ACTIVATION_MODES:
+            raise ValueError(f"fp8_activations must be one of {ACTIVATION_MODES}, got {fp8_activations!r}")
     if prequantized and precision != "int4":
         raise ValueError(f"{llm_dir} holds AWQ int4 weights; build it with precision='int4' (got {precision!r})")
     threads = threads or default_threads()
@@ -385,7 +440,11 @@ def build_llm_onnx(
     staging = Path(tempfile.mkdtemp(prefix=".llm-build-", dir=out_dir))
     info: dict = {"precision": precision, "group_size": group_size if precision in ("int4", "int8") else None}
     try:
-        if writer == "stream" and precision == "int4" and (prequantized or quant in ("awq", "rtn")):
+        if precision == "fp8":
+            embed_dtype, awq_stats = _build_fp8(llm_dir, out_dir, info, fmt=fp8_format, activations=fp8_activations,
+                                                lm_head=lm_head, group_size=group_size, accuracy_level=accuracy_level,
+                                                prune_lm_head=prune_lm_head, threads=threads)
+        elif writer == "stream" and precision == "int4" and (prequantized or quant in ("awq", "rtn")):
             embed_dtype, awq_stats = _build_streamed(
                 llm_dir, out_dir, info, quant=quant, group_size=group_size, lm_head=lm_head,
                 accuracy_level=accuracy_level, prune_lm_head=prune_lm_head, threads=threads, awq_dir=awq_dir,
@@ -475,6 +534,15 @@ def _build_streamed(llm_dir: Path, out_dir: Path, info: dict, *, settings, awq_d
     if "awq_dir" in facts:
         info["awq_dir"] = facts["awq_dir"]
     return str(np.load(out_dir / EMBED_FILENAME, mmap_mode="r").dtype), facts.get("awq_stats")
+
+
+def _build_fp8(llm_dir: Path, out_dir: Path, info: dict, **options) -> tuple[str, None]:
+    """FP8 QDQ decoder written layer by layer (``llm_stream.build_fp8_decoder``); fills ``info``."""
+    from vila_edge.builder.llm_stream import build_fp8_decoder
+
+    facts = build_fp8_decoder(llm_dir, out_dir, filename=DECODER_FILENAME, embed_filename=EMBED_FILENAME, **options)
+    info.update(facts)
+    return str(np.load(out_dir / EMBED_FILENAME, mmap_mode="r").dtype), None
 
 
 def _build_with_genai(llm_dir: Path, out_dir: Path, staging: Path, info: dict, *, precision: str, quant: str,

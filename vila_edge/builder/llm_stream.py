@@ -51,6 +51,7 @@ from vila_edge.builder.awq_stream import (
     summarize,
 )
 from vila_edge.builder.decoder_onnx import DecoderSpec, DecoderWriter, write_genai_config
+from vila_edge.builder.fp8_qdq import FloatLinear
 from vila_edge.builder.tensor_stream import SafetensorsReader, TorchFileReader
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -114,6 +115,50 @@ def build_int4_decoder(
         if (llm_dir / name).is_file():
             (out_dir / name).write_bytes((llm_dir / name).read_bytes())
     return facts
+
+
+def build_fp8_decoder(
+    llm_dir: Path | str, out_dir: Path | str, *, fmt: str, activations: str = "dynamic", lm_head: str = "int8",
+    group_size: int = 128, accuracy_level: int = 4, prune_lm_head: bool = True, threads: int = 1,
+    filename: str = "model.onnx", embed_filename: str = "embed_tokens.npy",
+) -> dict:
+    """The FP8 decoder (``fp8_qdq``: 128x128 weight blocks, ``activations`` ``dynamic`` 1x128 per token or
+    ``none``) from a float HF folder, one layer at a time, like ``build_int4_decoder``. The lm_head is
+    quantized as in int4 builds (``lm_head``, ``group_size``); norms, biases and the embedding table pass
+    through float16 as there. Returns the build facts for decoder_info.json."""
+    from transformers import AutoConfig
+
+    llm_dir, out_dir = Path(llm_dir), Path(out_dir)
+    large_blocks_from_mmap()
+    config = AutoConfig.from_pretrained(str(llm_dir)).to_dict()
+    spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head)
+    reader = SafetensorsReader(llm_dir)
+    try:
+        writer = DecoderWriter(out_dir, spec, filename, fp8=fmt, fp8_activations=activations)
+        _write_layers(writer, _float_layers(reader, spec.num_layers), None, config, reader, lm_head, group_size,
+                      out_dir / embed_filename)
+    finally:
+        reader.close()
+    write_genai_config(out_dir, spec, special_token_ids(llm_dir, config), filename, threads)
+    for name in TOKENIZER_FILES:
+        if (llm_dir / name).is_file():
+            (out_dir / name).write_bytes((llm_dir / name).read_bytes())
+    return {"quant": f"fp8-{fmt}", "group_size": None, "lm_head": _head_facts(lm_head, group_size),
+            "fp8": {"format": fmt, "activations": activations, "weight_block": [128, 128],
+                    "activation_block": [1, 128] if activations == "dynamic" else None}}
+
+
+def _float_layers(reader, num_layers: int) -> Iterator[QuantizedLayer]:
+    """The float linears and norms of every layer, read one layer at a time (FP8 quantizes them when writing)."""
+    for index in range(num_layers):
+        prefix = f"model.layers.{index}"
+        norms = {name: reader.read(f"{prefix}.{name}.weight").float() for name in NORM_NAMES}
+        linears = {}
+        for name in LINEAR_NAMES:
+            bias = _optional(reader, f"{prefix}.{name}.bias")
+            linears[name] = FloatLinear(reader.read(f"{prefix}.{name}.weight").float().numpy(),
+                                        None if bias is None else bias.float().numpy())
+        yield QuantizedLayer(index, norms, linears)
 
 
 def large_blocks_from_mmap(threshold: int = 1 << 20) -> None:
@@ -195,9 +240,11 @@ def _through_fp16(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float16).to(torch.float32)
 
 
-def _bias_through_fp16(layer: QuantizedLinear) -> QuantizedLinear:
+def _bias_through_fp16(layer: QuantizedLinear | FloatLinear) -> QuantizedLinear | FloatLinear:
     if layer.bias is None:
         return layer
+    if isinstance(layer, FloatLinear):
+        return FloatLinear(layer.weight, layer.bias.astype(np.float16).astype(np.float32))
     return QuantizedLinear(layer.q, layer.scales, layer.zeros, layer.group_size, layer.bits, _through_fp16(layer.bias))
 
 
