@@ -32,6 +32,10 @@ CONFIGS = [
     ("AWQ int4 g64", "awq", 4, True, True),
     ("RTN int3 g64", "rtn", 3, False, False),
     ("AWQ int3 g64", "awq", 3, False, False),
+    # FP8 (method fp8-<format>): the ORT decoder's own weights read back (128x128 blocks, int8 lm_head) and its
+    # dynamic 1x128 per-token activation quantization, i.e. llm_onnx.reference_model of the fp8 build
+    ("FP8 e4m3 W8A8 (ORT decoder; int8 lm_head)", "fp8-e4m3", 8, False, False),
+    ("FP8 e5m2 W8A8 (ORT decoder; int8 lm_head)", "fp8-e5m2", 8, False, False),
 ]
 
 
@@ -50,7 +54,7 @@ def run_config(args: dict, name: str, method, bits, heads: bool, via_checkpoint:
 
     from vila_edge.builder import awq
     from vila_edge.builder.awq_formats import load_dequantized_model
-    from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights
+    from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights, reference_model
     from vila_edge.models import smollm2_hf_checkpoint
 
     torch.set_num_threads(args["threads"])
@@ -66,6 +70,13 @@ def run_config(args: dict, name: str, method, bits, heads: bool, via_checkpoint:
         awq_dir = Path(tmp) / "awq"
         if method is None:
             model, tokenizer = awq.load_float_model(folder, dtype=torch.float32)
+        elif method.startswith("fp8-"):
+            decoder = Path(tmp) / "decoder-fp8"
+            info = build_llm_onnx(folder, decoder, precision="fp8", fp8_format=method.removeprefix("fp8-"),
+                                  group_size=args["group_size"], progress=False, threads=args["threads"])
+            result["quantize_seconds"] = round(time.perf_counter() - started, 1)
+            model = reference_model(folder, info, decoder_dir=decoder).eval()
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
         elif via_checkpoint:
             # the real path: write the AutoAWQ checkpoint, then evaluate what it dequantizes to
             stats = awq.quantize_checkpoint(folder, awq_dir, w_bit=bits, group_size=args["group_size"],
@@ -169,6 +180,16 @@ def render_markdown(results: list[dict], args: dict) -> str:
         "",
         "\"RTN increase recovered\" = (ppl RTN - ppl AWQ) / (ppl RTN - ppl float) at the same bit width.",
     ]
+    fp8_rows = [r for r in results if str(r.get("method", "")).startswith("fp8-") and "perplexity" in r]
+    if fp8_rows:
+        lines.append(
+            "FP8 rows: the decoder built by `build_llm_onnx(precision='fp8')` (what `vila-edge build --llm-precision "
+            "fp8` writes), evaluated as its PyTorch oracle `llm_onnx.reference_model`: every decoder linear's OCP FP8 "
+            "weight (round to nearest even, saturating; one fp32 scale per 128x128 block) read back from the graph, "
+            "activations quantized per token and 128 input columns at run time, the int8 lm_head the decoder uses. "
+            "Bound (issue 21): FP8 E4M3 within 0.5 perplexity of float: " + ", ".join(
+                f"{r['config'].split(' W8A8')[0]} {r['perplexity'] - float_ppl:+.3f}"
+                + (" (ok)" if r["perplexity"] - float_ppl <= 0.5 else " (over 0.5)") for r in fp8_rows) + ".")
     if checkpoint:
         awq_stats = checkpoint.get("awq") or {}
         lines.append(
@@ -201,7 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared CPU more threads make the AWQ search many times slower)")
     parser.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 folder is cached")
-    parser.add_argument("--only", default=None, help="comma-separated config names to run (float always runs)")
+    parser.add_argument("--only", default=None, help="comma-separated config names to run (float always runs); "
+                        "their rows replace the same rows of an existing table at --out")
     parser.add_argument("--out", default=str(RESULTS_DIR / "awq_quality"), help="output path without extension")
     parser.add_argument("--no-progress", action="store_true")
     ns = parser.parse_args(argv)
@@ -224,6 +246,12 @@ def main(argv=None) -> int:
         results.extend(rows)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if wanted is not None and out.with_suffix(".json").is_file():
+        # a partial run (--only) updates its rows in the existing table and keeps the others
+        fresh = {r["config"]: r for r in results}
+        previous = json.loads(out.with_suffix(".json").read_text())["results"]
+        merged = [fresh.pop(r["config"], r) for r in previous]
+        results = merged + list(fresh.values())
     out.with_suffix(".json").write_text(json.dumps({"settings": args, "results": results}, indent=2) + "\n")
     out.with_suffix(".md").write_text(render_markdown(results, args))
     print(render_markdown(results, args))
