@@ -261,7 +261,11 @@ def build(
     int8_vision: bool = typer.Option(False, "--int8-vision", help="Also write an int8 vision tower for CPUs (ONNX Runtime)."),
     qdq_vision: bool = typer.Option(False, "--qdq-vision", help="Also write a QDQ int8 tower for TensorRT int8 engines (experimental: synthetic calibration)."),
     combined_vision: bool = typer.Option(False, "--combined-vision", help="Non-S2 families: also one tower+projector graph/engine with TensorRT-LLM naming (input -> encoder_output)."),
-    llm_precision: str = typer.Option("int4", "--llm-precision", help="LLM weights: int4 | int8 | fp16 | fp32."),
+    llm_precision: str = typer.Option("int4", "--llm-precision", help="LLM weights: int4 | int8 | fp8 | fp16 | fp32 "
+                                      "(fp8: ONNX QDQ, 128x128 weight and per-token 1x128 activation scales)."),
+    fp8_format: str | None = typer.Option(None, "--fp8-format", help="FP8 format of the fp8 parts: e4m3 (default) | e5m2."),
+    projector_precision: str | None = typer.Option(None, "--projector-precision", help="fp8: FP8 QDQ projector "
+                                                   "(default: as --precision)."),
     llm_quant: str = typer.Option("awq", "--llm-quant", help="int4/int8 LLM quantization: awq | rtn."),
     group_size: int = typer.Option(128, "--group-size", help="LLM quantization group size."),
     awq_calib: str = typer.Option("128x512", "--awq-calib", help="AWQ calibration: sequences x tokens (e.g. 32x512: "
@@ -306,7 +310,8 @@ def build(
                         llm_precision=llm_precision, llm_quant=llm_quant, group_size=group_size, skip_llm=skip_llm,
                         awq_calib=awq_calib, awq_grid=awq_grid,
                         token_order=token_order, splice=splice, chat_format=chat_format, trt_precision=trt_precision,
-                        trt_workspace_gb=trt_workspace_gb, torch_weights=torch_weights)
+                        trt_workspace_gb=trt_workspace_gb, torch_weights=torch_weights,
+                        projector_precision=projector_precision, fp8_format=fp8_format)
     try:
         result = run_build(src.path, output, options=opts, stage=stage, dry_run=dry_run, force=force, threads=threads)
     except KeyboardInterrupt:

@@ -28,7 +28,8 @@ def _find(vision_dir: Path, info: dict, key: str, stem: str, precision: str | No
         if isinstance(named, str):
             by_prec = {"given": named}
     if by_prec:
-        order = [precision] if precision else (["fp16", "fp32", "int8"] if on_gpu else ["fp32", "int8", "fp16"])
+        # fp8 (the FP8 QDQ projector, built only on request) first on the CPU, where ONNX Runtime runs its float8 ops
+        order = [precision] if precision else (["fp16", "fp32", "int8"] if on_gpu else ["fp8", "fp32", "int8", "fp16"])
         choice = next((by_prec[p] for p in order if p in by_prec), None)
         if choice is None:
             if precision:

@@ -42,7 +42,9 @@ from vila_edge.errors import EngineError, VilaEdgeError
 from vila_edge.media.tiling import tiling_scheme
 
 VISION_PRECISIONS = ("fp32", "fp16")
-LLM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+LLM_PRECISIONS = ("int4", "int8", "fp8", "fp16", "fp32")
+PROJECTOR_PRECISIONS = ("fp8",)  # besides the default: the vision graphs' --precision
+FP8_FORMATS = ("e4m3", "e5m2")
 LLM_QUANTS = ("awq", "rtn")
 BUILD_STAGES = ("all", "export", "engines")
 STAGE_DELAY_ENV = "VILA_EDGE_TEST_STAGE_DELAY"  # seconds to pause after each step (tests kill builds mid-way)
@@ -67,6 +69,8 @@ class BuildOptions:
     trt_precision: str = "fp16"
     trt_workspace_gb: float = 2.0
     torch_weights: bool = False  # also write the torch backend's weights (builder/torch_weights.py)
+    projector_precision: str | None = None  # None: as `precision`; "fp8": FP8 QDQ projector (builder/fp8_qdq.py)
+    fp8_format: str | None = None  # e4m3 (default) | e5m2, for the fp8 LLM and/or projector
 
     def validate(self) -> BuildOptions:
         def one_of(name, value, allowed):
@@ -82,11 +86,33 @@ class BuildOptions:
         if self.group_size not in (32, 64, 128, 256):
             raise VilaEdgeError(f"--group-size {self.group_size} is not one of: 32, 64, 128, 256")
         self.awq_calibration()
+        self._check_fp8()
         if self.awq_grid < 1:
             raise VilaEdgeError(f"--awq-grid {self.awq_grid} must be at least 1")
         if not self.trt_workspace_gb > 0:
             raise VilaEdgeError(f"--trt-workspace-gb {self.trt_workspace_gb} must be positive")
         return self
+
+    def _check_fp8(self) -> None:
+        fp8_llm, fp8_projector = self.llm_precision == "fp8", self.projector_precision == "fp8"
+        if self.projector_precision is not None and not fp8_projector:
+            raise VilaEdgeError(f"--projector-precision {self.projector_precision!r} is not one of: fp8 "
+                                "(leave it out for the vision graphs' --precision)")
+        if self.fp8_format is not None and self.fp8_format not in FP8_FORMATS:
+            raise VilaEdgeError(f"--fp8-format {self.fp8_format!r} is not one of: {', '.join(FP8_FORMATS)}")
+        if self.fp8_format is not None and not (fp8_llm or fp8_projector):
+            raise VilaEdgeError(f"--fp8-format {self.fp8_format} needs --llm-precision fp8 or --projector-precision fp8")
+        if fp8_projector and self.precision != "fp32":
+            raise VilaEdgeError(f"--projector-precision fp8 needs --precision fp32 (got {self.precision}): the FP8 "
+                                "QDQ projector takes fp32 features")
+        if fp8_llm and self.torch_weights:
+            raise VilaEdgeError("--torch-weights writes int4 weights: build it with --llm-precision int4, "
+                                "not fp8")
+
+    @property
+    def fp8(self) -> str:
+        """The FP8 format of the fp8 parts."""
+        return self.fp8_format or "e4m3"
 
     def awq_calibration(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of --awq-calib NxL."""
@@ -101,8 +127,9 @@ class BuildOptions:
     def export_key(self) -> dict:
         """The options that decide what the export stage writes."""
         d = dataclasses.asdict(self)
-        if not d["torch_weights"]:  # directories built before the option existed stay up to date
-            del d["torch_weights"]
+        for key in ("torch_weights", "projector_precision", "fp8_format"):
+            if not d[key]:  # directories built before the option existed stay up to date
+                del d[key]
         return {k: v for k, v in d.items() if not k.startswith("trt_")}
 
     def engines_key(self) -> dict:
@@ -274,6 +301,8 @@ def make_plan(ckpt, out: Path, options: BuildOptions, stage: str, *, engines_her
             n_tower * wb, 4 * n_full + 8 * n_tower)
         add("export", f"projector -> ONNX ({options.precision})", f"vision/projector.{options.precision}.onnx",
             n_proj * wb, 4 * n_proj * 3)
+        if options.projector_precision == "fp8":
+            add("export", f"projector -> FP8 {options.fp8} QDQ", "vision/projector.fp8.onnx", n_proj * 1.05, 4 * n_proj * 3)
         if combined:
             add("export", "tower+projector -> ONNX (TensorRT-LLM naming)", f"vision/combined.{options.precision}.onnx",
                 (n_tower + n_proj) * wb, 4 * n_full + 8 * (n_tower + n_proj))
@@ -286,11 +315,13 @@ def make_plan(ckpt, out: Path, options: BuildOptions, stage: str, *, engines_her
         if options.skip_llm:
             pass
         else:
-            bits = {"int4": 4.25, "int8": 8.5, "fp16": 16, "fp32": 32}[options.llm_precision]
+            bits = {"int4": 4.25, "int8": 8.5, "fp8": 8.0, "fp16": 16, "fp32": 32}[options.llm_precision]
             h = cfg.llm.hidden_size
             embed = cfg.llm.vocab_size * h * 2
             add("export", f"LLM -> ONNX ({options.llm_precision}"
-                + (f", {options.llm_quant} g{options.group_size})" if options.llm_precision in ("int4", "int8") else ")"),
+                + (f", {options.llm_quant} g{options.group_size})" if options.llm_precision in ("int4", "int8")
+                   else f" {options.fp8}, 128x128 weight / 1x128 activation scales)" if options.llm_precision == "fp8"
+                   else ")"),
                 f"{LLM_DIR}/", n_llm * bits / 8 + embed, n_llm * 2 * 1.5 + n_llm * (4 if options.llm_precision == "fp32" else 0))
     if stage == "engines" or (stage == "all" and engines_here):
         tiles, chunks = tile_batch_profile(cfg), chunk_batch_profile(cfg)
@@ -389,6 +420,16 @@ def _export_vision(ckpt, tmp: Path, options: BuildOptions, threads: int | None, 
     del tower, projector
     gc.collect()
     tiles = vo.sample_tiles(cfg, n=2)
+    if options.projector_precision == "fp8":
+        from vila_edge.builder.fp8_qdq import quantize_graph_linears
+
+        with rep.step(f"projector -> FP8 {options.fp8} QDQ (128x128 weight, 1x128 activation scales)"):
+            dst = vdir / "projector.fp8.onnx"
+            meta = quantize_graph_linears(fp32_paths["projector"], dst, options.fp8)
+            stats = vo.compare_graphs(fp32_paths["projector"], dst, vo.example_input("projector", geom, 2).numpy(),
+                                      threads)
+            checks["projector_fp8_vs_fp32"] = {**stats, "input": "2 random feature chunks", **meta}
+            files["projector"]["fp8"] = dst.relative_to(tmp).as_posix()
     if options.precision == "fp16":
         for name, src in fp32_paths.items():
             with rep.step(f"{name} -> fp16"):
@@ -462,7 +503,8 @@ def _build_llm(ckpt, tmp: Path, options: BuildOptions, threads: int | None, rep:
         samples, seqlen = options.awq_calibration()
         info = build_llm_onnx(src, out, precision=options.llm_precision, quant=options.llm_quant,
                               group_size=options.group_size, calib_path=None, threads=threads, progress=rep.enabled,
-                              calib_samples=samples, calib_seqlen=seqlen, awq_grid=options.awq_grid)
+                              calib_samples=samples, calib_seqlen=seqlen, awq_grid=options.awq_grid,
+                              fp8_format=options.fp8)
     return _relativize(dict(info or {}), out)
 
 

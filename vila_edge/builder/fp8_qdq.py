@@ -152,3 +152,64 @@ class QdqGraph:
         return self.node("Slice", f"{base}/Slice", [flat, self._constant("zero_i64", np.array([0], i64)),
                                                      self._constant(f"k_{k}", np.array([k], i64)),
                                                      self._constant("last_axis", np.array([-1], i64))])
+
+
+def quantize_linear_inputs(model, fmt: str, include: Callable[[str], bool] = lambda name: True) -> None:
+    """PyTorch oracle side: every ``nn.Linear`` of ``model`` whose name passes ``include`` sees its input
+    quantized per token and 128 columns (``kernels_ref.fp8_qdq_act_ref``), as the QDQ graph's activations are."""
+    import torch
+
+    from vila_edge.kernels_ref import fp8_qdq_act_ref
+
+    def hook(module, args):
+        x = args[0]
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).numpy()
+        return (torch.from_numpy(fp8_qdq_act_ref(flat, fmt)).reshape(x.shape).to(x.dtype),)
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and include(name):
+            module.register_forward_pre_hook(hook)
+
+
+def quantize_graph_linears(src, dst, fmt: str, activations: str = "dynamic") -> dict:
+    """Rewrite the ONNX graph at ``src`` (e.g. the fp32 projector) into ``dst`` with every ``MatMul`` by a
+    2-D float initializer (``x [.., K] @ W^T [K, N]``, 3-D ``x``) as an FP8 QDQ linear. Returns what changed."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src), load_external_data=True)
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    nodes, added, replaced = [], [], []
+
+    def node(op, name, inputs, outputs=None, domain="", **attrs):
+        outputs = outputs or [f"{name}/output_0"]
+        nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs[0]
+
+    qdq = QdqGraph(node, lambda name, array: added.append(numpy_helper.from_array(array, name)), fmt, activations)
+    for original in graph.node:
+        weight = initializers.get(original.input[1]) if original.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+            nodes.append(original)
+            continue
+        base = original.name or f"/fp8/linear_{len(replaced)}"
+        w = numpy_helper.to_array(weight).T.astype(np.float32)  # MatMul's [K, N] -> [N, K]
+        out = qdq.linear(base, f"{weight.name}.fp8", original.input[0], FloatLinear(w))
+        node("Identity", f"{base}/fp8_out", [out], [original.output[0]])
+        replaced.append(weight.name)
+    if not replaced:
+        raise ValueError(f"{src}: no MatMul with a constant 2-D weight to quantize")
+    used = {name for n in nodes for name in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep + added)
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 21 for o in model.opset_import):
+        for o in model.opset_import:  # blocked DequantizeLinear needs opset 21
+            if o.domain in ("", "ai.onnx"):
+                o.version = 21
+    onnx.save_model(model, str(dst))
+    return {"format": fmt, "activations": activations, "linears": len(replaced), "weight_block": [BLOCK, BLOCK],
+            "activation_block": [1, BLOCK] if activations == "dynamic" else None}

@@ -146,7 +146,10 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
                 raise ValueError(f"{decoder_dir}: graph weights the model does not have: {sorted(unknown)}")
             model.load_state_dict(graph, strict=False)
             if (info.get("fp8") or {}).get("activations") == "dynamic":
-                quantize_linear_inputs(model, info["fp8"]["format"])
+                from vila_edge.builder.fp8_qdq import quantize_linear_inputs
+
+                # the decoder layers' linears see FP8 inputs; the lm_head's stay float
+                quantize_linear_inputs(model, info["fp8"]["format"], include=lambda name: ".layers." in f".{name}")
             return model
     head = info.get("lm_head", {})
     if head.get("quant", "").startswith("builder-"):
@@ -164,24 +167,6 @@ def reference_model(awq_or_float_dir: Path | str, info: dict, decoder_dir: Path 
         else:
             model.get_output_embeddings().weight.data = weight
     return model
-
-
-def quantize_linear_inputs(model, fmt: str) -> None:
-    """Make every decoder-layer ``nn.Linear`` of ``model`` see its input FP8-quantized per token and 128
-    columns (``kernels_ref.fp8_qdq_act_ref``), as the FP8 W8A8 decoder's QDQ nodes do; the lm_head keeps
-    float inputs."""
-    import torch
-
-    from vila_edge.kernels_ref import fp8_qdq_act_ref
-
-    def hook(module, args):
-        x = args[0]
-        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).numpy()
-        return (torch.from_numpy(fp8_qdq_act_ref(flat, fmt)).reshape(x.shape).to(x.dtype),)
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
-            module.register_forward_pre_hook(hook)
 
 
 def matmulnbits_parts(node, initializers) -> dict:
