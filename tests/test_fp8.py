@@ -99,6 +99,7 @@ def test_fp8_decoder_matches_pytorch_running_the_dequantized_weights(tmp_path, t
     token's K/V carries it into later steps: the prefill within 1e-5, the median step within 1e-4, every
     step within 5e-2, and the greedy tokens identical."""
     from test_llm_builder import ort_greedy, torch_greedy
+
     from vila_edge.builder.llm_onnx import build_llm_onnx, dequantized_weights, reference_model
     from vila_edge.builder.tensor_stream import SafetensorsReader
 
