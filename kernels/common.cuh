@@ -162,6 +162,46 @@ VILA_DEVICE_INLINE u8 f32_to_e4m3_satfinite(float x) {
     return (u8)(sign | q);
 }
 
+// fp32 -> FP8 E5M2 (OCP: bias 15, max 57344, S.11111.00 = inf, S.11111.xx = NaN), round to
+// nearest even, saturating to +-57344 (like cvt.rn.satfinite.e5m2x2.f32). Same scheme as e4m3.
+VILA_DEVICE_INLINE u8 f32_to_e5m2_satfinite(float x) {
+    const u32 u = f32_bits(x);
+    const u32 sign = (u >> 24) & 0x80u;
+    const u32 a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (u8)(sign | 0x7Fu);   // NaN stays NaN
+    if (a >= 0x47600000u) return (u8)(sign | 0x7Bu);  // |x| >= 57344 (incl. inf): saturate
+    if (a < 0x00800000u) return (u8)sign;             // fp32 zero/subnormal: far below 2^-17
+    const int e32 = (int)(a >> 23) - 127;
+    const u32 sig = (a & 0x7FFFFFu) | 0x800000u;
+    u32 q, rem, half;
+    if (e32 >= -14) {
+        // Normal e5m2: keep 2 mantissa bits, i.e. drop 21 bits of the fp32 mantissa.
+        q = ((u32)(e32 + 15) << 2) | ((sig >> 21) & 3u);
+        rem = sig & 0x1FFFFFu;
+        half = 0x100000u;
+    } else {
+        // Subnormal e5m2: value = m * 2^-16, m = RNE(sig * 2^(e32 - 23 + 16)) = sig >> (7 - e32).
+        const int shift = 7 - e32;                    // >= 22
+        if (shift > 25) return (u8)sign;              // < 2^-18 < half of the smallest subnormal
+        q = sig >> shift;
+        rem = sig & ((1u << shift) - 1u);
+        half = 1u << (shift - 1);
+    }
+    if (rem > half || (rem == half && (q & 1u))) q += 1u;
+    return (u8)(sign | q);
+}
+
+// The FP8 format a kernel is instantiated for: E5M2 = true, E4M3 = false.
+template <bool E5M2>
+VILA_DEVICE_INLINE u8 f32_to_fp8_satfinite(float x) {
+    return E5M2 ? f32_to_e5m2_satfinite(x) : f32_to_e4m3_satfinite(x);
+}
+
+template <bool E5M2>
+VILA_DEVICE_INLINE float fp8_max() {
+    return E5M2 ? 57344.0f : 448.0f;
+}
+
 // Two E4M3 bytes (low byte first) -> fp16x2 of the SAME values, exactly. An e4m3 byte
 // s.eeee.mmm read as the fp16 bit pattern s.0eeee.mmm0000000 is the value * 2^-8 (also for
 // e4m3 subnormals, which land on fp16 subnormals), so one multiply by 256 restores it. sm_87 has
@@ -181,6 +221,17 @@ VILA_DEVICE_INLINE u32 e4m3x2_to_f16x2(u32 two_bytes) {
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h2), "r"(k256));
     return r;
 #endif
+}
+
+// Two E5M2 bytes (low byte first) -> fp16x2, exactly: an e5m2 byte is the high byte of the fp16
+// of the same value (same sign, exponent width and bias; fp16 has 8 more mantissa bits).
+VILA_DEVICE_INLINE u32 e5m2x2_to_f16x2(u32 two_bytes) {
+    return ((two_bytes & 0xFFu) << 8) | ((two_bytes & 0xFF00u) << 16);
+}
+
+template <bool E5M2>
+VILA_DEVICE_INLINE u32 fp8x2_to_f16x2(u32 two_bytes) {
+    return E5M2 ? e5m2x2_to_f16x2(two_bytes) : e4m3x2_to_f16x2(two_bytes);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -247,6 +298,32 @@ VILA_DEVICE_INLINE void mma_e4m3_16832(float d[4], const u32 a[4], const u32 b[2
     (void)b;
     asm volatile("trap;");
 #endif
+}
+
+VILA_DEVICE_INLINE void mma_e5m2_16832(float d[4], const u32 a[4], const u32 b[2]) {
+#if defined(VILA_HOST_SIM)
+    sim_mma_e5m2_16832(d, a, b);
+#elif VILA_ARCH_HAS_FP8_MMA
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e5m2.e5m2.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    (void)d;
+    (void)a;
+    (void)b;
+    asm volatile("trap;");
+#endif
+}
+
+template <bool E5M2>
+VILA_DEVICE_INLINE void mma_fp8_16832(float d[4], const u32 a[4], const u32 b[2]) {
+    if (E5M2) {
+        mma_e5m2_16832(d, a, b);
+    } else {
+        mma_e4m3_16832(d, a, b);
+    }
 }
 
 // Warp max-reduction of a float (all lanes get the result).

@@ -1,12 +1,14 @@
-// FP8 E4M3 linear layers with block scaling: Y[M,N] = X[M,K] W[N,K]^T.
+// FP8 linear layers (OCP E4M3 or E5M2) with block scaling: Y[M,N] = X[M,K] W[N,K]^T.
 //
 // Scales (fp32): activations per 1x128 block, sx[M, KB]; weights per 128x128 block, sw[NB, KB],
-// KB = ceil(K/128), NB = ceil(N/128); value = e4m3 * scale. Output fp16 or bf16, row-major.
+// KB = ceil(K/128), NB = ceil(N/128); value = fp8 * scale. Output fp16 or bf16, row-major.
+// Every kernel exists for E4M3 (the names below) and E5M2 (the same names + "_e5m2"): one template
+// over the format (its fp32 -> fp8 conversion, max 448 | 57344, MMA type and fp16 widening).
 // Requirements (checked on the host): K % 16 == 0, all buffers 16-byte aligned and contiguous.
 //
 // Kernels:
-//   fp8_quantize_act_{f16,bf16}   X (fp16|bf16) -> Xq (e4m3) + sx, scale = max(amax/448, 1e-10)
-//   fp8_gemm_w8a8_{f16,bf16}out   sm_89/sm_90: FP8 tensor-core MMA (mma.sync m16n8k32 e4m3)
+//   fp8_quantize_act_{f16,bf16}   X (fp16|bf16) -> Xq (fp8) + sx, scale = max(amax/fp8_max, 1e-10)
+//   fp8_gemm_w8a8_{f16,bf16}out   sm_89/sm_90: FP8 tensor-core MMA (mma.sync m16n8k32 e4m3|e5m2)
 //   fp8_gemm_wonly_{f16,bf16}out  any sm_80+ (the sm_87 path): fp16 X, FP8 weights converted to
 //                                 fp16 in registers, fp16 MMA (m16n8k16)
 //
@@ -29,7 +31,7 @@ extern "C" __device__ int vila_fp8_mma_available = VILA_ARCH_HAS_FP8_MMA;
 // ------------------------------------------------------------------------------------------
 // Activation quantization: one warp per (row, 128-wide K block), 4 elements per lane.
 // ------------------------------------------------------------------------------------------
-template <bool IN_BF16>
+template <bool IN_BF16, bool E5M2>
 VILA_DEVICE_INLINE void quantize_act_body(const u16* __restrict__ x, u8* __restrict__ xq,
                                           float* __restrict__ sx, int M, int K) {
     const int KB = (K + 127) / 128;
@@ -57,28 +59,26 @@ VILA_DEVICE_INLINE void quantize_act_body(const u16* __restrict__ x, u8* __restr
         amax = a > amax ? a : amax;
     }
     amax = warp_max(amax);
-    float scale = amax / 448.0f;
+    float scale = amax / fp8_max<E5M2>();
     if (!(scale >= 1e-10f)) scale = 1e-10f;  // floor (an all-zero block gets scale 1e-10)
     if (valid) {
         u32 packed = 0;
         VILA_UNROLL
-        for (int i = 0; i < 4; ++i) packed |= (u32)f32_to_e4m3_satfinite(v[i] / scale) << (8 * i);
+        for (int i = 0; i < 4; ++i) packed |= (u32)f32_to_fp8_satfinite<E5M2>(v[i] / scale) << (8 * i);
         *reinterpret_cast<u32*>(xq + m * K + k) = packed;
     }
     if (lane == 0) sx[m * KB + kb] = scale;
 }
 
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)
-    fp8_quantize_act_f16(const u16* __restrict__ x, u8* __restrict__ xq, float* __restrict__ sx,
-                         int M, int K) {
-    quantize_act_body<false>(x, xq, sx, M, K);
-}
-
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)
-    fp8_quantize_act_bf16(const u16* __restrict__ x, u8* __restrict__ xq, float* __restrict__ sx,
-                          int M, int K) {
-    quantize_act_body<true>(x, xq, sx, M, K);
-}
+#define VILA_FP8_QUANTIZE_ACT(NAME, IN_BF16, E5M2)                                                   \
+    extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)                                          \
+        NAME(const u16* __restrict__ x, u8* __restrict__ xq, float* __restrict__ sx, int M, int K) {   \
+        quantize_act_body<IN_BF16, E5M2>(x, xq, sx, M, K);                                             \
+    }
+VILA_FP8_QUANTIZE_ACT(fp8_quantize_act_f16, false, false)
+VILA_FP8_QUANTIZE_ACT(fp8_quantize_act_bf16, true, false)
+VILA_FP8_QUANTIZE_ACT(fp8_quantize_act_f16_e5m2, false, true)
+VILA_FP8_QUANTIZE_ACT(fp8_quantize_act_bf16_e5m2, true, true)
 
 // ------------------------------------------------------------------------------------------
 // Shared helpers for the GEMMs.
@@ -133,7 +133,7 @@ constexpr int SMEM_BYTES = 2 * STAGE_BYTES;  // 81920: needs the > 48 KiB opt-in
 static_assert(SMEM_BYTES <= 99 * 1024, "must fit sm_89's 99 KiB per-block shared memory limit");
 }  // namespace w8a8
 
-template <bool OUT_BF16>
+template <bool OUT_BF16, bool E5M2>
 VILA_DEVICE_INLINE void gemm_w8a8_body(const u8* __restrict__ xq, const float* __restrict__ sx,
                                        const u8* __restrict__ wq, const float* __restrict__ sw,
                                        u16* __restrict__ y, int M, int N, int K) {
@@ -219,7 +219,7 @@ VILA_DEVICE_INLINE void gemm_w8a8_body(const u8* __restrict__ xq, const float* _
             VILA_UNROLL
             for (int mt = 0; mt < 4; ++mt)
                 VILA_UNROLL
-                for (int nt = 0; nt < 4; ++nt) mma_e4m3_16832(part[mt][nt], a[mt], b[nt]);
+                for (int nt = 0; nt < 4; ++nt) mma_fp8_16832<E5M2>(part[mt][nt], a[mt], b[nt]);
         }
 
         VILA_UNROLL
@@ -248,24 +248,21 @@ VILA_DEVICE_INLINE void gemm_w8a8_body(const u8* __restrict__ xq, const float* _
         }
 }
 
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)
-    fp8_gemm_w8a8_f16out(const u8* __restrict__ xq, const float* __restrict__ sx,
-                         const u8* __restrict__ wq, const float* __restrict__ sw,
-                         u16* __restrict__ y, int M, int N, int K) {
-    gemm_w8a8_body<false>(xq, sx, wq, sw, y, M, N, K);
-}
-
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)
-    fp8_gemm_w8a8_bf16out(const u8* __restrict__ xq, const float* __restrict__ sx,
-                          const u8* __restrict__ wq, const float* __restrict__ sw,
-                          u16* __restrict__ y, int M, int N, int K) {
-    gemm_w8a8_body<true>(xq, sx, wq, sw, y, M, N, K);
-}
+#define VILA_FP8_GEMM_W8A8(NAME, OUT_BF16, E5M2)                                                     \
+    extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)                                          \
+        NAME(const u8* __restrict__ xq, const float* __restrict__ sx, const u8* __restrict__ wq,         \
+             const float* __restrict__ sw, u16* __restrict__ y, int M, int N, int K) {                   \
+        gemm_w8a8_body<OUT_BF16, E5M2>(xq, sx, wq, sw, y, M, N, K);                                    \
+    }
+VILA_FP8_GEMM_W8A8(fp8_gemm_w8a8_f16out, false, false)
+VILA_FP8_GEMM_W8A8(fp8_gemm_w8a8_bf16out, true, false)
+VILA_FP8_GEMM_W8A8(fp8_gemm_w8a8_f16out_e5m2, false, true)
+VILA_FP8_GEMM_W8A8(fp8_gemm_w8a8_bf16out_e5m2, true, true)
 
 // ------------------------------------------------------------------------------------------
-// Weight-only (sm_87 path): fp16 X, e4m3 W. Block tile 64x128x128, 8 warps as 2 (M) x 4 (N),
-// warp tile 32x32 = 2x4 MMAs m16n8k16. The weight bytes are widened to fp16 exactly (e4m3 values
-// are representable in fp16), the 128x128 weight scale is applied per K step in fp32.
+// Weight-only (sm_87 path): fp16 X, fp8 W. Block tile 64x128x128, 8 warps as 2 (M) x 4 (N),
+// warp tile 32x32 = 2x4 MMAs m16n8k16. The weight bytes are widened to fp16 exactly (e4m3 and e5m2
+// values are representable in fp16), the 128x128 weight scale is applied per K step in fp32.
 // ------------------------------------------------------------------------------------------
 namespace wonly {
 constexpr int BM = 64, BN = 128, BK = 128, THREADS = 256;
@@ -276,7 +273,7 @@ constexpr int SMEM_BYTES = 2 * STAGE_BYTES;  // 73728: needs the > 48 KiB opt-in
 static_assert(SMEM_BYTES <= 99 * 1024, "must fit sm_89's 99 KiB per-block shared memory limit");
 }  // namespace wonly
 
-template <bool OUT_BF16>
+template <bool OUT_BF16, bool E5M2>
 VILA_DEVICE_INLINE void gemm_wonly_body(const u16* __restrict__ x, const u8* __restrict__ wq,
                                         const float* __restrict__ sw, u16* __restrict__ y, int M,
                                         int N, int K) {
@@ -346,8 +343,8 @@ VILA_DEVICE_INLINE void gemm_wonly_body(const u16* __restrict__ x, const u8* __r
             VILA_UNROLL
             for (int nt = 0; nt < 4; ++nt) {
                 const u32 v = *reinterpret_cast<const u32*>(Bs + (warp_n * 32 + nt * 8 + g) * LDB + kk * 16 + t * 4);
-                b[nt][0] = e4m3x2_to_f16x2(v & 0xFFFFu);
-                b[nt][1] = e4m3x2_to_f16x2(v >> 16);
+                b[nt][0] = fp8x2_to_f16x2<E5M2>(v & 0xFFFFu);
+                b[nt][1] = fp8x2_to_f16x2<E5M2>(v >> 16);
             }
             VILA_UNROLL
             for (int mt = 0; mt < 2; ++mt)
@@ -378,14 +375,13 @@ VILA_DEVICE_INLINE void gemm_wonly_body(const u16* __restrict__ x, const u8* __r
         }
 }
 
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)
-    fp8_gemm_wonly_f16out(const u16* __restrict__ x, const u8* __restrict__ wq,
-                          const float* __restrict__ sw, u16* __restrict__ y, int M, int N, int K) {
-    gemm_wonly_body<false>(x, wq, sw, y, M, N, K);
-}
-
-extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)
-    fp8_gemm_wonly_bf16out(const u16* __restrict__ x, const u8* __restrict__ wq,
-                           const float* __restrict__ sw, u16* __restrict__ y, int M, int N, int K) {
-    gemm_wonly_body<true>(x, wq, sw, y, M, N, K);
-}
+#define VILA_FP8_GEMM_WONLY(NAME, OUT_BF16, E5M2)                                                    \
+    extern "C" __global__ void VILA_GLOBAL_LAUNCH_BOUNDS(256)                                          \
+        NAME(const u16* __restrict__ x, const u8* __restrict__ wq, const float* __restrict__ sw,         \
+             u16* __restrict__ y, int M, int N, int K) {                                                 \
+        gemm_wonly_body<OUT_BF16, E5M2>(x, wq, sw, y, M, N, K);                                        \
+    }
+VILA_FP8_GEMM_WONLY(fp8_gemm_wonly_f16out, false, false)
+VILA_FP8_GEMM_WONLY(fp8_gemm_wonly_bf16out, true, false)
+VILA_FP8_GEMM_WONLY(fp8_gemm_wonly_f16out_e5m2, false, true)
+VILA_FP8_GEMM_WONLY(fp8_gemm_wonly_bf16out_e5m2, true, true)

@@ -250,16 +250,21 @@ def test_sim_conversions_match_numpy(sim):
                         (rng.standard_normal(100_000) * 50).astype(np.float32)])
     x = x[np.isfinite(x)]
     assert np.array_equal(sim.convert(0, x, np.uint8), R.e4m3_encode(x))  # f32_to_e4m3_satfinite
+    assert np.array_equal(sim.convert(5, x, np.uint8), R.fp8_encode(x, "e5m2"))  # f32_to_e5m2_satfinite
     with np.errstate(over="ignore"):
         assert np.array_equal(sim.convert(1, x, np.uint16), x.astype(np.float16).view(np.uint16))
     assert np.array_equal(sim.convert(2, x, np.uint16), _bf16_bits(x))
-    pairs = np.arange(65536, dtype=np.uint32).astype(np.uint16)  # e4m3 byte pairs -> fp16x2
-    h2 = sim.convert(4, pairs, np.uint32)
-    for half, byte in ((h2 & 0xFFFF, pairs & 0xFF), (h2 >> 16, pairs >> 8)):
-        got = half.astype(np.uint16).view(np.float16).astype(np.float32)
-        want = R.E4M3_VALUES[byte]
-        ok = np.isfinite(want)
-        assert np.array_equal(got[ok], want[ok])
+    pairs = np.arange(65536, dtype=np.uint32).astype(np.uint16)  # fp8 byte pairs -> fp16x2
+    for op, fmt in ((4, "e4m3"), (6, "e5m2")):
+        h2 = sim.convert(op, pairs, np.uint32)
+        for half, byte in ((h2 & 0xFFFF, pairs & 0xFF), (h2 >> 16, pairs >> 8)):
+            got = half.astype(np.uint16).view(np.float16).astype(np.float32)
+            want = R.FP8_VALUES[fmt][byte]
+            ok = np.isfinite(want)
+            assert np.array_equal(got[ok], want[ok])
+        if fmt == "e5m2":  # infinities too (e5m2 has them; the kernels never produce them: satfinite)
+            inf = np.isinf(R.FP8_VALUES[fmt][pairs & 0xFF])
+            assert np.array_equal((h2 & 0xFFFF)[inf].astype(np.uint16).view(np.float16), R.FP8_VALUES[fmt][pairs & 0xFF][inf])
 
 
 S2_CASES = [
@@ -308,28 +313,31 @@ def test_sim_s2_merge_raw_pointers(sim):
     assert _bits_equal(out, want)
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("M,N,Kd", [(37, 200, 272), (130, 136, 128), (5, 8, 16)])
-def test_sim_fp8_quantize_and_gemms(sim, M, N, Kd):
+def test_sim_fp8_quantize_and_gemms(sim, M, N, Kd, fmt):
     rng = np.random.default_rng(M + N + Kd)
     x = (rng.standard_normal((M, Kd)) * 3).astype(np.float16)
     x[0, : min(Kd, 128)] = 0  # an all-zero block gets the 1e-10 scale floor
     w = rng.standard_normal((N, Kd)).astype(np.float32) * 0.05
     xq = np.full((M, Kd), 0xAA, np.uint8)
     xs = np.full(K.fp8_scale_shape(M, Kd), np.nan, np.float32)
-    K.fp8_quantize(HostCAI(x), HostCAI(xq), HostCAI(xs))
-    rq, rs = R.fp8_quantize_act_ref(x)
+    K.fp8_quantize(HostCAI(x), HostCAI(xq), HostCAI(xs), fmt=fmt)
+    rq, rs = R.fp8_quantize_act_ref(x, fmt)
     assert np.array_equal(xq, rq) and np.array_equal(xs, rs)  # bit exact
 
-    wq, ws = R.fp8_quantize_weight_ref(w)
-    ref = R.fp8_gemm_ref(rq, rs, wq, ws)
+    wq, ws = R.fp8_quantize_weight_ref(w, fmt)
+    ref = R.fp8_gemm_ref(rq, rs, wq, ws, fmt)
     out = np.full((M, N), np.nan, np.float16)
-    K.fp8_gemm(HostCAI(xq), HostCAI(xs), HostCAI(wq), HostCAI(ws), HostCAI(out))
+    K.fp8_gemm(HostCAI(xq), HostCAI(xs), HostCAI(wq), HostCAI(ws), HostCAI(out), fmt=fmt)
+    assert sim.launches[-1][0] == ("fp8_gemm_w8a8_f16out" if fmt == "e4m3" else "fp8_gemm_w8a8_f16out_e5m2")
     assert not np.isnan(out).any()
     assert np.abs(out.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
 
-    ref_wo = R.fp8_gemm_weight_only_ref(x, wq, ws)
+    ref_wo = R.fp8_gemm_weight_only_ref(x, wq, ws, fmt)
     out_bf = np.full((M, N), 0xFFFF, np.uint16)  # bf16 output (NaN pattern), passed as raw pointer
-    K.fp8_gemm_weight_only(HostCAI(x), HostCAI(wq), HostCAI(ws), out_bf.ctypes.data, out_dtype="bfloat16")
+    K.fp8_gemm_weight_only(HostCAI(x), HostCAI(wq), HostCAI(ws), out_bf.ctypes.data, out_dtype="bfloat16",
+                           fmt=fmt)
     got = _bf16_to_f32(out_bf)
     assert not np.isnan(got).any()
     assert np.abs(got - ref_wo).max() <= 1e-2 * np.abs(ref_wo).max()
@@ -347,17 +355,20 @@ def test_sim_fp8_quantize_bf16_input(sim):
     assert sim.launches[-1][0] == "fp8_quantize_act_bf16"
 
 
-@pytest.mark.parametrize("cc,kernel", [((8, 9), "fp8_gemm_w8a8_f16out"), ((8, 7), "fp8_gemm_wonly_f16out")])
-def test_sim_fp8_linear_picks_path_per_sm(sim, cc, kernel):
+@pytest.mark.parametrize("cc,kernel,fmt", [((8, 9), "fp8_gemm_w8a8_f16out", "e4m3"),
+                                            ((8, 7), "fp8_gemm_wonly_f16out", "e4m3"),
+                                            ((8, 9), "fp8_gemm_w8a8_f16out_e5m2", "e5m2"),
+                                            ((8, 7), "fp8_gemm_wonly_f16out_e5m2", "e5m2")])
+def test_sim_fp8_linear_picks_path_per_sm(sim, cc, kernel, fmt):
     sim.cc = cc
     rng = np.random.default_rng(11)
     w = rng.standard_normal((136, 144)).astype(np.float32) * 0.1
     x = rng.standard_normal((20, 144)).astype(np.float16)
-    lin = K.Fp8Linear(w)
+    lin = K.Fp8Linear(w, fmt=fmt)
     out = np.full((20, 136), np.nan, np.float16)
     lin(HostCAI(x), HostCAI(out))
     assert sim.launches[-1][0] == kernel
-    want = R.fp8_linear_ref(x.astype(np.float32), w, weight_only=cc < (8, 9))
+    want = R.fp8_linear_ref(x.astype(np.float32), w, weight_only=cc < (8, 9), fmt=fmt)
     assert np.abs(out.astype(np.float32) - want).max() <= 2e-3 * np.abs(want).max()
     lin.close()
 

@@ -93,12 +93,12 @@ def kernels_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 # Array arguments
 # ---------------------------------------------------------------------------------------------
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1, "float8_e4m3fn": 1}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 _TYPESTR = {"<f2": "float16", "<f4": "float32", "|u1": "uint8", "<u1": "uint8", "|i1": "int8", "<i1": "int8"}
-# DLPack (code, bits) -> dtype; kDLInt=0, kDLUInt=1, kDLFloat=2, kDLBfloat=4, kDLFloat8_e4m3fn=10
+# DLPack (code, bits) -> dtype; kDLInt=0, kDLUInt=1, kDLFloat=2, kDLBfloat=4, kDLFloat8_e4m3fn=10, kDLFloat8_e5m2=12
 _DLPACK_DTYPES = {(2, 16): "float16", (2, 32): "float32", (4, 16): "bfloat16", (1, 8): "uint8", (0, 8): "int8",
-                  (10, 8): "float8_e4m3fn"}
-_FP8_STORAGE = ("uint8", "int8", "float8_e4m3fn")  # accepted for e4m3 bytes
+                  (10, 8): "float8_e4m3fn", (12, 8): "float8_e5m2"}
+_FP8_STORAGE = ("uint8", "int8", "float8_e4m3fn", "float8_e5m2")  # accepted for fp8 bytes (the format is `fmt`)
 _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 2, 3, 13
 
 
@@ -124,7 +124,8 @@ class DeviceArray:
 
     @property
     def __cuda_array_interface__(self) -> dict:
-        typestr = {"float16": "<f2", "float32": "<f4", "uint8": "|u1", "int8": "|i1", "float8_e4m3fn": "|u1"}
+        typestr = {"float16": "<f2", "float32": "<f4", "uint8": "|u1", "int8": "|i1", "float8_e4m3fn": "|u1",
+                   "float8_e5m2": "|u1"}
         if self.dtype not in typestr:
             raise TypeError(f"{self.dtype} has no __cuda_array_interface__ typestr")
         return {"shape": self.shape, "typestr": typestr[self.dtype], "data": (self.ptr, self.readonly),
@@ -675,6 +676,12 @@ def fp8_scale_shape(rows: int, k: int, *, weight: bool = False) -> tuple[int, in
     return (-(-rows // BLOCK), kb) if weight else (rows, kb)
 
 
+def _fp8_kernel(name: str, fmt: str) -> str:
+    """The kernel of format ``fmt``: E4M3 kernels have the plain names, E5M2 ones end in ``_e5m2``."""
+    kernels_ref.fp8_format(fmt)
+    return name if fmt == "e4m3" else f"{name}_e5m2"
+
+
 def _check_k(K: int, name: str) -> None:
     if K <= 0 or K % 16:
         raise ValueError(f"{name}: K (= {K}) must be a positive multiple of 16")
@@ -690,9 +697,9 @@ def _resolve(name: str, *candidates: int | None) -> int:
 
 
 def fp8_quantize(x: Any, xq: Any, x_scales: Any, *, m: int | None = None, k: int | None = None,
-                 x_dtype: str = "float16", stream: Any = 0) -> None:
-    """``x`` fp16/bf16 ``[M, K]`` -> ``xq`` e4m3 bytes ``[M, K]`` (uint8) and ``x_scales`` fp32
-    ``[M, ceil(K/128)]`` (``scale = max(amax/448, 1e-10)`` per 1x128 block). K % 16 == 0."""
+                 x_dtype: str = "float16", fmt: str = "e4m3", stream: Any = 0) -> None:
+    """``x`` fp16/bf16 ``[M, K]`` -> ``xq`` FP8 bytes ``[M, K]`` (uint8; ``fmt`` e4m3 | e5m2) and ``x_scales``
+    fp32 ``[M, ceil(K/128)]`` (``scale = max(amax/fp8_max, 1e-10)`` per 1x128 block). K % 16 == 0."""
     xs, qs = _dims(x, "x", 2), _dims(xq, "xq", 2)
     M = _resolve("M", m, xs and xs[0], qs and qs[0])
     K = _resolve("K", k, xs and xs[1], qs and qs[1])
@@ -703,7 +710,7 @@ def fp8_quantize(x: Any, xq: Any, x_scales: Any, *, m: int | None = None, k: int
     items = M * fp8_scale_shape(M, K)[1]
     if items == 0:
         return
-    kernel = "fp8_quantize_act_bf16" if xa.dtype == "bfloat16" else "fp8_quantize_act_f16"
+    kernel = _fp8_kernel("fp8_quantize_act_bf16" if xa.dtype == "bfloat16" else "fp8_quantize_act_f16", fmt)
     grid = (-(-items // 8), 1, 1)
     _launch([xa, qa, sa], "fp8_gemm", kernel, grid, (256, 1, 1), 0,
             [_ptr(xa), _ptr(qa), _ptr(sa), ctypes.c_int(M), ctypes.c_int(K)], stream)
@@ -717,8 +724,9 @@ def _gemm_grid(M: int, N: int, bm: int) -> tuple[int, int, int]:
 
 
 def fp8_gemm(xq: Any, x_scales: Any, wq: Any, w_scales: Any, out: Any, *, m: int | None = None,
-             n: int | None = None, k: int | None = None, out_dtype: str = "float16", stream: Any = 0) -> None:
-    """W8A8: ``out[M, N] = dequant(xq, x_scales) @ dequant(wq, w_scales)^T`` (fp16/bf16 out).
+             n: int | None = None, k: int | None = None, out_dtype: str = "float16", fmt: str = "e4m3",
+             stream: Any = 0) -> None:
+    """W8A8: ``out[M, N] = dequant(xq, x_scales) @ dequant(wq, w_scales)^T`` (fp16/bf16 out; both operands ``fmt``).
     FP8 tensor cores: needs sm_89+ (raises ``KernelsUnavailableError`` on older GPUs)."""
     xs, ws, os_ = _dims(xq, "xq", 2), _dims(wq, "wq", 2), _dims(out, "out", 2)
     M = _resolve("M", m, xs and xs[0], os_ and os_[0])
@@ -736,15 +744,16 @@ def fp8_gemm(xq: Any, x_scales: Any, wq: Any, w_scales: Any, out: Any, *, m: int
     device = backend.device_of([xa, oa])
     if not backend.fp8_mma_supported(device):
         raise KernelsUnavailableError("fp8_gemm needs FP8 tensor cores (sm_89+); use fp8_gemm_weight_only")
-    kernel = "fp8_gemm_w8a8_bf16out" if oa.dtype == "bfloat16" else "fp8_gemm_w8a8_f16out"
+    kernel = _fp8_kernel("fp8_gemm_w8a8_bf16out" if oa.dtype == "bfloat16" else "fp8_gemm_w8a8_f16out", fmt)
     _launch([xa, oa], "fp8_gemm", kernel, _gemm_grid(M, N, 128), (256, 1, 1), _W8A8_SMEM,
             [_ptr(xa), _ptr(sxa), _ptr(wa), _ptr(swa), _ptr(oa), ctypes.c_int(M), ctypes.c_int(N), ctypes.c_int(K)],
             stream)
 
 
 def fp8_gemm_weight_only(x: Any, wq: Any, w_scales: Any, out: Any, *, m: int | None = None, n: int | None = None,
-                         k: int | None = None, out_dtype: str = "float16", stream: Any = 0) -> None:
-    """Weight-only FP8: ``out[M, N] = x @ dequant(wq, w_scales)^T`` with fp16 ``x`` (any sm_80+,
+                         k: int | None = None, out_dtype: str = "float16", fmt: str = "e4m3",
+                         stream: Any = 0) -> None:
+    """Weight-only FP8 (weights ``fmt``): ``out[M, N] = x @ dequant(wq, w_scales)^T`` with fp16 ``x`` (any sm_80+,
     the Jetson Orin path: FP8 weights widened to fp16 in-kernel, fp16 tensor cores)."""
     xs, ws, os_ = _dims(x, "x", 2), _dims(wq, "wq", 2), _dims(out, "out", 2)
     M = _resolve("M", m, xs and xs[0], os_ and os_[0])
@@ -757,14 +766,14 @@ def fp8_gemm_weight_only(x: Any, wq: Any, w_scales: Any, out: Any, *, m: int | N
     oa = _arg(out, "out", ("float16", "bfloat16"), (M, N), writable=True, align=4, raw_dtype=out_dtype)
     if M == 0 or N == 0:
         return
-    kernel = "fp8_gemm_wonly_bf16out" if oa.dtype == "bfloat16" else "fp8_gemm_wonly_f16out"
+    kernel = _fp8_kernel("fp8_gemm_wonly_bf16out" if oa.dtype == "bfloat16" else "fp8_gemm_wonly_f16out", fmt)
     _launch([xa, oa], "fp8_gemm", kernel, _gemm_grid(M, N, 64), (256, 1, 1), _WONLY_SMEM,
             [_ptr(xa), _ptr(wa), _ptr(swa), _ptr(oa), ctypes.c_int(M), ctypes.c_int(N), ctypes.c_int(K)], stream)
 
 
 def fp8_linear(x: Any, wq: Any, w_scales: Any, out: Any, *, workspace: tuple[Any, Any] | None = None,
-               mode: str = "auto", stream: Any = 0) -> None:
-    """``out = x @ W^T`` for a block-quantized FP8 weight, choosing the path for the GPU:
+               mode: str = "auto", fmt: str = "e4m3", stream: Any = 0) -> None:
+    """``out = x @ W^T`` for a block-quantized FP8 weight (format ``fmt``), choosing the path for the GPU:
     ``mode="w8a8"`` (quantize ``x`` into ``workspace = (xq uint8 [M,K], x_scales fp32 [M,KB])``, then
     the FP8-MMA GEMM; sm_89+), ``"weight_only"`` (fp16 ``x``; any sm_80+) or ``"auto"`` (w8a8 where
     the GPU has FP8 tensor cores, else weight-only)."""
@@ -777,17 +786,17 @@ def fp8_linear(x: Any, wq: Any, w_scales: Any, out: Any, *, workspace: tuple[Any
         backend = _backend()
         mode = "w8a8" if backend.fp8_mma_supported(backend.device_of([as_device_array(x, "x")])) else "weight_only"
     if mode == "weight_only":
-        fp8_gemm_weight_only(x, wq, w_scales, out, stream=stream)
+        fp8_gemm_weight_only(x, wq, w_scales, out, fmt=fmt, stream=stream)
         return
     if workspace is None or len(workspace) != 2:
         raise ValueError("workspace: w8a8 needs (xq uint8 [M, K], x_scales fp32 [M, ceil(K/128)]) buffers")
     xq, x_scales = workspace
-    fp8_quantize(x, xq, x_scales, stream=stream)
-    fp8_gemm(xq, x_scales, wq, w_scales, out, stream=stream)
+    fp8_quantize(x, xq, x_scales, fmt=fmt, stream=stream)
+    fp8_gemm(xq, x_scales, wq, w_scales, out, fmt=fmt, stream=stream)
 
 
 class Fp8Linear:
-    """A linear layer ``y = x @ W^T`` with ``W`` quantized once to FP8 E4M3 (128x128 blocks).
+    """A linear layer ``y = x @ W^T`` with ``W`` quantized once to FP8 (``fmt`` e4m3 | e5m2, 128x128 blocks).
 
     ``weight``: ``[N, K]`` fp16/fp32 (numpy array, or anything with ``.detach().cpu().numpy()`` /
     ``__array__``); quantized on the host with the reference quantizer and uploaded to ``device``.
@@ -796,7 +805,7 @@ class Fp8Linear:
     kernel on sm_87 (Jetson Orin). The W8A8 path owns a workspace that grows to the largest M seen.
     """
 
-    def __init__(self, weight: Any, *, device: int = 0, mode: str = "auto") -> None:
+    def __init__(self, weight: Any, *, device: int = 0, mode: str = "auto", fmt: str = "e4m3") -> None:
         if mode not in ("auto", "w8a8", "weight_only"):
             raise ValueError(f"mode: expected 'auto', 'w8a8' or 'weight_only', got {mode!r}")
         w = _host_array(weight, "weight")
@@ -804,7 +813,8 @@ class Fp8Linear:
             raise ValueError(f"weight: expected [N, K], got shape {list(w.shape)}")
         self.out_features, self.in_features = (int(d) for d in w.shape)
         _check_k(self.in_features, "weight")
-        wq, ws = kernels_ref.fp8_quantize_weight_ref(w)
+        wq, ws = kernels_ref.fp8_quantize_weight_ref(w, fmt)
+        self.fmt = fmt
         self.device = device
         self._backend = _backend()
         if mode == "auto":
@@ -845,9 +855,10 @@ class Fp8Linear:
         if xs is None or xs[1] != self.in_features:
             raise ValueError(f"x: expected an array [M, {self.in_features}], got {None if xs is None else list(xs)}")
         if self.mode == "weight_only":
-            fp8_gemm_weight_only(x, self.wq, self.w_scales, out, stream=stream)
+            fp8_gemm_weight_only(x, self.wq, self.w_scales, out, fmt=self.fmt, stream=stream)
         else:
-            fp8_linear(x, self.wq, self.w_scales, out, workspace=self._workspace(xs[0]), mode="w8a8", stream=stream)
+            fp8_linear(x, self.wq, self.w_scales, out, workspace=self._workspace(xs[0]), mode="w8a8", fmt=self.fmt,
+                       stream=stream)
         return out
 
     __call__ = forward

@@ -73,6 +73,13 @@ float e4m3_to_float(unsigned char v) {
     return s ? -mag : mag;
 }
 
+float e5m2_to_float(unsigned char v) {
+    const int s = v >> 7, e = (v >> 2) & 31, m = v & 3;
+    float mag = e == 0 ? (float)m * (1.0f / 65536.0f) : (1.0f + (float)m / 4.0f) * std::ldexp(1.0f, e - 15);
+    if (e == 31) mag = m == 0 ? INFINITY : NAN;
+    return s ? -mag : mag;
+}
+
 float half_bits_to_float(unsigned short h) { return sim_half_to_float(h); }
 
 }  // namespace
@@ -124,9 +131,10 @@ void sim_mma_f16_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
     w.bar.wait();
 }
 
-// mma.m16n8k32 e4m3: A reg r -> row g + 8*(r&1), k 16*(r>>1) + 4t + byte; B reg r -> k 16r + 4t
+// mma.m16n8k32 e4m3 / e5m2: A reg r -> row g + 8*(r&1), k 16*(r>>1) + 4t + byte; B reg r -> k 16r + 4t
 // + byte, col g. C as above.
-void sim_mma_e4m3_16832(float d[4], const unsigned a[4], const unsigned b[2]) {
+template <float (*DECODE)(unsigned char)>
+void sim_mma_fp8_16832(float d[4], const unsigned a[4], const unsigned b[2]) {
     WarpState& w = my_warp();
     const int lane = linear_tid() % 32;
     std::memcpy(w.a[lane], a, 16);
@@ -135,12 +143,12 @@ void sim_mma_e4m3_16832(float d[4], const unsigned a[4], const unsigned b[2]) {
     auto A = [&](int row, int k) {
         const int reg = (row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
         const int l = (row % 8) * 4 + (k % 16) / 4;
-        return e4m3_to_float((unsigned char)(w.a[l][reg] >> (8 * (k % 4))));
+        return DECODE((unsigned char)(w.a[l][reg] >> (8 * (k % 4))));
     };
     auto B = [&](int k, int n) {
         const int reg = k >= 16 ? 1 : 0;
         const int l = n * 4 + (k % 16) / 4;
-        return e4m3_to_float((unsigned char)(w.b[l][reg] >> (8 * (k % 4))));
+        return DECODE((unsigned char)(w.b[l][reg] >> (8 * (k % 4))));
     };
     const int g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; ++i) {
@@ -150,6 +158,14 @@ void sim_mma_e4m3_16832(float d[4], const unsigned a[4], const unsigned b[2]) {
         d[i] += s;
     }
     w.bar.wait();
+}
+
+void sim_mma_e4m3_16832(float d[4], const unsigned a[4], const unsigned b[2]) {
+    sim_mma_fp8_16832<e4m3_to_float>(d, a, b);
+}
+
+void sim_mma_e5m2_16832(float d[4], const unsigned a[4], const unsigned b[2]) {
+    sim_mma_fp8_16832<e5m2_to_float>(d, a, b);
 }
 
 // ---- bit-exact conversions (round to nearest even) ----
@@ -286,6 +302,11 @@ extern "C" void sim_convert(int op, const void* in, void* out, long long n) {
             case 3: ((float*)out)[i] = h2f(((const unsigned short*)in)[i]); break;
             case 4: {  // two e4m3 bytes -> fp16x2
                 ((unsigned*)out)[i] = e4m3x2_to_f16x2(((const unsigned short*)in)[i]);
+                break;
+            }
+            case 5: ((unsigned char*)out)[i] = f32_to_e5m2_satfinite(((const float*)in)[i]); break;
+            case 6: {  // two e5m2 bytes -> fp16x2
+                ((unsigned*)out)[i] = e5m2x2_to_f16x2(((const unsigned short*)in)[i]);
                 break;
             }
             default: break;

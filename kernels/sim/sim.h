@@ -21,6 +21,7 @@ void __syncthreads();
 float sim_shfl_xor(float v, int lane_mask);
 void sim_mma_f16_16816(float d[4], const unsigned a[4], const unsigned b[2]);
 void sim_mma_e4m3_16832(float d[4], const unsigned a[4], const unsigned b[2]);
+void sim_mma_e5m2_16832(float d[4], const unsigned a[4], const unsigned b[2]);
 unsigned char* sim_dynamic_smem();
 
 unsigned short sim_float_to_half_rn(float f);
