@@ -17,6 +17,8 @@ recorded and the next section runs):
   4. FP8 speed: TFLOP/s vs torch._scaled_mm (cuBLASLt; blockwise, row-wise or per-tensor scales,
      whichever this torch supports) for M in {16,128,1024,4096} x (N,K) in {(1152,4304),(4304,1152),
      (4096,4096)}; weight-only FP8 vs torch fp16 matmul.
+  5./6. The same for FP8 E5M2 (sections "fp8 e5m2 ..."; M in {16, 1024}; torch._scaled_mm with
+     float8_e5m2 operands where cuBLASLt takes them, else the row says "unavailable").
 Prints a table last and writes benchmarks/results/gpu_kernels_<card>.json.
 """
 
@@ -240,22 +242,24 @@ def s2_speed(rep: Report, torch, iters: int) -> list:
     return out
 
 
-def _quantize_weight(torch, N: int, Kd: int, rng):
+def _quantize_weight(torch, N: int, Kd: int, rng, fmt: str = "e4m3"):
     w = (rng.standard_normal((N, Kd)) * 0.05).astype(np.float32)
-    wq, ws = R.fp8_quantize_weight_ref(w)
+    wq, ws = R.fp8_quantize_weight_ref(w, fmt)
     return w, wq, ws, torch.from_numpy(wq).cuda(), torch.from_numpy(ws).cuda()
 
 
-def fp8_correctness(rep: Report, torch, w8a8: bool) -> list:
+def fp8_correctness(rep: Report, torch, w8a8: bool, fmt: str = "e4m3") -> list:
     rng = np.random.default_rng(int(time.time()) + 1)
-    shapes = [(M, N, Kd) for (N, Kd) in GEMM_NK for M in GEMM_M] + [(37, 200, 272), (1, 8, 16)]
+    ms = GEMM_M if fmt == "e4m3" else (16, 1024)
+    shapes = [(M, N, Kd) for (N, Kd) in GEMM_NK for M in ms] + [(37, 200, 272), (1, 8, 16)]
+    section = "fp8 correctness" if fmt == "e4m3" else f"fp8 {fmt} correctness"
     out = []
     weights = {}
     for M, N, Kd in shapes:
         x = (rng.standard_normal((M, Kd)) * 2).astype(np.float16)
         if (N, Kd) not in weights:  # quantize each weight once (the reference encoder is slow-ish)
             weights.clear()
-            weights[(N, Kd)] = _quantize_weight(torch, N, Kd, rng)
+            weights[(N, Kd)] = _quantize_weight(torch, N, Kd, rng, fmt)
         _, wq, ws, wq_d, ws_d = weights[(N, Kd)]
         x_d = torch.from_numpy(x).cuda()
         st = stream_of(torch)
@@ -263,51 +267,51 @@ def fp8_correctness(rep: Report, torch, w8a8: bool) -> list:
         # activation quantization: bit exact
         xq_d = torch.full((M, Kd), 0x7F, dtype=torch.uint8, device="cuda")
         xs_d = torch.full(K.fp8_scale_shape(M, Kd), float("nan"), dtype=torch.float32, device="cuda")
-        K.fp8_quantize(x_d, xq_d, xs_d, stream=st)
-        rq, rs = R.fp8_quantize_act_ref(x)
+        K.fp8_quantize(x_d, xq_d, xs_d, fmt=fmt, stream=st)
+        rq, rs = R.fp8_quantize_act_ref(x, fmt)
         q_bad = int((xq_d.cpu().numpy() != rq).sum())
         s_bad = int((xs_d.cpu().numpy() != rs).sum())
         rec["quant_mismatch"] = q_bad + s_bad
         if (M, N) in ((16, 1152), (37, 200), (4096, 4096)):
-            rep.row("fp8 correctness", f"quantize {M}x{Kd}", f"code mismatches {q_bad}, scale mismatches {s_bad}",
+            rep.row(section, f"quantize {M}x{Kd}", f"code mismatches {q_bad}, scale mismatches {s_bad}",
                     q_bad == 0 and s_bad == 0)
         # W8A8
         if w8a8:
-            ref = R.fp8_gemm_ref(rq, rs, wq, ws)
+            ref = R.fp8_gemm_ref(rq, rs, wq, ws, fmt)
             for dt, tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
                 if dt == "bf16" and (M, N) not in ((37, 200), (128, 4304)):
                     continue
                 y = torch.full((M, N), float("nan"), dtype=tdt, device="cuda")
-                K.fp8_gemm(xq_d, xs_d, wq_d, ws_d, y, stream=st)
+                K.fp8_gemm(xq_d, xs_d, wq_d, ws_d, y, fmt=fmt, stream=st)
                 got = y.float().cpu().numpy()
                 n_nan = int(np.isnan(got).sum())
                 err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)) if n_nan == 0 else float("inf")
                 rec[f"w8a8_{dt}_relerr"] = err
-                rep.row("fp8 correctness", f"w8a8 {dt} {M}x{N}x{Kd}", f"unwritten={n_nan} max rel err {err:.2e}",
+                rep.row(section, f"w8a8 {dt} {M}x{N}x{Kd}", f"unwritten={n_nan} max rel err {err:.2e}",
                         n_nan == 0 and err <= GEMM_TOL)
         # weight-only
-        ref_wo = R.fp8_gemm_weight_only_ref(x, wq, ws)
+        ref_wo = R.fp8_gemm_weight_only_ref(x, wq, ws, fmt)
         y = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
-        K.fp8_gemm_weight_only(x_d, wq_d, ws_d, y, stream=st)
+        K.fp8_gemm_weight_only(x_d, wq_d, ws_d, y, fmt=fmt, stream=st)
         got = y.float().cpu().numpy()
         n_nan = int(np.isnan(got).sum())
         err = float(np.abs(got - ref_wo).max() / max(np.abs(ref_wo).max(), 1e-30)) if n_nan == 0 else float("inf")
         rec["wonly_relerr"] = err
-        rep.row("fp8 correctness", f"weight-only fp16 {M}x{N}x{Kd}", f"unwritten={n_nan} max rel err {err:.2e}",
+        rep.row(section, f"weight-only fp16 {M}x{N}x{Kd}", f"unwritten={n_nan} max rel err {err:.2e}",
                 n_nan == 0 and err <= GEMM_TOL)
         out.append(rec)
     # Fp8Linear end to end (auto path for this GPU), on a non-default stream
     w = (rng.standard_normal((272, 400)) * 0.05).astype(np.float32)
     x = rng.standard_normal((33, 400)).astype(np.float16)
-    lin = K.Fp8Linear(w)
+    lin = K.Fp8Linear(w, fmt=fmt)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         y = torch.full((33, 272), float("nan"), dtype=torch.float16, device="cuda")
         lin(torch.from_numpy(x).cuda(), y, stream=s.cuda_stream)
     s.synchronize()
-    ref = R.fp8_linear_ref(x.astype(np.float32), w, weight_only=lin.mode == "weight_only")
+    ref = R.fp8_linear_ref(x.astype(np.float32), w, weight_only=lin.mode == "weight_only", fmt=fmt)
     err = float(np.abs(y.float().cpu().numpy() - ref).max() / np.abs(ref).max())
-    rep.row("fp8 correctness", f"Fp8Linear auto ({lin.mode})", f"max rel err {err:.2e}", err <= GEMM_TOL)
+    rep.row(section, f"Fp8Linear auto ({lin.mode})", f"max rel err {err:.2e}", err <= GEMM_TOL)
     lin.close()
     out.append({"Fp8Linear": lin.mode, "relerr": err})
     return out
@@ -331,12 +335,15 @@ def _scaled_mm_variants(torch, a, b, xs, ws, M, N, Kd):
     return variants
 
 
-def fp8_speed(rep: Report, torch, w8a8: bool, iters: int, ms: tuple[int, ...]) -> list:
+def fp8_speed(rep: Report, torch, w8a8: bool, iters: int, ms: tuple[int, ...], fmt: str = "e4m3") -> list:
     rng = np.random.default_rng(0)
     out = []
     st = stream_of(torch)
+    section = "fp8 speed" if fmt == "e4m3" else f"fp8 {fmt} speed"
+    if fmt != "e4m3":
+        ms = tuple(m for m in ms if m in (16, 1024)) or ms
     for N, Kd in GEMM_NK:
-        _, wq, ws, wq_d, ws_d = _quantize_weight(torch, N, Kd, rng)
+        _, wq, ws, wq_d, ws_d = _quantize_weight(torch, N, Kd, rng, fmt)
         w16 = torch.from_numpy(R.fp8_dequantize_weight_ref(wq, ws)).cuda().half()
         for M in ms:
             rec = {"M": M, "N": N, "K": Kd}
@@ -345,13 +352,15 @@ def fp8_speed(rep: Report, torch, w8a8: bool, iters: int, ms: tuple[int, ...]) -
             if w8a8:
                 xq = torch.empty((M, Kd), dtype=torch.uint8, device="cuda")
                 xs = torch.empty(K.fp8_scale_shape(M, Kd), dtype=torch.float32, device="cuda")
-                K.fp8_quantize(x, xq, xs, stream=st)
+                K.fp8_quantize(x, xq, xs, fmt=fmt, stream=st)
                 y = torch.empty((M, N), dtype=torch.bfloat16, device="cuda")
-                t_ours, mode = cuda_time_ms(torch, on_current_stream(torch, K.fp8_gemm, xq, xs, wq_d, ws_d, y),
-                                            iters=iters)
-                t_q, _ = cuda_time_ms(torch, on_current_stream(torch, K.fp8_quantize, x, xq, xs), iters=iters)
+                gemm = functools.partial(K.fp8_gemm, fmt=fmt)
+                t_ours, mode = cuda_time_ms(torch, on_current_stream(torch, gemm, xq, xs, wq_d, ws_d, y), iters=iters)
+                quantize = functools.partial(K.fp8_quantize, fmt=fmt)
+                t_q, _ = cuda_time_ms(torch, on_current_stream(torch, quantize, x, xq, xs), iters=iters)
                 rec.update(ours_us=t_ours * 1e3, ours_tflops=flop / t_ours / 1e9, quant_us=t_q * 1e3, timing=mode)
-                a8, b8 = xq.view(torch.float8_e4m3fn), wq_d.view(torch.float8_e4m3fn)
+                a8, b8 = xq.view(torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2), \
+                    wq_d.view(torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2)
                 ref_y = None
                 t_ref, label = None, None
                 for lab, fn in _scaled_mm_variants(torch, a8, b8, xs, ws_d, M, N, Kd):
@@ -371,21 +380,21 @@ def fp8_speed(rep: Report, torch, w8a8: bool, iters: int, ms: tuple[int, ...]) -
                     ratio = t_ref / t_ours
                     rec.update(cublas_us=t_ref * 1e3, cublas_tflops=flop / t_ref / 1e9, cublas_mode=label,
                                ratio=ratio)
-                    rep.row("fp8 speed", f"w8a8 M={M} N={N} K={Kd}",
+                    rep.row(section, f"w8a8 M={M} N={N} K={Kd}",
                             f"{flop / t_ours / 1e9:.0f} TFLOP/s ({t_ours * 1e3:.1f} us, +quant {t_q * 1e3:.1f} us) vs "
                             f"_scaled_mm[{label}] {flop / t_ref / 1e9:.0f} = {ratio:.2f}x",
                             (ratio >= GEMM_GOAL) if M >= 1024 else None)
                 else:
-                    rep.row("fp8 speed", f"w8a8 M={M} N={N} K={Kd}",
-                            f"{flop / t_ours / 1e9:.0f} TFLOP/s; torch._scaled_mm unavailable", None)
+                    rep.row(section, f"w8a8 M={M} N={N} K={Kd}",
+                            f"{flop / t_ours / 1e9:.0f} TFLOP/s; torch._scaled_mm unavailable for {fmt}", None)
             # weight-only vs fp16 matmul
             y16 = torch.empty((M, N), dtype=torch.float16, device="cuda")
-            t_wo, mode = cuda_time_ms(torch, on_current_stream(torch, K.fp8_gemm_weight_only, x, wq_d, ws_d, y16),
-                                      iters=iters)
+            wonly = functools.partial(K.fp8_gemm_weight_only, fmt=fmt)
+            t_wo, mode = cuda_time_ms(torch, on_current_stream(torch, wonly, x, wq_d, ws_d, y16), iters=iters)
             t_mm, _ = cuda_time_ms(torch, functools.partial(torch.matmul, x, w16.t()), iters=iters)
             rec.update(wonly_us=t_wo * 1e3, wonly_tflops=flop / t_wo / 1e9, fp16_mm_us=t_mm * 1e3,
                        fp16_mm_tflops=flop / t_mm / 1e9, wonly_ratio=t_mm / t_wo)
-            rep.row("fp8 speed", f"weight-only M={M} N={N} K={Kd}",
+            rep.row(section, f"weight-only M={M} N={N} K={Kd}",
                     f"{flop / t_wo / 1e9:.0f} TFLOP/s ({t_wo * 1e3:.1f} us, {mode}) vs torch fp16 "
                     f"{flop / t_mm / 1e9:.0f} = {t_mm / t_wo:.2f}x", None)
             out.append(rec)
@@ -429,6 +438,8 @@ def main() -> int:
     rep.run("s2 speed", s2_speed, torch, iters)
     rep.run("fp8 correctness", fp8_correctness, torch, w8a8)
     rep.run("fp8 speed", fp8_speed, torch, w8a8, iters, ms)
+    rep.run("fp8 e5m2 correctness", fp8_correctness, torch, w8a8, "e5m2")
+    rep.run("fp8 e5m2 speed", fp8_speed, torch, w8a8, iters, ms, "e5m2")
     if not w8a8:
         rep.row("fp8 speed", "w8a8", f"skipped: sm_{cc[0]}{cc[1]} has no FP8 tensor cores", None)
 
