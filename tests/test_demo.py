@@ -193,3 +193,21 @@ def test_vila_edge_demo_camera_reads_a_frame_and_answers(demo_engines, tmp_path)
     assert "320x320" in run.stdout
     answer = next(line for line in run.stdout.splitlines() if line.strip().startswith("A:"))
     assert D.is_correct(answer.split("A:", 1)[1].split("(")[0], colour), run.stdout
+
+
+def test_eval_results_merge_per_backend_and_keep_the_training_facts(tmp_path):
+    """A second build's column (`vila-edge eval --label engine-fp8`) joins the table; earlier columns and the
+    training facts written with the first run stay."""
+    from vila_edge.demo import evaluate as E
+
+    def result(backend, pct):
+        return E.EvalResult(backend, f"{backend} source", 600, {"overall": pct}, {"overall": [int(pct * 6), 600]}, 1.0)
+
+    E.write_results([result("reference", 98.2), result("engine", 98.0)], tmp_path, extra={"training_seconds": 1})
+    E.write_results([result("engine-fp8", 97.5)], tmp_path)
+    md = (tmp_path / "demo_eval.md").read_text()
+    assert "| question type | n | reference (%) | engine (%) | engine-fp8 (%) |" in md
+    assert "- engine-fp8: another build" in md and '"training_seconds": 1' in md
+    data = json.loads((tmp_path / "demo_eval.json").read_text())
+    assert [r["backend"] for r in data["runs"]] == ["reference", "engine", "engine-fp8"]
+    assert data["training_seconds"] == 1

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
                                         help="Folder for demo_eval.json / demo_eval.md (merged per backend)."),
         threads: int | None = typer.Option(None, min=1, help="CPU threads (engines)."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        label: str = typer.Option("engine", "--label", help="The engines' column in demo_eval.md (e.g. engine-fp8 "
+                                  "for a second build next to the default one)."),
     ):
         """Accuracy per question type on a held-out question set (only --demo-set exists so far)."""
         from vila_edge.demo import data as D
@@ -73,7 +75,7 @@ def register(app: typer.Typer) -> None:
             answerer = E.EngineAnswerer(engines, threads=threads)
             try:
                 desc = answerer.pipe.describe()
-                result = E.evaluate(answerer, qas, backend="engine", source=f"{Path(engines).name} "
+                result = E.evaluate(answerer, qas, backend=label, source=f"{Path(engines).name} "
                                     f"({_engine_summary(desc)})", progress=progress)
             finally:
                 answerer.close()

@@ -177,6 +177,7 @@ def write_results(results: Sequence[EvalResult], out_dir: Path, extra: dict | No
     data["runs"] = list(runs.values())
     data["held_out_seed"] = D.HELD_OUT_SEED
     data.update(extra or {})
+    extra = {k: v for k, v in data.items() if k not in ("runs", "held_out_seed")}  # kept from earlier runs too
     jpath.write_text(json.dumps(data, indent=2) + "\n")
     all_results = [EvalResult(r["backend"], r["source"], r["n"], r["accuracy"], r["counts"], r["seconds"])
                    for r in runs.values()]
@@ -187,7 +188,10 @@ def write_results(results: Sequence[EvalResult], out_dir: Path, extra: dict | No
              "exact match of the one-word answer, greedy decoding.", "",
              "- reference: the fp32 PyTorch reference (`vila-edge eval ENGINES --demo-set --reference`)",
              "- engine: the built engines (`vila-edge demo` build: int4 RTN g32 LLM, fp32 ONNX vision) on ONNX Runtime CPU "
-             "(`vila-edge eval ENGINES --demo-set`)", "", markdown_table(all_results), ""]
+             "(`vila-edge eval ENGINES --demo-set`)"]
+    lines += [f"- {r.backend}: another build of the same checkpoint (`vila-edge eval ENGINES --demo-set --label "
+              f"{r.backend}`; its engines below)" for r in all_results if r.backend not in order]
+    lines += ["", markdown_table(all_results), ""]
     for r in all_results:
         lines.append(f"- {r.backend}: {r.source}, {r.seconds:.0f} s")
     if extra:
