@@ -390,7 +390,9 @@ def plan(model, device, *, max_context: int | None = None, max_tiles: int | None
     if vision_precision not in ("fp16", "bf16", "fp32", "fp8", "int8"):
         raise VilaEdgeError(f"vision precision {vision_precision!r} is not one of: fp16, fp32, fp8, int8")
     if llm_precision == "fp8" and dev.kind == "cpu":
-        raise VilaEdgeError(f"--llm-precision fp8 is not available on {dev.name} (CPU): use int4, int8 or fp16")
+        # the fp8 CPU build exists (ONNX QDQ), but ONNX Runtime runs its products in fp32: no speed to plan for
+        raise VilaEdgeError(f"--llm-precision fp8 is not planned for {dev.name} (CPU): its ONNX QDQ decoder computes in "
+                            "fp32 (accuracy, not speed); plan int4, int8 or fp16, or build fp8 without --device")
     max_context = int(max_context or cfg.llm.max_length)
     max_tiles = int(max_tiles or cfg.vision.max_tiles)
     if max_context < 1 or max_tiles < 1:
