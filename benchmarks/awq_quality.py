@@ -212,6 +212,14 @@ def render_markdown(results: list[dict], args: dict) -> str:
     return "\n".join(lines)
 
 
+def _write(out: Path, previous: list[dict], results: list[dict], args: dict) -> None:
+    """``out``.json / .md; a partial run (--only) replaces its rows in ``previous`` and keeps the others."""
+    fresh = {r["config"]: r for r in results}
+    merged = [fresh.pop(r["config"], r) for r in previous] + list(fresh.values())
+    out.with_suffix(".json").write_text(json.dumps({"settings": args, "results": merged}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render_markdown(merged, args))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-samples", type=int, default=32)
@@ -236,6 +244,11 @@ def main(argv=None) -> int:
 
     smollm2_hf_checkpoint(ns.cache_dir)  # convert once, before the children race for it
     wanted = None if ns.only is None else {"float", *[n.strip() for n in ns.only.split(",")]}
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = []
+    if wanted is not None and out.with_suffix(".json").is_file():
+        previous = json.loads(out.with_suffix(".json").read_text())["results"]
     results = []
     for config in CONFIGS:
         if wanted is not None and config[0] not in wanted:
@@ -244,17 +257,8 @@ def main(argv=None) -> int:
         for row in rows:
             print(json.dumps(row), flush=True)
         results.extend(rows)
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if wanted is not None and out.with_suffix(".json").is_file():
-        # a partial run (--only) updates its rows in the existing table and keeps the others
-        fresh = {r["config"]: r for r in results}
-        previous = json.loads(out.with_suffix(".json").read_text())["results"]
-        merged = [fresh.pop(r["config"], r) for r in previous]
-        results = merged + list(fresh.values())
-    out.with_suffix(".json").write_text(json.dumps({"settings": args, "results": results}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render_markdown(results, args))
-    print(render_markdown(results, args))
+        _write(out, previous, results, args)  # after every configuration: a stopped run keeps what it measured
+    print(out.with_suffix(".md").read_text())
     return 0 if all("error" not in r for r in results) else 1
 
 
