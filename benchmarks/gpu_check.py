@@ -612,7 +612,7 @@ def main(argv=None) -> int:
                                                     else results_dir / f"gpu_{card_slug(card)}.json")
         rep.run("fixtures", fixtures, device, work, [f for f in args.families.split(",") if f])
         if device == "cuda" and not args.skip_kernels:
-            rep.run("kernels", kernels, results_dir, 150)
+            rep.run("kernels", kernels, results_dir, 240)
         bw = _roofline_bandwidth(device)
         env["bandwidth"] = bw
         new_tokens, runs = (8, 1) if args.dry_run else (NEW_TOKENS, 3)
