@@ -268,7 +268,7 @@ CHAT_BACKENDS = ("auto", "onnxruntime", "torch")  # --backend: vision and LLM en
 def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | None = None, camera: str | None = None,
                  prompt: str | None = None, as_json: bool = False, interval: float | None = None,
                  params: SamplingParams | None = None, device: str = "auto", threads: int | None = None,
-                 max_context: int | None = None,
+                 max_context: int | None = None, vision_cache_mb: float | None = None,
                  ensure_engine: Callable[[Path, Callable[[str], None]], Path] | None = None,
                  backend: str = "auto") -> int:
     """The `vila-edge chat` command (the CLI only parses options). `ensure_engine(path, say)` turns a
@@ -286,7 +286,7 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
     from vila_edge.runtime import load
 
     pipe = load(path, device=device, threads=threads, max_context=max_context, vision_backend=backend,
-                llm_backend=backend)
+                llm_backend=backend, vision_cache_mb=vision_cache_mb)
     opts = ChatOptions(images=imgs, video=str(video) if video else None, camera=camera, prompt=prompt,
                        as_json=as_json, interval=interval, params=params or SamplingParams())
     try:

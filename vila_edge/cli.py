@@ -25,6 +25,8 @@ def _checkpoint(arg):
     return resolve_checkpoint(arg)
 
 
+VISION_CACHE_HELP = ("MiB of encoder outputs kept (an image seen again, e.g. resent with every turn of a "
+                     "conversation, is not re-encoded); 0 turns the cache off. Default 256.")
 CHECKPOINT_HELP = "Checkpoint folder (dev layout or flat -hf), or a hub id org/name[@revision] (see `vila-edge models`)."
 
 
@@ -136,6 +138,7 @@ def serve(
     caption_tokens: int = typer.Option(48, min=1, help="Live page: max tokens per caption."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
     threads: int | None = typer.Option(None, min=1, help="Engine threads (default: physical cores)."),
+    vision_cache_mb: float | None = typer.Option(None, min=0, help=VISION_CACHE_HELP),
     log_level: str = typer.Option("info", help="critical | error | warning | info | debug"),
     cluster: str | None = typer.Option(None, help="Serve on a Ray cluster: auto (join this machine's, else start "
                                        "one) | local (start one) | HEAD:6379 (join); needs the `ray` extra."),
@@ -161,10 +164,10 @@ def serve(
     if cluster is not None:
         _serve_cluster(engines, settings, cluster=cluster, host=host, port=port, api_key=api_key, device=device,
                        threads=threads, replicas=replicas, max_replicas=max_replicas, node_profile=node_profile,
-                       camera=camera)
+                       camera=camera, vision_cache_mb=vision_cache_mb)
         return
     sock = bind_socket(host, port)  # before loading engines: a busy port fails fast
-    models = load_engines(engines, device=device, threads=threads)
+    models = load_engines(engines, device=device, threads=threads, vision_cache_mb=vision_cache_mb)
     cam = None
     if camera is not None:
         from vila_edge.serve.live import open_camera
@@ -186,7 +189,7 @@ def serve(
 
 
 def _serve_cluster(engines, settings, *, cluster, host, port, api_key, device, threads, replicas, max_replicas,
-                   node_profile, camera) -> None:
+                   node_profile, camera, vision_cache_mb=None) -> None:
     from vila_edge.serve import is_loopback
     from vila_edge.serve.cluster import ClusterOptions, serve_cluster
 
@@ -202,7 +205,7 @@ def _serve_cluster(engines, settings, *, cluster, host, port, api_key, device, t
         print(f"vila-edge: serving {engines[0].name} at {url}/v1 on a Ray cluster (replicas: {replicas}"
               f"{'-' + str(max_replicas) if max_replicas else ''})", file=sys.stderr, flush=True)
 
-    serve_cluster(engines, settings, opts, cluster=cluster, host=host, port=port, load_kwargs={"device": device},
+    serve_cluster(engines, settings, opts, cluster=cluster, host=host, port=port, load_kwargs={"device": device, "vision_cache_mb": vision_cache_mb},
                   on_listen=ready, on_stop=lambda: print("vila-edge: stopped", file=sys.stderr, flush=True))
 
 
@@ -228,6 +231,7 @@ def chat(
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads (default: physical cores)."),
     max_context: int | None = typer.Option(None, min=1, help="Cap the KV cache (positions)."),
+    vision_cache_mb: float | None = typer.Option(None, min=0, help=VISION_CACHE_HELP),
     engine_dir: Path | None = typer.Option(None, "--engine-dir", help="Where to build engines when ENGINES is a "
                                            "checkpoint (default ./engines/<name>)."),
     precision: str | None = typer.Option(None, help="LLM precision when building (builder default otherwise)."),
@@ -246,6 +250,7 @@ def chat(
         engine_dir = Path("engines") / src.name
     code = run_chat_cli(src.path, images=image or (), video=video, camera=camera, prompt=prompt, as_json=as_json,
                         interval=interval, params=params, device=device, threads=threads, max_context=max_context,
+                        vision_cache_mb=vision_cache_mb,
                         ensure_engine=lambda path, say: ensure_engine_dir(path, output=engine_dir, precision=precision,
                                                                           say=say),
                         backend=backend)

@@ -56,8 +56,9 @@ from vila_edge.generate import (
 from vila_edge.media.image import as_image_list, load_image
 from vila_edge.media.tiling import Tiles, TilingScheme, tiling_scheme
 from vila_edge.prompt import IMAGE_PLACEHOLDER, Message, check_text, render, tokenize, user_content
-from vila_edge.splice import PromptChunks, prompt_chunks
+from vila_edge.splice import PromptChunks, prompt_chunks, shared_positions
 from vila_edge.tokenizer import SENTINEL_TOKEN, Tokenizer
+from vila_edge.vision_cache import VisionCache, engine_identity, pixel_key
 
 # ---------------------------------------------------------------------------------------------
 # Results
@@ -105,6 +106,23 @@ class GenerationResult:
     def as_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
                 "timings": self.timings.as_dict(), "notices": self.notices}
+
+
+@dataclass
+class PrefillCounts:
+    """Over a pipeline's life: prompt positions the answers needed, and how many were prefilled (the rest
+    came from the KV cache: a chat's earlier turns, or the shared start of a resent conversation)."""
+
+    prompt_positions: int = 0
+    prefilled_positions: int = 0
+
+    def add(self, timings: Timings) -> None:
+        self.prompt_positions += timings.prompt_positions
+        self.prefilled_positions += timings.prefill_positions
+
+    def as_dict(self) -> dict:
+        return {"prompt_positions": self.prompt_positions, "prefilled_positions": self.prefilled_positions,
+                "reused_positions": self.prompt_positions - self.prefilled_positions}
 
 
 class TextStream:
@@ -185,7 +203,8 @@ def _to_frame_images(video, cfg: VilaConfig, *, max_frames: int | None = None) -
 
 class Pipeline:
     def __init__(self, config: VilaConfig, tokenizer: Tokenizer, vision: VisionEngine, llm: LLMEngine, *,
-                 engine_dir: Path | None = None, manifest: dict | None = None):
+                 engine_dir: Path | None = None, manifest: dict | None = None,
+                 vision_cache: VisionCache | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.vision = vision
@@ -194,6 +213,8 @@ class Pipeline:
         self.manifest = manifest or {}
         self.max_context = min(llm.max_context, config.llm.max_length)
         self.kv = KVCache(llm)  # which Conversation's tokens are in the LLM's cache
+        self.vision_cache = vision_cache if vision_cache is not None else VisionCache()  # shared by chat, API, serve
+        self.prefill_counts = PrefillCounts()
         self._gpu_merge = None
         if getattr(vision, "on_gpu", False):
             try:
@@ -202,6 +223,7 @@ class Pipeline:
                 self._gpu_merge = kernels
             except Exception:  # noqa: BLE001 - no CUDA toolchain / cuda-python: numpy merge
                 self._gpu_merge = None
+        self._engine_identity = engine_identity(self.manifest, self._vision_description())
 
     # ---- media ids -------------------------------------------------------------------------
     @property
@@ -254,11 +276,25 @@ class Pipeline:
             self._gpu_merge = None
             return None
 
+    def image_key(self, pil, *, single: bool) -> bytes:
+        """The vision cache's key of a decoded image: its pixels, this engine, and the call's switches."""
+        merge = "cuda" if self._gpu_merge is not None else "numpy"
+        return pixel_key(pil, self._engine_identity + f"|single={single}|merge={merge}|".encode())
+
     def image_items(self, image, *, single: bool = True, timings: Timings | None = None) -> list[np.ndarray]:
-        """Media items ([n_i, D] float32) of one image, as the reference's `image_items`."""
+        """Media items ([n_i, D] float32) of one image, as the reference's `image_items`; from the vision
+        cache when these pixels were encoded before (the items are then read-only arrays)."""
         t = timings or Timings()
         t0 = time.perf_counter()
         pil = load_image(image)
+        cache = self.vision_cache
+        key = self.image_key(pil, single=single) if cache.enabled else b""
+        hit = cache.get(key) if cache.enabled else None
+        if hit is not None:
+            t.preprocess += time.perf_counter() - t0
+            t.tiles += hit.tiles
+            t.media_items += len(hit.items)
+            return list(hit.items)
         tiles = self.tiling.tiles(pil, single=single)
         t1 = time.perf_counter()
         y = self._device_merge(tiles)
@@ -275,7 +311,8 @@ class Pipeline:
         t.merge_projector += t3 - t2
         t.tiles += tiles.pixels.shape[0]
         t.media_items += len(items)
-        return items
+        kept = cache.put(key, items, tiles.pixels.shape[0]) if cache.enabled else None
+        return list(kept.items) if kept is not None else items
 
     def video_items(self, video, *, timings: Timings | None = None) -> tuple[list[np.ndarray], int]:
         """(media items, number of frames) of a video (path, frame folder, or a list of frames)."""
@@ -393,14 +430,21 @@ class Pipeline:
         conv.add_history([Turn("user", prompt, images or (), video)] if isinstance(prompt, str) else list(prompt))
         return self.prompt_chunks(self.prompt_ids(conv.messages), conv.media()).n_positions
 
+    def _vision_description(self) -> dict:
+        return getattr(self.vision, "describe", lambda: {"backend": self.vision.name})()
+
     def describe(self) -> dict:
         d = {"family": self.config.family, "max_context": self.max_context,
-             "vision": getattr(self.vision, "describe", lambda: {"backend": self.vision.name})(),
+             "vision": self._vision_description(),
              "llm": getattr(self.llm, "describe", lambda: {"backend": self.llm.name})(),
              "merge": "cuda kernel" if self._gpu_merge is not None else "numpy"}
         if self.engine_dir is not None:
             d["engine_dir"] = str(self.engine_dir)
         return d
+
+    def stats(self) -> dict:
+        """Counts of the caches: the vision cache's hits/misses/evictions/bytes, positions prefilled vs reused."""
+        return {"vision_cache": self.vision_cache.stats(), "prefill": self.prefill_counts.as_dict()}
 
     def close(self) -> None:
         self.vision.close()
@@ -544,6 +588,37 @@ class Conversation:
         self.cache_positions = self.kv.length
         self.turns += 1
 
+    def cached_prompt(self) -> tuple[list[int], list[np.ndarray]]:
+        """(ids, media items) of every position this conversation has put in the LLM's cache."""
+        return [i for s in self.segments for i in s[0]], [x for s in self.segments for x in s[1]]
+
+    def _take_cache(self, chunks: PromptChunks, reuse: bool) -> PromptChunks:
+        """Make the LLM's cache this conversation's; what is left of `chunks` to prefill.
+
+        `reuse`: `chunks` continue this conversation's own cached positions. Otherwise `chunks` is the whole
+        prompt, and the cache keeps the longest start it has in common with what the cache holds now (the
+        previous request of a server client resending its conversation, the same image and system prompt
+        asked again): the same tokens and media items at the same positions give the same keys and values,
+        so only the rest is prefilled. The rest of the cache is rolled back."""
+        if reuse:
+            self.kv.take(self, keep=True)
+            return chunks
+        n = self._shared_with_cache(chunks) if self.reuse_kv else 0
+        self.kv.take(self, keep=n > 0)
+        return chunks.after(n) if n else chunks
+
+    def _shared_with_cache(self, chunks: PromptChunks) -> int:
+        """Positions at the start of `chunks` the cache already holds (rolled back to them), or 0."""
+        holder = self.kv.holder
+        if not isinstance(holder, Conversation) or not self.kv.holds(holder, holder.cache_positions):
+            return 0
+        held = self.pipe.prompt_chunks(*holder.cached_prompt())
+        # at least the last position is prefilled: its logits choose the first token
+        n = chunks.media_start_before(min(shared_positions(held, chunks), chunks.n_positions - 1))
+        if n > 0:
+            self.kv.truncate(holder, n)
+        return n if n > 0 and self.kv.holds(holder, n) else 0
+
     # ---- one turn --------------------------------------------------------------------------
     def ask(self, text: str, images: Sequence = (), video=None, *, stream: bool = False,
             params: SamplingParams | None = None, **sampling) -> GenerationResult | TextStream:
@@ -566,15 +641,15 @@ class Conversation:
         ids, prefill_items, reuse = self._fit(user, items, params, notices)
 
         t0 = time.perf_counter()
+        chunks = self._take_cache(self.pipe.prompt_chunks(ids, prefill_items), reuse)
         if not reuse:
             self.segments = []
-        self.kv.take(self, keep=reuse)
         before = self.kv.length
-        chunks = self.pipe.prompt_chunks(ids, prefill_items)
         logits = prefill(self.kv.llm, chunks)
         t.prefill = time.perf_counter() - t0
         t.prefill_positions = chunks.n_positions
         t.prompt_positions = after = self.kv.length
+        self.pipe.prefill_counts.add(t)
         self.segments.append((list(ids), list(prefill_items)))
         self.messages.append(user)
         self.turn_items.append(items)
@@ -616,9 +691,10 @@ def _check_turns(prompt) -> list[Turn]:
 
 
 def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_context: int | None = None,
-         vision_backend: str = "auto", llm_backend: str = "auto") -> Pipeline:
+         vision_backend: str = "auto", llm_backend: str = "auto", vision_cache_mb: float | None = None) -> Pipeline:
     """Open an engine directory. Backends: "onnxruntime", "tensorrt" (vision), "tensorrt-llm" (LLM), or
-    "auto" (the native NVIDIA engines when the directory has them and they import, else ONNX Runtime)."""
+    "auto" (the native NVIDIA engines when the directory has them and they import, else ONNX Runtime).
+    `vision_cache_mb`: bound of the encoder-output cache in MiB (None: 256; 0: off)."""
     from vila_edge.backends import make_llm_engine, make_vision_engine
 
     engine_dir = Path(engine_dir)
@@ -637,7 +713,8 @@ def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_co
     vision = make_vision_engine(vision_backend, engine_dir, manifest, device=device, threads=threads)
     llm = make_llm_engine(llm_backend, engine_dir, manifest, device=device, threads=threads,
                           max_context=max_context or cfg.llm.max_length)
-    return Pipeline(cfg, tokenizer, vision, llm, engine_dir=engine_dir, manifest=manifest)
+    return Pipeline(cfg, tokenizer, vision, llm, engine_dir=engine_dir, manifest=manifest,
+                    vision_cache=VisionCache.of_megabytes(vision_cache_mb))
 
 
 __all__ = ["Conversation", "GenerationResult", "Pipeline", "TextStream", "Timings", "TokenEvent", "Turn", "load",

@@ -75,6 +75,29 @@ class PromptChunks:
             out += list(c.ids) if isinstance(c, TextChunk) else [-1] * c.n_rows + list(c.end_ids)
         return out
 
+    def after(self, n: int) -> PromptChunks:
+        """The chunks of positions n.. (what is left to prefill when a cache already holds the first n);
+        n must not fall inside a media item's rows."""
+        out: list[Chunk] = []
+        for c in self.chunks:
+            end = c.start + c.n_positions
+            if end <= n:
+                continue
+            if c.start >= n:
+                out.append(c)
+            elif isinstance(c, TextChunk):
+                out.append(TextChunk(c.ids[n - c.start:], n))
+            else:
+                raise PromptError(f"cannot cut a prompt at position {n}: inside a media item ({c.start}..{end - 1})")
+        return PromptChunks(tuple(out))
+
+    def media_start_before(self, n: int) -> int:
+        """`n`, or the first position of the media item whose positions contain it (a cut that `after` takes)."""
+        for c in self.chunks:
+            if isinstance(c, MediaChunk) and c.start < n < c.start + c.n_positions:
+                return c.start
+        return n
+
     def embeds(self, embed: Callable[[list[int]], object]):
         """The spliced input embeddings [n_positions, D]: text from `embed(ids)`, media rows as given."""
         parts = []
@@ -129,6 +152,35 @@ def prompt_chunks(ids: Sequence[int], media: Sequence[object], *, media_ids: set
         pos += chunk.n_positions
     close_span()
     return PromptChunks(tuple(chunks))
+
+
+def shared_positions(a: PromptChunks, b: PromptChunks) -> int:
+    """How many first positions `a` and `b` have in common: the same token ids, and the same media items
+    (whole items with equal features: a cache holding `a` can serve these positions of `b`)."""
+    n = 0
+    for x, y in zip(a, b):
+        if isinstance(x, TextChunk) and isinstance(y, TextChunk):
+            k = 0
+            while k < len(x.ids) and k < len(y.ids) and x.ids[k] == y.ids[k]:
+                k += 1
+            n += k
+            if k < len(x.ids) or k < len(y.ids):
+                return n
+        elif isinstance(x, MediaChunk) and isinstance(y, MediaChunk) and _same_media(x, y):
+            n += x.n_positions
+        else:
+            return n
+    return n
+
+
+def _same_media(x: MediaChunk, y: MediaChunk) -> bool:
+    if x.n_rows != y.n_rows or x.end_ids != y.end_ids or x.features is None or y.features is None:
+        return False
+    if x.features is y.features:  # the vision cache hands out the very same arrays
+        return True
+    import numpy as np
+
+    return bool(np.array_equal(np.asarray(x.features), np.asarray(y.features)))
 
 
 def _cat(parts):

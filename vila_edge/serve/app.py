@@ -102,6 +102,7 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
     scheduler = Scheduler(max_queue=settings.max_queue)
     metrics = ServerMetrics(lambda: scheduler.queue_length, lambda: scheduler.active)
     scheduler.metrics = metrics
+    metrics.add_runtime_stats(lambda: runtime_stats(engine_list))
     live = None
     if camera is not None:
         from vila_edge.serve.live import LiveCaptioner
@@ -141,10 +142,29 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
         check_auth(request, settings)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/stats")
+    async def stats(request: Request):
+        """The runtime's cache counts as JSON (the same numbers /metrics shows), summed over the models."""
+        check_auth(request, settings)
+        return {"models": [e.model_id for e in engine_list], **runtime_stats(engine_list)}
+
     app.include_router(openai_router(engine_list, scheduler, metrics, settings, limits))
     if live is not None:
         app.include_router(camera_router(live, settings))
     return app
+
+
+def runtime_stats(engines: Sequence[Engine]) -> dict:
+    """`Pipeline.stats()` summed over the distinct pipelines behind `engines` (two model names may share one);
+    engines without a pipeline (the stand-in) count nothing."""
+    pipes = {id(p): p for p in (getattr(e, "pipeline", None) for e in engines) if hasattr(p, "stats")}
+    total: dict[str, dict] = {}
+    for p in pipes.values():
+        for group, counts in p.stats().items():
+            g = total.setdefault(group, {})
+            for k, v in counts.items():
+                g[k] = g.get(k, 0) + v
+    return total
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -90,6 +90,19 @@ class Gauge(_Metric):
         return self.header() + [f"{self.name} {_fmt(self.get())}"]
 
 
+class ReadCounter(_Metric):
+    """A counter kept elsewhere (the runtime's caches): `fn()` is read at every scrape."""
+
+    kind = "counter"
+
+    def __init__(self, *a, fn: Callable[[], float], **kw):
+        super().__init__(*a, **kw)
+        self._fn = fn
+
+    def render(self) -> list[str]:
+        return self.header() + [f"{self.name} {_fmt(self._fn())}"]
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -172,6 +185,26 @@ class ServerMetrics:
         Gauge(r, "vila_edge_active_generations", "Generations running now (0 or 1: batch size 1).", fn=active)
         Gauge(r, "vila_edge_process_resident_memory_bytes", "Resident memory of the server process.",
               fn=lambda: proc.memory_info().rss)
+
+    def add_runtime_stats(self, stats: Callable[[], dict]) -> None:
+        """The runtime's cache counts (`Pipeline.stats()`, summed over the served pipelines)."""
+        r = self.registry
+
+        def read(group: str, key: str) -> Callable[[], float]:
+            return lambda: stats().get(group, {}).get(key, 0)
+
+        for key, help_text in (("hits", "Images whose media items came from the vision (encoder-output) cache."),
+                               ("misses", "Images the vision tower encoded (not in the vision cache)."),
+                               ("evictions", "Entries the vision cache dropped to stay within its byte bound.")):
+            ReadCounter(r, f"vila_edge_vision_cache_{key}_total", help_text, fn=read("vision_cache", key))
+        Gauge(r, "vila_edge_vision_cache_bytes", "Bytes of media items held by the vision cache.",
+              fn=read("vision_cache", "bytes"))
+        Gauge(r, "vila_edge_vision_cache_entries", "Images held by the vision cache.", fn=read("vision_cache", "entries"))
+        ReadCounter(r, "vila_edge_prefill_positions_total", "Prompt positions prefilled into the KV cache.",
+                    fn=read("prefill", "prefilled_positions"))
+        ReadCounter(r, "vila_edge_prefix_reused_positions_total",
+                    "Prompt positions not prefilled: the KV cache already held them (a resent conversation's start).",
+                    fn=read("prefill", "reused_positions"))
 
     def render(self) -> str:
         return self.registry.render()
