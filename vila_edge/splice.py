@@ -158,7 +158,7 @@ def shared_positions(a: PromptChunks, b: PromptChunks) -> int:
     """How many first positions `a` and `b` have in common: the same token ids, and the same media items
     (whole items with equal features: a cache holding `a` can serve these positions of `b`)."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if isinstance(x, TextChunk) and isinstance(y, TextChunk):
             k = 0
             while k < len(x.ids) and k < len(y.ids) and x.ids[k] == y.ids[k]:
