@@ -139,6 +139,8 @@ def serve(
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
     threads: int | None = typer.Option(None, min=1, help="Engine threads (default: physical cores)."),
     vision_cache_mb: float | None = typer.Option(None, min=0, help=VISION_CACHE_HELP),
+    prefix_reuse: bool = typer.Option(True, help="Keep the KV cache of the start a request shares with the "
+                                      "previous one (a resent conversation is not prefilled again)."),
     log_level: str = typer.Option("info", help="critical | error | warning | info | debug"),
     cluster: str | None = typer.Option(None, help="Serve on a Ray cluster: auto (join this machine's, else start "
                                        "one) | local (start one) | HEAD:6379 (join); needs the `ray` extra."),
@@ -164,10 +166,11 @@ def serve(
     if cluster is not None:
         _serve_cluster(engines, settings, cluster=cluster, host=host, port=port, api_key=api_key, device=device,
                        threads=threads, replicas=replicas, max_replicas=max_replicas, node_profile=node_profile,
-                       camera=camera, vision_cache_mb=vision_cache_mb)
+                       camera=camera, load_kwargs={"vision_cache_mb": vision_cache_mb, "prefix_reuse": prefix_reuse})
         return
     sock = bind_socket(host, port)  # before loading engines: a busy port fails fast
-    models = load_engines(engines, device=device, threads=threads, vision_cache_mb=vision_cache_mb)
+    models = load_engines(engines, device=device, threads=threads, vision_cache_mb=vision_cache_mb,
+                          prefix_reuse=prefix_reuse)
     cam = None
     if camera is not None:
         from vila_edge.serve.live import open_camera
@@ -189,7 +192,7 @@ def serve(
 
 
 def _serve_cluster(engines, settings, *, cluster, host, port, api_key, device, threads, replicas, max_replicas,
-                   node_profile, camera, vision_cache_mb=None) -> None:
+                   node_profile, camera, load_kwargs: dict) -> None:
     from vila_edge.serve import is_loopback
     from vila_edge.serve.cluster import ClusterOptions, serve_cluster
 
@@ -205,7 +208,7 @@ def _serve_cluster(engines, settings, *, cluster, host, port, api_key, device, t
         print(f"vila-edge: serving {engines[0].name} at {url}/v1 on a Ray cluster (replicas: {replicas}"
               f"{'-' + str(max_replicas) if max_replicas else ''})", file=sys.stderr, flush=True)
 
-    serve_cluster(engines, settings, opts, cluster=cluster, host=host, port=port, load_kwargs={"device": device, "vision_cache_mb": vision_cache_mb},
+    serve_cluster(engines, settings, opts, cluster=cluster, host=host, port=port, load_kwargs={"device": device, **load_kwargs},
                   on_listen=ready, on_stop=lambda: print("vila-edge: stopped", file=sys.stderr, flush=True))
 
 

@@ -204,7 +204,7 @@ def _to_frame_images(video, cfg: VilaConfig, *, max_frames: int | None = None) -
 class Pipeline:
     def __init__(self, config: VilaConfig, tokenizer: Tokenizer, vision: VisionEngine, llm: LLMEngine, *,
                  engine_dir: Path | None = None, manifest: dict | None = None,
-                 vision_cache: VisionCache | None = None):
+                 vision_cache: VisionCache | None = None, prefix_reuse: bool = True):
         self.config = config
         self.tokenizer = tokenizer
         self.vision = vision
@@ -215,6 +215,7 @@ class Pipeline:
         self.kv = KVCache(llm)  # which Conversation's tokens are in the LLM's cache
         self.vision_cache = vision_cache if vision_cache is not None else VisionCache()  # shared by chat, API, serve
         self.prefill_counts = PrefillCounts()
+        self.prefix_reuse = prefix_reuse  # a new prompt keeps the start it shares with the KV cache's holder
         self._gpu_merge = None
         if getattr(vision, "on_gpu", False):
             try:
@@ -603,7 +604,7 @@ class Conversation:
         if reuse:
             self.kv.take(self, keep=True)
             return chunks
-        n = self._shared_with_cache(chunks) if self.reuse_kv else 0
+        n = self._shared_with_cache(chunks) if self.reuse_kv and self.pipe.prefix_reuse else 0
         self.kv.take(self, keep=n > 0)
         return chunks.after(n) if n else chunks
 
@@ -691,10 +692,12 @@ def _check_turns(prompt) -> list[Turn]:
 
 
 def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_context: int | None = None,
-         vision_backend: str = "auto", llm_backend: str = "auto", vision_cache_mb: float | None = None) -> Pipeline:
+         vision_backend: str = "auto", llm_backend: str = "auto", vision_cache_mb: float | None = None,
+         prefix_reuse: bool = True) -> Pipeline:
     """Open an engine directory. Backends: "onnxruntime", "tensorrt" (vision), "tensorrt-llm" (LLM), or
     "auto" (the native NVIDIA engines when the directory has them and they import, else ONNX Runtime).
-    `vision_cache_mb`: bound of the encoder-output cache in MiB (None: 256; 0: off)."""
+    `vision_cache_mb`: bound of the encoder-output cache in MiB (None: 256; 0: off). `prefix_reuse`: a new
+    prompt (a `generate` call, a server request) keeps the KV of the start it shares with the previous one."""
     from vila_edge.backends import make_llm_engine, make_vision_engine
 
     engine_dir = Path(engine_dir)
@@ -714,7 +717,7 @@ def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_co
     llm = make_llm_engine(llm_backend, engine_dir, manifest, device=device, threads=threads,
                           max_context=max_context or cfg.llm.max_length)
     return Pipeline(cfg, tokenizer, vision, llm, engine_dir=engine_dir, manifest=manifest,
-                    vision_cache=VisionCache.of_megabytes(vision_cache_mb))
+                    vision_cache=VisionCache.of_megabytes(vision_cache_mb), prefix_reuse=prefix_reuse)
 
 
 __all__ = ["Conversation", "GenerationResult", "Pipeline", "TextStream", "Timings", "TokenEvent", "Turn", "load",

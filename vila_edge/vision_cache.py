@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vila_edge.errors import VilaEdgeError
+
 DEFAULT_MAX_MB = 256.0
 MIB = 1024 * 1024
 
@@ -64,7 +66,7 @@ class VisionCache:
 
     def __init__(self, max_bytes: int = int(DEFAULT_MAX_MB * MIB)):
         if max_bytes < 0:
-            raise ValueError(f"vision cache size {max_bytes} bytes: must be >= 0 (0 turns it off)")
+            raise VilaEdgeError(f"vision cache size {max_bytes} bytes: must be >= 0 (0 turns the cache off)")
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[bytes, CachedImage] = OrderedDict()
         self._lock = threading.Lock()
