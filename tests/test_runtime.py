@@ -82,6 +82,7 @@ def test_fp32_pipeline_matches_reference(runtime_engine, tiny_checkpoint, family
     assert _rel_err(got, want) <= 1e-3
 
     want_tokens = ref.greedy(want_emb, 16)
+    pipe.vision_cache.clear()  # the image was encoded above: time every stage of a miss
     res = pipe.generate(PROMPT, images=[img], max_new_tokens=16)
     assert res.token_ids == want_tokens
     t = res.timings
@@ -275,7 +276,7 @@ def test_second_turn_kv_reuse_equals_reprefill(runtime_engine, tiny_checkpoint, 
     # and both equal the reference run on the very same token sequence
     ref = _reference(tiny_checkpoint, family)
     prompt_ids = [i for s in a.segments[:-1] for i in s[0]]  # last segment = answer 2 (minus its last token)
-    prompt_items = [torch.from_numpy(x) for s in a.segments[:-1] for x in s[1]]
+    prompt_items = [torch.from_numpy(np.array(x)) for s in a.segments[:-1] for x in s[1]]
     assert len(prompt_items) == 2
     emb = ref.inputs_embeds(prompt_ids, prompt_items)
     assert emb.shape[0] == r2a.timings.prompt_positions
