@@ -52,9 +52,10 @@ def image_data_url(size=(640, 480), seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(60, 200, (size[1], size[0], 3), dtype=np.uint8))
     draw = ImageDraw.Draw(img)
+    d = min(size) // 4
     for _ in range(3):
-        x, y = int(rng.integers(0, size[0] - 120)), int(rng.integers(0, size[1] - 120))
-        draw.ellipse((x, y, x + 110, y + 110), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        x, y = int(rng.integers(0, size[0] - d)), int(rng.integers(0, size[1] - d))
+        draw.ellipse((x, y, x + d, y + d), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

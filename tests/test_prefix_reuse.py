@@ -226,3 +226,27 @@ def test_server_reuses_the_image_and_the_conversation(runtime_engine):  # noqa: 
     assert prompt(s0, s1) == prompt(c0, c1) and prompt(s1, s2) == prompt(c1, c2)  # the same prompts
     assert prefilled(c0, c1) == prompt(c0, c1) and prefilled(c1, c2) == prompt(c1, c2)
     assert prefilled(s0, s1) < prompt(s0, s1) // 2 and prefilled(s1, s2) < prompt(s1, s2) // 2
+
+
+@pytest.mark.slow
+def test_serve_cache_benchmark_short(runtime_engine, tmp_path):  # noqa: F811
+    """The benchmark, small: two real CLI servers (one with `--vision-cache-mb 0 --no-prefix-reuse`), the same
+    answers from both; the flags reach the runtime (the uncached server reuses nothing). No timing asserted."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_cache
+
+    res = serve_cache.run(runtime_engine("nvila"), repeats=2, turns=2, max_tokens=4, image_size=(96, 64))
+    for key in ("same_image", "same_image_new_question", "conversation"):
+        assert res[key]["answers_identical"], key
+        assert len(res[key]["ttft_s"]["cached"]) == 2
+    cached, uncached = res["server_stats"]["cached"], res["server_stats"]["uncached"]
+    assert cached["vision_cache"]["hits"] > 0 and cached["prefill"]["reused_positions"] > 0
+    assert uncached["vision_cache"]["hits"] == 0 and uncached["vision_cache"]["max_bytes"] == 0
+    assert uncached["prefill"]["reused_positions"] == 0
+    serve_cache.write_results(res, tmp_path)
+    assert json.loads((tmp_path / "serve_cache.json").read_text())["engine"] == res["engine"]
+    assert "same request x2" in (tmp_path / "serve_cache.md").read_text()

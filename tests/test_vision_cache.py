@@ -68,6 +68,29 @@ def test_size_zero_turns_the_cache_off_and_negative_is_refused():
         VisionCache(-1)
 
 
+def test_threads_sharing_the_cache_keep_its_bound_and_counts():
+    import threading
+
+    cache = VisionCache(10_000)
+    keys = [bytes([k]) for k in range(40)]
+
+    def work(seed: int):
+        rng = np.random.default_rng(seed)
+        for _ in range(500):
+            k = keys[int(rng.integers(len(keys)))]
+            if cache.get(k) is None:
+                cache.put(k, _items(int(rng.integers(1, 5)) * 400), tiles=1)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = cache.stats()
+    assert s["hits"] + s["misses"] == 4 * 500
+    assert 0 < s["bytes"] <= 10_000 and s["bytes"] == sum(e.nbytes for e in cache._entries.values())
+
+
 def test_cached_items_are_read_only():
     entry = VisionCache(1000).put(b"a", _items(400, 1.0), tiles=1)
     with pytest.raises(ValueError):
