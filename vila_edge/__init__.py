@@ -7,7 +7,7 @@ from vila_edge.errors import CheckpointError, EngineError, MediaError, PromptErr
 
 def load(engine_dir, **kwargs):
     """Open an engine directory -> `vila_edge.runtime.Pipeline` (see `vila_edge.runtime.load` for options:
-    device, threads, max_context, vision_backend, llm_backend)."""
+    device, threads, max_context, vision_backend, llm_backend, vision_cache_mb, prefix_reuse)."""
     from vila_edge.runtime import load as _load
 
     return _load(engine_dir, **kwargs)
