@@ -90,6 +90,9 @@ def test_interactive_commands(runtime_engine, media):  # noqa: F811
     assert r.stdout.count("vila> ") == 2
     assert "attached" in r.stderr and "prefill" in r.stderr and "conversation cleared" in r.stderr
     assert "unknown command /bogus" in r.stderr
+    assert "vision cache 0 hits / 1 misses, 1 images" in r.stderr  # the image was encoded once, and kept
+    r = run_cli(runtime_engine("vila1.5"), "--max-new-tokens", "4", "--vision-cache-mb", "0", stdin=script)
+    assert r.returncode == 0 and "prefill" in r.stderr and "vision cache" not in r.stderr  # 0: off
 
 
 def test_checkpoint_argument_builds_engines_first(tiny_checkpoint, media, tmp_path):

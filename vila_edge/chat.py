@@ -61,7 +61,15 @@ def format_stats(result, pipe) -> str:
             f"merge+projector {t.merge_projector * 1e3:.1f} ms | prefill {t.prefill * 1e3:.1f} ms "
             f"({t.prefill_positions} positions, {t.prefill_tokens_per_s:.0f}/s) | time to first token "
             f"{t.ttft * 1e3:.1f} ms | decode {t.generated_tokens} tokens {t.decode_tokens_per_s:.1f} tok/s | "
-            f"context {pipe.llm.length}/{pipe.max_context}")
+            f"context {pipe.llm.length}/{pipe.max_context}{_cache_stats(pipe)}")
+
+
+def _cache_stats(pipe) -> str:
+    v = pipe.vision_cache.stats() if hasattr(pipe, "vision_cache") else None
+    if not v or not v["max_bytes"]:
+        return ""
+    return (f" | vision cache {v['hits']} hits / {v['misses']} misses, {v['entries']} images, "
+            f"{v['bytes'] / 2**20:.1f}/{v['max_bytes'] / 2**20:.0f} MiB")
 
 
 def _stream_answer(stream, con: Console, *, echo: bool = True):
