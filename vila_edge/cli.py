@@ -149,7 +149,7 @@ def serve(
     node_profile: str | None = typer.Option(None, help="With --cluster: device profile of the GPU nodes (e.g. "
                                             "orin-nano-8gb): a replica reserves the GPU share the planner predicts."),
 ):
-    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health, /metrics) and a live camera page."""
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health, /metrics, /stats) and a live camera page."""
     from vila_edge.serve import bind_socket, is_loopback, run
     from vila_edge.serve.app import ServeSettings, create_app
     from vila_edge.serve.engine import load_engines

@@ -25,7 +25,8 @@ and records per-stage timings: preprocess, vision, merge+projector, prefill, dec
 The prompt goes to the LLM as a `PromptChunks` (vila_edge.splice: text ids and media items, each knowing
 its positions); the loop is `vila_edge.generate`'s (prefill, decode_one_token, generate_tokens);
 `Conversation` keeps the conversation's bookkeeping (history, KV prefix reuse, context fitting, rollback)
-and holds the LLM's cache through the pipeline's `KVCache`.
+and holds the LLM's cache through the pipeline's `KVCache`. The pipeline's `VisionCache`
+(vila_edge.vision_cache) keeps recent images' media items, so an image seen again is not re-encoded.
 """
 
 from __future__ import annotations
@@ -465,8 +466,11 @@ class Conversation:
     answer and opens the new turn, tokenized as it would be inside the whole conversation). A new turn
     prefills only its continuation, when the pipeline's `KVCache` says the cache still holds this
     conversation. `reuse_kv=False` re-prefills all segments every turn (same tokens, used to check the
-    reuse). When a turn does not fit, the oldest turns are dropped, the remaining conversation is
-    re-rendered and re-prefilled, and a notice says so. An answer cut short (closed event stream) is
+    reuse). A prompt prefilled from scratch (the first turn, a `generate` call, a server request resending its
+    conversation) keeps the longest start it shares with whatever conversation the cache holds, and prefills
+    only the rest (`_take_cache`; off with `reuse_kv=False` or the pipeline's `prefix_reuse=False`). When a
+    turn does not fit, the oldest turns are dropped, the remaining conversation is re-rendered and
+    re-prefilled, and a notice says so. An answer cut short (closed event stream) is
     kept, and the cache rolled back to it. The generation itself is the loop of `vila_edge.generate`.
     """
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: scheduler, metrics, errors, auth, `/health`, `/metrics`, and two routers: the OpenAI
+"""The FastAPI app: scheduler, metrics, errors, auth, `/health`, `/metrics`, `/stats`, and two routers: the OpenAI
 API (`vila_edge.serve.routes_openai`) and, with a camera, the live page (`vila_edge.serve.routes_camera`).
 
 `create_app(engines, settings, camera=...)` builds the app; `vila_edge.serve.run` serves it with uvicorn.
