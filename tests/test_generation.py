@@ -138,8 +138,14 @@ def test_kv_cache_holder_switches_between_conversations(runtime_engine):  # noqa
     assert pipe.kv.holds(a, a.cache_positions)
     b.ask("Hello.", max_new_tokens=4)  # b takes the cache: a must re-prefill its whole conversation
     assert pipe.kv.holds(b, b.cache_positions) and not pipe.kv.holds(a, a.cache_positions)
+    held = pipe.prompt_chunks(*b.cached_prompt())
     r = a.ask("Go on.", max_new_tokens=4)
-    assert r.timings.prefill_positions == r.timings.prompt_positions
+    # ... all but the start it shares with b's (the chat template's opening, up to the first user text)
+    from vila_edge.splice import shared_positions
+
+    shared = shared_positions(held, pipe.prompt_chunks(*a.segments[0]))
+    assert 0 < shared < held.n_positions
+    assert r.timings.prefill_positions == r.timings.prompt_positions - shared
     r = a.ask("More.", max_new_tokens=4)  # a holds it again: only the new turn is prefilled
     assert 0 < r.timings.prefill_positions < r.timings.prompt_positions
     a.reset()
