@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ class ChatOptions:
     interval: float | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     max_cycles: int | None = None  # live mode: stop after this many answers (tests, scripts)
+    dedup_threshold: float = 2.0  # live mode: skip frames within this many grey levels of the last encoded one
+    pipelined: bool = True  # live mode: encode the next frame while the answer streams
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,46 +128,47 @@ def run_once(pipe, opts: ChatOptions, con: Console) -> int:
 
 
 def run_live(pipe, opts: ChatOptions, con: Console) -> int:
-    """Every `interval` seconds: ask the prompt about the newest frame; stream the answer."""
+    """Ask the prompt about each new camera frame (at most one every `interval` seconds, frames that did not
+    change skipped, the next frame encoded while this answer streams); stream the answers; a summary at the end."""
+    from vila_edge.captioner import Captioner
+    from vila_edge.media.camera import newest_frames
+    from vila_edge.media.frame_dedup import FrameDedup
+
     if not opts.camera:
         raise MediaError("--interval needs --camera SRC (a video file path works as a stand-in camera)")
     prompt = opts.prompt or "Describe what you see."
+    dedup = FrameDedup(opts.dedup_threshold)  # MediaError on a bad threshold, before the camera opens
     grabber = _open_camera(opts.camera, con)
-    cycles = 0
+    cap = Captioner(pipe, prompt, params=opts.params, dedup=dedup, pipelined=opts.pipelined, interval=opts.interval,
+                    on_notice=con.note)
     try:
-        frame = grabber.first_frame()
-        while True:
-            t0 = time.monotonic()
-            conv = pipe.chat(on_notice=con.note)  # each frame is a fresh question
-            stream = conv.ask(prompt, images=[_frame_image(frame)], stream=True, params=opts.params)
+        grabber.first_frame()  # MediaError: opened but no frame
+        n = 0
+        for c in cap.captions(newest_frames(grabber, on_notice=con.note)):
             if opts.as_json:
-                result = _stream_answer(stream, con, echo=False)
-                d = result.as_dict()
-                d["frame"] = frame.seq
+                d = _stream_answer(c.stream, con, echo=False).as_dict()
+                d["frame"] = c.frame.seq
                 con.write(json.dumps(d) + "\n")
             else:
-                con.write(f"[frame {frame.seq}] ")
-                _stream_answer(stream, con)
-            cycles += 1
-            if opts.max_cycles and cycles >= opts.max_cycles:
-                return 0
-            wait = max(0.0, opts.interval - (time.monotonic() - t0))
-            time.sleep(wait)
-            nxt = grabber.wait_newer(frame.seq, timeout=max(5.0, opts.interval * 2))
-            if nxt is None:
-                if grabber.error:
-                    raise MediaError(grabber.error)
-                if grabber.finished:
-                    con.note(f"{grabber.label}: no more frames; stopping")
-                    return 0
-                con.note(f"{grabber.label}: no new frame; asking about the last one again")
-                continue
-            frame = nxt
+                con.write(f"[frame {c.frame.seq}] ")
+                _stream_answer(c.stream, con)
+            n += 1
+            if opts.max_cycles and n >= opts.max_cycles:
+                break
+        else:
+            con.note(f"{grabber.label}: no more frames; stopping")
+        return 0
     except KeyboardInterrupt:
         con.note("stopped")
         return 0
     finally:
+        cap.close()
         grabber.close()
+        stats = cap.stats()
+        if opts.as_json:
+            con.write(json.dumps({"summary": stats.as_dict()}) + "\n")
+        else:
+            con.note(stats.summary())
 
 
 def run_interactive(pipe, opts: ChatOptions, con: Console, read_line: Callable[[str], str] = input) -> int:
@@ -242,8 +244,8 @@ def run_interactive(pipe, opts: ChatOptions, con: Console, read_line: Callable[[
 def run_chat(pipe, opts: ChatOptions, con: Console | None = None) -> int:
     con = con or Console()
     if opts.interval is not None:
-        if opts.interval <= 0:
-            raise VilaEdgeError(f"--interval {opts.interval}: must be > 0 seconds")
+        if opts.interval < 0:
+            raise VilaEdgeError(f"--interval {opts.interval}: must be >= 0 seconds (0: one answer after another)")
         return run_live(pipe, opts, con)
     if opts.prompt is not None:
         try:
@@ -278,7 +280,7 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
                  params: SamplingParams | None = None, device: str = "auto", threads: int | None = None,
                  max_context: int | None = None, vision_cache_mb: float | None = None,
                  ensure_engine: Callable[[Path, Callable[[str], None]], Path] | None = None,
-                 backend: str = "auto") -> int:
+                 backend: str = "auto", dedup_threshold: float = 2.0, pipelined: bool = True) -> int:
     """The `vila-edge chat` command (the CLI only parses options). `ensure_engine(path, say)` turns a
     checkpoint into its engine directory (the CLI passes the builder's, which builds on first use: this
     module stays below the builder); without it `engines` must be an engine directory."""
@@ -296,7 +298,8 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
     pipe = load(path, device=device, threads=threads, max_context=max_context, vision_backend=backend,
                 llm_backend=backend, vision_cache_mb=vision_cache_mb)
     opts = ChatOptions(images=imgs, video=str(video) if video else None, camera=camera, prompt=prompt,
-                       as_json=as_json, interval=interval, params=params or SamplingParams())
+                       as_json=as_json, interval=interval, params=params or SamplingParams(),
+                       dedup_threshold=dedup_threshold, pipelined=pipelined)
     try:
         return run_chat(pipe, opts, con)
     finally:

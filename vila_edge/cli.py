@@ -223,7 +223,12 @@ def chat(
     prompt: str | None = typer.Option(None, "--prompt", help="Answer this and exit (non-interactive)."),
     as_json: bool = typer.Option(False, "--json", help="With --prompt/--interval: print JSON with timings."),
     interval: float | None = typer.Option(None, "--interval", help="Live mode: ask about the newest camera frame "
-                                          "every S seconds."),
+                                          "every S seconds (0: one answer after another)."),
+    dedup_threshold: float = typer.Option(2.0, "--dedup-threshold", help="Live mode: skip frames whose 64x36 "
+                                          "grayscale thumbnail differs from the last captioned frame's by less "
+                                          "than this mean absolute difference, in grey levels 0-255 (0: off)."),
+    pipeline: bool = typer.Option(True, "--pipeline/--no-pipeline", help="Live mode: encode the next frame while "
+                                  "the current answer streams (vision and LLM at once)."),
     max_new_tokens: int = typer.Option(256, help="Maximum tokens per answer."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
@@ -256,7 +261,7 @@ def chat(
                         vision_cache_mb=vision_cache_mb,
                         ensure_engine=lambda path, say: ensure_engine_dir(path, output=engine_dir, precision=precision,
                                                                           say=say),
-                        backend=backend)
+                        backend=backend, dedup_threshold=dedup_threshold, pipelined=pipeline)
     if code:
         raise typer.Exit(code)
 

@@ -35,7 +35,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +145,15 @@ class TextStream:
 
     def close(self) -> None:
         self._events.close()
+
+
+@dataclass(frozen=True)
+class EncodedMessage:
+    """A user message with its media already through the vision path (`Pipeline.encode_message`)."""
+
+    message: Message
+    items: list[np.ndarray]
+    timings: Timings  # preprocess / vision / merge+projector of the encoding
 
 
 @dataclass
@@ -377,6 +386,14 @@ class Pipeline:
         content = user_content(self.config, text, n_images=len(images), n_tiles=n_tiles,
                                video=video is not None, n_frames=n_frames)
         return Message("user", content), items
+
+    def encode_message(self, text: str, images: Sequence = (), video=None) -> EncodedMessage:
+        """The vision half of a turn, done ahead of time: `Conversation.ask(..., encoded=)` runs only the LLM half.
+        Touches only the vision engine, so it can run in another thread while the LLM decodes (the live
+        captioner's pipelining)."""
+        t = Timings()
+        user, items = self.user_message(text, images, video, timings=t)
+        return EncodedMessage(user, items, t)
 
     # ---- API -------------------------------------------------------------------------------
     def chat(self, *, reuse_kv: bool = True, on_notice: Callable[[str], None] | None = None) -> Conversation:
@@ -626,22 +643,32 @@ class Conversation:
 
     # ---- one turn --------------------------------------------------------------------------
     def ask(self, text: str, images: Sequence = (), video=None, *, stream: bool = False,
-            params: SamplingParams | None = None, **sampling) -> GenerationResult | TextStream:
+            params: SamplingParams | None = None, encoded: EncodedMessage | None = None,
+            **sampling) -> GenerationResult | TextStream:
         params = params or SamplingParams(**sampling)
-        s = TextStream(self.ask_events(text, images=images, video=video, params=params))
+        s = TextStream(self.ask_events(text, images=images, video=video, params=params, encoded=encoded))
         if stream:
             return s
         for _ in s:
             pass
         return s.result
 
-    def ask_events(self, text: str, *, images: Sequence = (), video=None,
-                   params: SamplingParams | None = None) -> Iterator[TokenEvent]:
-        """Fit the turn, prefill it, stream the answer's tokens; the GenerationResult is the return value."""
+    def ask_events(self, text: str | None, *, images: Sequence = (), video=None,
+                   params: SamplingParams | None = None,
+                   encoded: EncodedMessage | None = None) -> Iterator[TokenEvent]:
+        """Fit the turn, prefill it, stream the answer's tokens; the GenerationResult is the return value.
+        `encoded` (from `Pipeline.encode_message`) replaces text/images/video: its vision timings are reported,
+        and the time to first token counts from this call (the encoding happened before it)."""
         params = params or SamplingParams()
-        t = Timings()
         start = time.perf_counter()
-        user, items = self.pipe.user_message(text, images, video, timings=t)
+        if encoded is None:
+            t = Timings()
+            user, items = self.pipe.user_message(text, images, video, timings=t)
+        else:
+            if text or images or video is not None:
+                raise PromptError("ask(encoded=...) carries its own text and media; pass no text, images or video")
+            t = replace(encoded.timings)
+            user, items = encoded.message, list(encoded.items)
         notices: list[str] = []
         ids, prefill_items, reuse = self._fit(user, items, params, notices)
 
@@ -724,5 +751,5 @@ def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_co
                     vision_cache=VisionCache.of_megabytes(vision_cache_mb), prefix_reuse=prefix_reuse)
 
 
-__all__ = ["Conversation", "GenerationResult", "Pipeline", "TextStream", "Timings", "TokenEvent", "Turn", "load",
+__all__ = ["Conversation", "EncodedMessage", "GenerationResult", "Pipeline", "TextStream", "Timings", "TokenEvent", "Turn", "load",
            "VilaEdgeError"]

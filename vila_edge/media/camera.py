@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,3 +285,45 @@ class FrameGrabber:
         finally:
             with self._cond:
                 self._cond.notify_all()
+
+
+def newest_frames(grabber: FrameGrabber, *, tick: float = 0.25, on_notice: Callable[[str], None] | None = None,
+                  quiet_after: float = 10.0) -> Iterator[Frame | None]:
+    """Every frame newer than the last one taken, newest first come (frames that arrived while the consumer was
+    busy are dropped: the grabber keeps one slot). Yields None every `tick` seconds without a new frame, so a
+    consumer can stop; ends when a video file ends; raises MediaError when a live source is gone for good."""
+    seq = 0
+    idle_since = time.monotonic()
+    warned = False
+    while True:
+        frame = grabber.wait_newer(seq, timeout=tick)
+        if frame is not None:
+            seq, idle_since, warned = frame.seq, time.monotonic(), False
+            yield frame
+            continue
+        if grabber.error:
+            raise MediaError(grabber.error)
+        if grabber.finished:
+            return
+        if not warned and on_notice is not None and time.monotonic() - idle_since > quiet_after:
+            on_notice(f"{grabber.label}: no new frame for {quiet_after:g} s; waiting")
+            warned = True
+        yield None
+
+
+def file_frames(path) -> Iterator[Frame]:
+    """EVERY frame of a video file, in order, as fast as it decodes (benchmarks and tests: a reproducible
+    frame sequence, where a FrameGrabber gives the newest frame of a real-time playback)."""
+    from vila_edge.media.video import open_video
+
+    cap = open_video(Path(path))
+    try:
+        seq = 0
+        while True:
+            ok, image = cap.read()
+            if not ok or image is None:
+                return
+            seq += 1
+            yield Frame(seq, image, time.monotonic())
+    finally:
+        cap.release()

@@ -35,7 +35,7 @@ def nvila_indices(frame_count: int, num_frames: int, *, fps: float = 0.0, video_
     return [int(i) for i in np.round(np.linspace(0, frame_count - 1, num_frames)).astype(int)]
 
 
-def _open(path: Path):
+def open_video(path: Path):
     import cv2
 
     if not path.exists():
@@ -54,7 +54,7 @@ def read_frames_v15(path, num_frames: int) -> list:
     import cv2
 
     path = Path(path)
-    cap = _open(path)
+    cap = open_video(path)
     try:
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         wanted = v15_indices(count, num_frames) if count > 0 else None
@@ -89,7 +89,7 @@ def read_frames_nvila(path, num_frames: int, *, fps: float = 0.0) -> list:
             raise MediaError(f"{path}: folder holds no frame images")
         idx = np.round(np.linspace(0, len(files) - 1, num_frames)).astype(int)
         return [load_image(files[i]) for i in idx]
-    cap = _open(path)
+    cap = open_video(path)
     try:
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         while count > 0:  # the container's count may overshoot: find the last frame that exists
