@@ -58,7 +58,9 @@ def live_server(runtime_engine, tmp_path_factory):  # noqa: F811
     engine = PipelineEngine.load(runtime_engine("nvila"), model_id="tiny-nvila")
     video = write_video(tmp_path_factory.mktemp("camera") / "camera.avi")
     cam = open_camera(str(video))
-    settings = ServeSettings(camera_prompt="What is in the frame?", camera_interval=0.2, camera_max_tokens=12)
+    # dedup off: the clip plays once in a second; these tests want captions of its last frame again and again
+    settings = ServeSettings(camera_prompt="What is in the frame?", camera_interval=0.2, camera_max_tokens=12,
+                             camera_dedup_threshold=0)
     with BackgroundServer(create_app(engine, settings, camera=cam)) as srv:
         yield srv
 
@@ -132,6 +134,43 @@ def test_captions_stream_answers_about_the_frame(live_server):
     assert partial, "captions are streamed token by token"
     state = httpx.get(live_server.url + "/camera/state").json()
     assert state["captions_done"] >= 2 and state["model"] == "tiny-nvila"
+
+
+class ScriptedFrames:
+    """A frame source (`read_latest()`, the interface of vila_edge.serve.live) playing a fixed list of frames, one
+    per read, then holding the last one: 5 reads of scene A, 5 of scene B (seq grows with each read)."""
+
+    def __init__(self):
+        a = np.full((H, W, 3), 40, np.uint8)
+        b = a.copy()
+        cv2.rectangle(b, (40, 40), (200, 200), (0, 0, 255), -1)
+        self.frames = [a] * 5 + [b] * 5
+        self.seq = 0
+
+    def read_latest(self):
+        self.seq = min(self.seq + 1, len(self.frames))
+        return self.seq, self.frames[self.seq - 1]
+
+
+def test_camera_page_captions_only_frames_that_changed(runtime_engine):  # noqa: F811
+    engine = PipelineEngine.load(runtime_engine("nvila"), model_id="tiny-nvila")
+    settings = ServeSettings(camera_prompt="What changed?", camera_interval=0.0, camera_max_tokens=2,
+                             camera_dedup_threshold=2.0)
+    with BackgroundServer(create_app(engine, settings, camera=ScriptedFrames())) as srv:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = httpx.get(srv.url + "/camera/state").json()
+            if state["frame_seq"] == 10 and state["captions_done"] >= 2:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # more loop turns: the held last frame must not be captioned again
+        state = httpx.get(srv.url + "/camera/state").json()
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert state["captions_done"] == 2 and state["dedup_threshold"] == 2.0
+    f = state["frames"]
+    assert f["encoded"] == 2 and f["seen"] == f["encoded"] + f["skipped"] and f["skipped"] >= 1
+    assert 'vila_edge_camera_frames_total{outcome="encoded"} 2' in metrics
+    assert f'vila_edge_camera_frames_total{{outcome="skipped"}} {f["skipped"]}' in metrics
 
 
 def _chromium() -> str | None:

@@ -291,6 +291,10 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
     if prompt is not None:
         check_text(prompt, "--prompt")  # before loading anything
     check_inputs(imgs, str(video) if video else None)  # before a first-use build: a typo costs no build
+    if interval is not None:
+        from vila_edge.media.frame_dedup import FrameDedup
+
+        FrameDedup(dedup_threshold)  # a bad --dedup-threshold is one line, before anything loads
     say = con.note if not as_json else (lambda m: print(m, file=sys.stderr))
     path = ensure_engine(Path(engines), say) if ensure_engine else Path(engines)
     from vila_edge.runtime import load

@@ -136,6 +136,10 @@ def serve(
     prompt: str = typer.Option("Describe what you see in one sentence.", help="Live page: question about each frame."),
     interval: float = typer.Option(2.0, min=0.0, help="Live page: seconds between one caption and the next."),
     caption_tokens: int = typer.Option(48, min=1, help="Live page: max tokens per caption."),
+    dedup_threshold: float = typer.Option(2.0, "--dedup-threshold", help="Live page: caption a frame only when its "
+                                          "64x36 grayscale thumbnail differs from the last captioned frame's by at "
+                                          "least this mean absolute difference, in grey levels 0-255 (0: caption "
+                                          "the newest frame every interval)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
     threads: int | None = typer.Option(None, min=1, help="Engine threads (default: physical cores)."),
     vision_cache_mb: float | None = typer.Option(None, min=0, help=VISION_CACHE_HELP),
@@ -162,7 +166,12 @@ def serve(
                       max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens),
         max_queue=max_queue, request_timeout=request_timeout, allow_remote_images=allow_remote_images,
         remote_image_networks=parse_networks(allow_image_network),
-        api_key=api_key or None, allowed_hosts=(host,), camera_prompt=prompt, camera_interval=interval, camera_max_tokens=caption_tokens)
+        api_key=api_key or None, allowed_hosts=(host,), camera_prompt=prompt, camera_interval=interval, camera_max_tokens=caption_tokens,
+        camera_dedup_threshold=dedup_threshold)
+    if camera is not None:
+        from vila_edge.media.frame_dedup import FrameDedup
+
+        FrameDedup(dedup_threshold)  # a bad --dedup-threshold is one line, before anything loads
     if cluster is not None:
         _serve_cluster(engines, settings, cluster=cluster, host=host, port=port, api_key=api_key, device=device,
                        threads=threads, replicas=replicas, max_replicas=max_replicas, node_profile=node_profile,

@@ -47,6 +47,7 @@ class ServeSettings:
     camera_prompt: str = "Describe what you see in one sentence."
     camera_interval: float = 2.0  # seconds between the end of one caption and the next frame
     camera_max_tokens: int = 48
+    camera_dedup_threshold: float = 2.0  # grey levels (vila_edge.media.frame_dedup); 0: caption every interval
     camera_fps: float = 10.0  # MJPEG frames per second sent to each viewer (at most)
 
 
@@ -108,6 +109,7 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
         from vila_edge.serve.live import LiveCaptioner
 
         live = LiveCaptioner(camera, engine_list[0], scheduler, settings)
+        metrics.add_camera(live.dedup.counts.as_dict)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,8 +1,9 @@
 """The live camera page: newest frame as MJPEG, and captions of the newest frame as server-sent events.
 
-A `LiveCaptioner` loops: take the newest frame, ask the engine about it (through the same scheduler as
-API requests, so it never runs beside another generation), broadcast the answer token by token to every
-`/captions` subscriber, wait `interval` seconds, repeat. Frames are never queued: a caption is always about
+A `LiveCaptioner` loops: take the newest frame, skip it when it is within `camera_dedup_threshold` grey levels of
+the last captioned frame (`vila_edge.media.frame_dedup`; counts in `/metrics` and `/camera/state`), ask the
+engine about it (through the same scheduler as API requests, so it never runs beside another generation),
+broadcast the answer token by token to every `/captions` subscriber, wait `interval` seconds, repeat. Frames are never queued: a caption is always about
 the newest frame at the time it starts, and `/stream.mjpg` always shows the newest frame.
 
 A frame source is anything with `read_latest() -> (seq, frame)` (frame: HxWx3 BGR uint8, or None before
@@ -19,6 +20,7 @@ import time
 
 from vila_edge.errors import MediaError
 from vila_edge.generate import SamplingParams
+from vila_edge.media.frame_dedup import FrameDedup
 from vila_edge.serve.engine import ChatMessage
 from vila_edge.serve.scheduler import Job
 
@@ -57,6 +59,8 @@ class LiveCaptioner:
         self._running = False
         self._closing = False
         self.captions_done = 0
+        self.dedup = FrameDedup(settings.camera_dedup_threshold)
+        self._checked_seq = 0  # newest frame dedup has looked at
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -88,6 +92,7 @@ class LiveCaptioner:
         seq, frame = self.source.read_latest()
         shape = None if frame is None else list(frame.shape)
         return {"frame_seq": seq, "frame_shape": shape, "caption": self._latest, "captions_done": self.captions_done,
+                "frames": self.dedup.counts.as_dict(), "dedup_threshold": self.dedup.threshold,
                 "source_error": getattr(self.source, "error", None),
                 "prompt": self.settings.camera_prompt, "interval": self.settings.camera_interval,
                 "model": self.engine.model_id}
@@ -108,9 +113,16 @@ class LiveCaptioner:
         n = 0
         while self._running:
             seq, frame = self.source.read_latest()
-            if frame is None:
+            if frame is None or (self.dedup.enabled and seq == self._checked_seq):
                 await asyncio.sleep(0.05)
                 continue
+            if self.dedup.enabled:
+                self._checked_seq = seq
+                if not self.dedup.is_new(frame):  # nothing changed since the last caption: nothing new to say
+                    await asyncio.sleep(0.05)
+                    continue
+            else:
+                self.dedup.is_new(frame)  # counts it
             try:
                 image = await asyncio.to_thread(bgr_to_pil, frame.copy(), "camera frame")
                 messages = [ChatMessage("user", s.camera_prompt, 1)]
@@ -123,6 +135,7 @@ class LiveCaptioner:
                           params=SamplingParams(max_new_tokens=min(s.camera_max_tokens, room)),
                           timeout=s.request_timeout, prompt_tokens=tokens)
                 if not self.scheduler.submit(job):  # API traffic fills the queue: try again later
+                    self.dedup.reset()  # this frame was not captioned: the next one must be
                     await asyncio.sleep(max(0.2, s.camera_interval))
                     continue
                 n += 1
