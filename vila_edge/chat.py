@@ -272,6 +272,15 @@ def check_inputs(images: Sequence[str], video: str | None) -> None:
         raise MediaError(f"{video}: video file not found")
 
 
+def live_vision_threads(threads: int | None) -> int:
+    """CPU threads of the vision engine when it runs beside the LLM (pipelined live mode): half of the LLM's.
+    Measured on 2 cores (benchmarks/results/live_captioner_threads.md): two 2-thread pools overlapping were ~3x
+    slower than vision 1 + LLM 2 (both spinning thread pools fight for the cores)."""
+    from vila_edge.backends.ort_llm import default_threads
+
+    return max(1, (threads or default_threads()) // 2)
+
+
 CHAT_BACKENDS = ("auto", "onnxruntime", "torch")  # --backend: vision and LLM engines alike
 
 
@@ -300,7 +309,8 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
     from vila_edge.runtime import load
 
     pipe = load(path, device=device, threads=threads, max_context=max_context, vision_backend=backend,
-                llm_backend=backend, vision_cache_mb=vision_cache_mb)
+                llm_backend=backend, vision_cache_mb=vision_cache_mb,
+                vision_threads=live_vision_threads(threads) if interval is not None and pipelined else None)
     opts = ChatOptions(images=imgs, video=str(video) if video else None, camera=camera, prompt=prompt,
                        as_json=as_json, interval=interval, params=params or SamplingParams(),
                        dedup_threshold=dedup_threshold, pipelined=pipelined)
