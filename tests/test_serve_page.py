@@ -138,13 +138,16 @@ def test_captions_stream_answers_about_the_frame(live_server):
 
 class ScriptedFrames:
     """A frame source (`read_latest()`, the interface of vila_edge.serve.live) playing a fixed list of frames, one
-    per read, then holding the last one: 5 reads of scene A, 5 of scene B (seq grows with each read)."""
+    per read, then holding the last one: `scenes` scenes (a box moving right), 5 reads each (seq grows with each
+    read)."""
 
-    def __init__(self):
-        a = np.full((H, W, 3), 40, np.uint8)
-        b = a.copy()
-        cv2.rectangle(b, (40, 40), (200, 200), (0, 0, 255), -1)
-        self.frames = [a] * 5 + [b] * 5
+    def __init__(self, scenes: int = 2):
+        self.scenes = []
+        for k in range(scenes):
+            f = np.full((H, W, 3), 40, np.uint8)
+            cv2.rectangle(f, (20 + 60 * k, 40), (100 + 60 * k, 200), (0, 0, 255), -1)
+            self.scenes.append(f)
+        self.frames = [f for f in self.scenes for _ in range(5)]
         self.seq = 0
 
     def read_latest(self):
@@ -171,6 +174,36 @@ def test_camera_page_captions_only_frames_that_changed(runtime_engine):  # noqa:
     assert f["encoded"] == 2 and f["seen"] == f["encoded"] + f["skipped"] and f["skipped"] >= 1
     assert 'vila_edge_camera_frames_total{outcome="encoded"} 2' in metrics
     assert f'vila_edge_camera_frames_total{{outcome="skipped"}} {f["skipped"]}' in metrics
+
+
+def test_camera_page_encodes_the_next_frame_while_a_caption_decodes(runtime_engine):  # noqa: F811
+    """Pipelining: each caption after the first finds its frame already in the vision cache (encoded beside the
+    previous caption's decode), and says what a cold run on that frame says."""
+    from vila_edge.media.image import bgr_to_pil
+
+    engine = PipelineEngine.load(runtime_engine("nvila"), model_id="tiny-nvila")
+    if getattr(engine.pipeline, "vision_cache", None) is None:
+        pytest.skip("the runtime has no vision cache to encode the next frame into")
+    source = ScriptedFrames(scenes=3)
+    settings = ServeSettings(camera_prompt="What changed?", camera_interval=0.0, camera_max_tokens=3,
+                             camera_dedup_threshold=2.0)
+    app = create_app(engine, settings, camera=source)
+    with BackgroundServer(app) as srv:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = httpx.get(srv.url + "/camera/state").json()
+            if state["frame_seq"] == len(source.frames) and state["captions_done"] >= 3:
+                break
+            time.sleep(0.1)
+        captions = read_captions(srv.url + "/captions", until_done=1)
+    assert state["pipelined"] and state["captions_done"] == 3 and state["frames"]["encoded"] == 3
+    assert state["prefetched"] == 2  # the first caption's frame had nothing to overlap with
+    cache = engine.pipeline.vision_cache.stats()
+    assert cache["hits"] >= 2
+    last = [e for e in captions if e.get("done")][-1]
+    cold = engine.pipeline.generate("What changed?", images=[bgr_to_pil(source.scenes[-1])], max_new_tokens=3)
+    assert last["text"] == cold.text
+    engine.pipeline.close()
 
 
 def _chromium() -> str | None:

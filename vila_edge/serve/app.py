@@ -45,7 +45,9 @@ class ServeSettings:
     allowed_hosts: tuple = ()  # Host names accepted without an API key besides IP literals and localhost
     # live camera page
     camera_prompt: str = "Describe what you see in one sentence."
-    camera_interval: float = 2.0  # seconds between the end of one caption and the next frame
+    # seconds between the end of one caption and the next frame; with pipelining (the engine can encode ahead:
+    # vila_edge.serve.live) between the START of one caption and the next frame, encoded while the caption decodes
+    camera_interval: float = 2.0
     camera_max_tokens: int = 48
     camera_dedup_threshold: float = 2.0  # grey levels (vila_edge.media.frame_dedup); 0: caption every interval
     camera_fps: float = 10.0  # MJPEG frames per second sent to each viewer (at most)

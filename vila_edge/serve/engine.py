@@ -12,6 +12,9 @@ The server never calls the runtime directly; it calls an `Engine`:
   scheduler owns them: an engine ignores `params.stop`), and closes the iterator to stop early (client
   gone, timeout), so an adapter must stop generating when its iterator is closed.
 
+Optional: `can_prefetch` and `prefetch_images(images)` (encode a coming request's images ahead, beside a running
+generation: the camera page's pipelining).
+
 `PipelineEngine` adapts `vila_edge.load(engine_dir)`; `StandInEngine` is a deterministic, model-free
 stand-in for tests of the HTTP layer only (it is never used by `vila-edge serve`).
 """
@@ -195,6 +198,23 @@ class PipelineEngine:
                 lengths += [lay.feature_tokens] * lay.n_items
             msgs.append(Message("user", user_content(cfg, t.text, n_images=n, n_tiles=n_tiles)))
         return pipe.prompt_chunks(pipe.prompt_ids(msgs), lengths).n_positions
+
+    @property
+    def can_prefetch(self) -> bool:
+        """Whether `prefetch_images` does anything: the pipeline keeps a vision cache for the encodings to land in,
+        and the vision engine is ONNX Runtime's (its sessions take concurrent runs, so encoding beside a running
+        generation is safe; a TensorRT execution context is not)."""
+        cache = getattr(self.pipeline, "vision_cache", None)
+        return bool(cache is not None and cache.enabled and getattr(self.pipeline.vision, "name", "") == "onnxruntime")
+
+    def prefetch_images(self, images: Sequence[Image.Image]) -> bool:
+        """Encode the images of a request about to be made (the camera page's next frame) into the vision cache,
+        while another generation runs: the request then skips the vision tower. False when it cannot help."""
+        if not self.can_prefetch:
+            return False
+        for im in images:
+            self.pipeline.image_items(im, single=len(images) == 1)
+        return True
 
     def generate_stream(self, messages, images, params: SamplingParams):
         # the scheduler cuts stop strings (for every engine): the runtime runs without them

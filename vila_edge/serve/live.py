@@ -61,6 +61,10 @@ class LiveCaptioner:
         self.captions_done = 0
         self.dedup = FrameDedup(settings.camera_dedup_threshold)
         self._checked_seq = 0  # newest frame dedup has looked at
+        # pipelining needs somewhere to put the next frame's encoding (the engine's vision cache)
+        self.pipelined = bool(getattr(engine, "can_prefetch", False))
+        self._ahead: asyncio.Task | None = None  # picks + encodes the next caption's frame
+        self.prefetched = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -76,12 +80,13 @@ class LiveCaptioner:
     async def stop(self) -> None:
         self._running = False
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
+        for task in (self._task, self._ahead):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                    pass
         for q in list(self._subscribers):
             q.put_nowait(None)
         close = getattr(self.source, "close", None)
@@ -93,6 +98,7 @@ class LiveCaptioner:
         shape = None if frame is None else list(frame.shape)
         return {"frame_seq": seq, "frame_shape": shape, "caption": self._latest, "captions_done": self.captions_done,
                 "frames": self.dedup.counts.as_dict(), "dedup_threshold": self.dedup.threshold,
+                "pipelined": self.pipelined, "prefetched": self.prefetched,
                 "source_error": getattr(self.source, "error", None),
                 "prompt": self.settings.camera_prompt, "interval": self.settings.camera_interval,
                 "model": self.engine.model_id}
@@ -106,11 +112,10 @@ class LiveCaptioner:
                     q.get_nowait()
             q.put_nowait(event)
 
-    async def _loop(self) -> None:
+    async def _next_new_frame(self) -> tuple[int, object] | None:
+        """(seq, RGB image) of the newest frame that passes dedup (waits for one); None once stopping."""
         from vila_edge.media.image import bgr_to_pil
 
-        s = self.settings
-        n = 0
         while self._running:
             seq, frame = self.source.read_latest()
             if frame is None or (self.dedup.enabled and seq == self._checked_seq):
@@ -123,8 +128,34 @@ class LiveCaptioner:
                     continue
             else:
                 self.dedup.is_new(frame)  # counts it
+            return seq, await asyncio.to_thread(bgr_to_pil, frame.copy(), "camera frame")
+        return None
+
+    async def _pick_ahead(self, interval: float) -> tuple[int, object] | None:
+        """Pipelining: the next caption's frame, picked `interval` seconds after this caption started and encoded
+        into the engine's vision cache while this caption decodes (its request then finds the items there)."""
+        await asyncio.sleep(interval)
+        picked = await self._next_new_frame()
+        if picked is not None:
             try:
-                image = await asyncio.to_thread(bgr_to_pil, frame.copy(), "camera frame")
+                if await asyncio.to_thread(self.engine.prefetch_images, [picked[1]]):
+                    self.prefetched += 1
+            except Exception as exc:  # noqa: BLE001 - the caption's own request encodes it and reports it
+                log.warning("camera frame prefetch failed: %s", exc)
+        return picked
+
+    async def _loop(self) -> None:
+        s = self.settings
+        n = 0
+        while self._running:
+            if self._ahead is not None:
+                picked, self._ahead = await self._ahead, None
+            else:
+                picked = await self._next_new_frame()
+            if picked is None:
+                return
+            seq, image = picked
+            try:
                 messages = [ChatMessage("user", s.camera_prompt, 1)]
                 tokens = await asyncio.to_thread(self.engine.count_tokens, messages, [image])
                 room = self.engine.max_context - tokens
@@ -140,6 +171,8 @@ class LiveCaptioner:
                     continue
                 n += 1
                 t0 = time.monotonic()
+                if self.pipelined:
+                    self._ahead = asyncio.create_task(self._pick_ahead(s.camera_interval))
                 text = ""
                 try:
                     while True:
@@ -164,7 +197,8 @@ class LiveCaptioner:
             except Exception as exc:  # noqa: BLE001 - keep captioning; show the problem on the page
                 log.warning("camera caption failed: %s", exc)
                 self._broadcast({"id": n, "text": "", "done": True, "error": str(exc)})
-            await asyncio.sleep(s.camera_interval)
+            if self._ahead is None:  # pipelined: the next frame is picked `interval` after this caption STARTED
+                await asyncio.sleep(s.camera_interval)
 
     async def captions(self):
         q: asyncio.Queue = asyncio.Queue()
