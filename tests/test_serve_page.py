@@ -172,8 +172,9 @@ def test_camera_page_captions_only_frames_that_changed(runtime_engine):  # noqa:
     assert state["captions_done"] == 2 and state["dedup_threshold"] == 2.0
     f = state["frames"]
     assert f["encoded"] == 2 and f["seen"] == f["encoded"] + f["skipped"] and f["skipped"] >= 1
-    assert 'vila_edge_camera_frames_total{outcome="encoded"} 2' in metrics
-    assert f'vila_edge_camera_frames_total{{outcome="skipped"}} {f["skipped"]}' in metrics
+    assert "vila_edge_camera_frames_encoded_total 2" in metrics
+    assert f'vila_edge_camera_frames_skipped_total {f["skipped"]}' in metrics
+    assert f'vila_edge_camera_frames_seen_total {f["seen"]}' in metrics
 
 
 def test_camera_page_encodes_the_next_frame_while_a_caption_decodes(runtime_engine):  # noqa: F811

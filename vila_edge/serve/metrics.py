@@ -103,21 +103,6 @@ class ReadCounter(_Metric):
         return self.header() + [f"{self.name} {_fmt(self._fn())}"]
 
 
-class CounterView(_Metric):
-    """A labelled counter kept elsewhere (e.g. the camera's FrameDedup counts), read when /metrics is rendered:
-    `fn() -> {label values: count}`."""
-
-    kind = "counter"
-
-    def __init__(self, *a, fn: Callable[[], dict[tuple[str, ...], float]], **kw):
-        super().__init__(*a, **kw)
-        self._fn = fn
-
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name}{_labels(self.label_names, key)} {_fmt(v)}"
-                                for key, v in sorted(self._fn().items())]
-
-
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -220,12 +205,15 @@ class ServerMetrics:
         ReadCounter(r, "vila_edge_prefix_reused_positions_total",
                     "Prompt positions not prefilled: the KV cache already held them (a resent conversation's start).",
                     fn=read("prefill", "reused_positions"))
+
     def add_camera(self, frame_counts: Callable[[], dict]) -> None:
-        """The camera page's frame counts (`FrameDedup.counts.as_dict()`: seen, encoded, skipped)."""
-        CounterView(self.registry, "vila_edge_camera_frames_total",
-                    "Camera frames the live captioner looked at, by outcome: encoded (captioned) or skipped "
-                    "(within --dedup-threshold of the last encoded frame); seen = encoded + skipped.",
-                    ("outcome",), fn=lambda: {(k,): v for k, v in frame_counts().items() if k != "seen"})
+        """The camera page's frame counts (`FrameDedup.counts.as_dict()`)."""
+        for key, help_text in (("seen", "Camera frames the live captioner looked at."),
+                               ("encoded", "Camera frames captioned (they differed from the last captioned one)."),
+                               ("skipped", "Camera frames skipped: within --dedup-threshold of the last captioned "
+                                           "frame.")):
+            ReadCounter(self.registry, f"vila_edge_camera_frames_{key}_total", help_text,
+                        fn=lambda key=key: frame_counts()[key])
 
     def render(self) -> str:
         return self.registry.render()
