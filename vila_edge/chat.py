@@ -2,6 +2,10 @@
 
 Interactive commands: `/image PATH` (attach to the next question), `/reset`, `/stats`, `/quit`.
 Answers stream to stdout; notices (context trimming, camera reconnects) go to stderr as `note: ...`.
+Live mode (`vila_edge.captioner`): frames that did not change since the last answered one are skipped
+(`--dedup-threshold`), the next frame is encoded while an answer streams (`--no-pipeline` turns it off); at the
+end a summary (frames seen / encoded / skipped, captions/s) goes to stderr, or with `--json` a last stdout line
+`{"summary": {...}}`.
 Ctrl-C stops the current answer (interactive) or the whole session (one-shot, live) cleanly.
 """
 
