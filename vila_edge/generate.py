@@ -50,6 +50,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # extra stop strings (the checkpoint's stop tokens apply unless ignore_eos)
     ignore_eos: bool = False  # keep generating through stop tokens (benchmarks: exactly max_new_tokens)
+    # JSON schema the answer must follow (vila_edge.structured: a dict or its JSON text, stored as checked
+    # canonical text); None: free text
+    json_schema: str | None = None
 
     def __post_init__(self):
         # Checked before anything else so that a string or NaN from a caller is one clear line, not a TypeError
@@ -78,6 +81,12 @@ class SamplingParams:
             raise VilaEdgeError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise VilaEdgeError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 = off)")
+        if self.json_schema is not None:
+            from vila_edge.structured import schema_text
+
+            if self.ignore_eos:
+                raise VilaEdgeError("json_schema and ignore_eos: a JSON answer ends at its stop token; drop one")
+            object.__setattr__(self, "json_schema", schema_text(self.json_schema))
 
     @property
     def greedy(self) -> bool:
@@ -94,16 +103,22 @@ def mask_logits(logits: np.ndarray, vocab_size: int, extra_masked_ids: Sequence[
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, vocab_size: int, extra_masked_ids: Sequence[int] = ()):
+    """`constraint` (a `structured.JsonConstraint`): its grammar masks the logits first, and learns each pick."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, extra_masked_ids: Sequence[int] = (),
+                 constraint=None):
         self.params = params
         self.vocab_size = vocab_size
         self.extra = tuple(extra_masked_ids)
         self.rng = np.random.default_rng(params.seed)
+        self.constraint = constraint
 
     def processed(self, logits: np.ndarray, generated: Sequence[int] = ()) -> np.ndarray:
         """Masked, penalized, temperature-scaled, top-k / top-p filtered logits (-inf = excluded)."""
         p = self.params
         x = mask_logits(logits, self.vocab_size, self.extra)
+        if self.constraint is not None:
+            self.constraint.mask(x)
         if p.repetition_penalty != 1.0 and len(generated):
             ids = np.unique(np.asarray(generated, dtype=np.int64))
             ids = ids[ids < x.shape[0]]
@@ -128,9 +143,13 @@ class Sampler:
     def __call__(self, logits: np.ndarray, generated: Sequence[int] = ()) -> int:
         x = self.processed(logits, generated)
         if self.params.greedy:
-            return int(np.argmax(x))
-        probs = _softmax(x)
-        return int(self.rng.choice(probs.shape[0], p=probs))
+            token = int(np.argmax(x))
+        else:
+            probs = _softmax(x)
+            token = int(self.rng.choice(probs.shape[0], p=probs))
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        return token
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -281,12 +300,13 @@ def decode_one_token(llm, token: int) -> np.ndarray:
 
 def generate_tokens(logits, decode_one_token: Callable[[int], object], pick: Pick, *, max_new_tokens: int,
                     stop_ids: Sequence[int] | set[int] = (), has_room: Callable[[], bool] | None = None,
-                    ) -> Iterator[tuple[int, str | None]]:
+                    complete: Callable[[], bool] | None = None) -> Iterator[tuple[int, str | None]]:
     """Pick a token from `logits`, yield (token, finish), feed it back with `decode_one_token`, repeat.
 
     `finish` is None while the loop goes on, else why this token is the last: "stop" (a stop token, which
-    is never fed back), "length" (max_new_tokens), "context" (`has_room()` says the cache is full). The
-    caller may also stop early by not asking for the next token.
+    is never fed back), "complete" (`complete()` says the structured answer is finished: this token, with
+    its text, ends it; no step is spent on a stop token), "length" (max_new_tokens), "context" (`has_room()`
+    says the cache is full). The caller may also stop early by not asking for the next token.
     """
     generated: list[int] = []
     while True:
@@ -294,6 +314,8 @@ def generate_tokens(logits, decode_one_token: Callable[[int], object], pick: Pic
         generated.append(token)
         if token in stop_ids:
             finish = "stop"
+        elif complete is not None and complete():
+            finish = "complete"
         elif len(generated) >= max_new_tokens:
             finish = "length"
         elif has_room is not None and not has_room():
@@ -347,7 +369,7 @@ class Answer:
                 self.finish = "stop"
                 break
             if finish is not None:
-                self.finish = finish
+                self.finish = "stop" if finish == "complete" else finish  # a finished JSON answer stopped normally
                 break
         tail = self.stops.feed(self.detok.flush(), final=True)
         if tail:

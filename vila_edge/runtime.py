@@ -265,10 +265,16 @@ class Pipeline:
                       has_room: Callable[[], bool] | None = None) -> Iterator[tuple[int, str | None]]:
         """The generation loop of this model: its sampler, its stop tokens, this LLM's decode step."""
         cfg = self.config.llm
-        sampler = Sampler(params, cfg.vocab_size, cfg.extra_masked_ids)
         stops = set() if params.ignore_eos else set(cfg.stop_token_ids)
+        constraint = None
+        if params.json_schema is not None:
+            from vila_edge.structured import JsonConstraint
+
+            constraint = JsonConstraint(params.json_schema, self.tokenizer, sorted(stops))
+        sampler = Sampler(params, cfg.vocab_size, cfg.extra_masked_ids, constraint=constraint)
         return generate_tokens(logits, functools.partial(decode_one_token, self.llm), sampler,
-                               max_new_tokens=params.max_new_tokens, stop_ids=stops, has_room=has_room)
+                               max_new_tokens=params.max_new_tokens, stop_ids=stops, has_room=has_room,
+                               complete=constraint.complete if constraint is not None else None)
 
     # ---- vision path -----------------------------------------------------------------------
     @property
