@@ -92,6 +92,18 @@ def _stream_answer(stream, con: Console, *, echo: bool = True):
     return stream.result
 
 
+def _answer(stream, con: Console, opts: ChatOptions, *, echo: bool = True):
+    """`_stream_answer`, plus a note when a JSON-schema answer was cut before its JSON was complete."""
+    result = _stream_answer(stream, con, echo=echo)
+    if opts.params.json_schema is not None:
+        from vila_edge.structured import cut_note
+
+        note = cut_note(result)
+        if note:
+            con.note(note)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Modes
 # ---------------------------------------------------------------------------------------------
@@ -121,10 +133,10 @@ def run_once(pipe, opts: ChatOptions, con: Console) -> int:
         conv = pipe.chat(on_notice=con.note)
         stream = conv.ask(opts.prompt, images=images, video=opts.video, stream=True, params=opts.params)
         if opts.as_json:
-            result = _stream_answer(stream, con, echo=False)
+            result = _answer(stream, con, opts, echo=False)
             con.write(json.dumps(result.as_dict(), indent=2) + "\n")
         else:
-            result = _stream_answer(stream, con)
+            result = _answer(stream, con, opts)
         return 0 if result is not None and result.finish_reason != "interrupted" else 130
     finally:
         if grabber is not None:
@@ -150,12 +162,12 @@ def run_live(pipe, opts: ChatOptions, con: Console) -> int:
         n = 0
         for c in cap.captions(newest_frames(grabber, on_notice=con.note)):
             if opts.as_json:
-                d = _stream_answer(c.stream, con, echo=False).as_dict()
+                d = _answer(c.stream, con, opts, echo=False).as_dict()
                 d["frame"] = c.frame.seq
                 con.write(json.dumps(d) + "\n")
             else:
                 con.write(f"[frame {c.frame.seq}] ")
-                _stream_answer(c.stream, con)
+                _answer(c.stream, con, opts)
             n += 1
             if opts.max_cycles and n >= opts.max_cycles:
                 break
@@ -239,7 +251,7 @@ def run_interactive(pipe, opts: ChatOptions, con: Console, read_line: Callable[[
                 con.note(str(exc))
                 continue
             pending_images, pending_video = [], None
-            _stream_answer(stream, con)
+            _answer(stream, con, opts)
     finally:
         if grabber is not None:
             grabber.close()

@@ -245,6 +245,9 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, help="HF-style repetition penalty (1 = off)."),
     seed: int | None = typer.Option(None, help="Sampling seed."),
     stop: list[str] = typer.Option(None, "--stop", help="Extra stop string (repeatable)."),
+    json_schema: Path | None = typer.Option(None, "--json-schema", help="Answers are JSON valid against this JSON "
+                                            "schema file (enforced while decoding)."),
+    json_object: bool = typer.Option(False, "--json-object", help="Answers are a JSON object (any keys)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads (default: physical cores)."),
     max_context: int | None = typer.Option(None, min=1, help="Cap the KV cache (positions)."),
@@ -259,9 +262,11 @@ def chat(
     from vila_edge.builder.build import ensure_engine_dir
     from vila_edge.chat import run_chat_cli
     from vila_edge.generate import SamplingParams
+    from vila_edge.structured import cli_schema
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
+                            json_schema=cli_schema(json_schema, json_object))
     src = _checkpoint(engines)
     if src.hub and engine_dir is None:
         engine_dir = Path("engines") / src.name

@@ -79,6 +79,23 @@ def read_schema_file(path) -> str:
     return schema_text(raw, source=str(path))
 
 
+def cli_schema(path, any_object: bool = False, *, flag: str = "--json-schema") -> str | None:
+    """`--json-schema FILE` / `--json-object` as schema text (None: free text)."""
+    if path is not None and any_object:
+        raise VilaEdgeError(f"{flag} and --json-object: choose one")
+    if path is not None:
+        return read_schema_file(path)
+    return schema_text(ANY_JSON_OBJECT) if any_object else None
+
+
+def cut_note(result) -> str | None:
+    """The note to show when a JSON answer was cut before its end (None when it is complete or not JSON)."""
+    if result is None or result.finish_reason in ("stop", "interrupted"):
+        return None
+    limit = "max_new_tokens" if result.finish_reason == "length" else "the context"
+    return f"the answer reached {limit} before its JSON was complete: it is not valid JSON (raise the limit)"
+
+
 # One llguidance tokenizer per (our tokenizer, stop ids): building it walks the whole vocabulary (~0.2 s for
 # 49k tokens), a conversation asks for it on every turn.
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
