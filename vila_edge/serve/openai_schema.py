@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from vila_edge.errors import VilaEdgeError
 from vila_edge.generate import SamplingParams
 
 
@@ -88,6 +89,7 @@ class ChatRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     images: list[ImageRef] = field(default_factory=list)
+    json_schema: str | None = None  # response_format json_schema / json_object, as checked schema text
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         """The request's sampling settings (fields it leaves out keep SamplingParams' defaults)."""
@@ -95,7 +97,7 @@ class ChatRequest:
         kw = {k: v for k, v in given.items() if v is not None}
         if "seed" in kw:
             kw["seed"] %= 2**64  # OpenAI allows any int64; numpy wants >= 0
-        return SamplingParams(max_new_tokens=max_new_tokens, stop=self.stop, **kw)
+        return SamplingParams(max_new_tokens=max_new_tokens, stop=self.stop, json_schema=self.json_schema, **kw)
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -151,9 +153,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     for key in ("tools", "functions"):
         if body.get(key):
             raise bad(f"'{key}' is not supported by this server", key, "unsupported_parameter")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") in ("text", None)):
-        raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_value")
+    json_schema = _response_format(body.get("response_format"))
     if body.get("logprobs"):
         raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
 
@@ -216,7 +216,32 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         raise bad("the last message must come from the user", f"messages[{len(messages) - 1}].role")
     return ChatRequest(model=model, messages=messages, stream=stream, include_usage=include_usage,
                        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       repetition_penalty=repetition_penalty, seed=seed, stop=stop, images=images)
+                       repetition_penalty=repetition_penalty, seed=seed, stop=stop, images=images,
+                       json_schema=json_schema)
+
+
+def _response_format(rf: Any) -> str | None:
+    """OpenAI's response_format as checked JSON-schema text: text (None), json_object (any object), json_schema."""
+    from vila_edge.structured import ANY_JSON_OBJECT, schema_text
+
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind in ("text", None) and isinstance(rf, dict):
+        return None
+    try:
+        if kind == "json_object":
+            return schema_text(ANY_JSON_OBJECT)
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise bad("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                          "response_format.json_schema", "missing_required_parameter")
+            return schema_text(spec["schema"], source="response_format.json_schema.schema")
+    except VilaEdgeError as exc:
+        raise bad(str(exc), "response_format.json_schema.schema") from None
+    raise bad("response_format must be {'type': 'text' | 'json_object' | 'json_schema'}", "response_format",
+              "unsupported_value")
 
 
 def _utf8_text(text: str, where: str) -> str:
