@@ -236,3 +236,49 @@ def test_cli_json_schema(runtime_engine, tmp_path):  # noqa: F811
     r = subprocess.run(cmd + ["--json-schema", str(bad)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and str(bad) in r.stderr and "strnig" in r.stderr
+
+
+# ---- the server: response_format --------------------------------------------------------------------------------
+
+
+def test_server_response_format(runtime_engine):  # noqa: F811
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from vila_edge.serve import BackgroundServer
+    from vila_edge.serve.app import ServeSettings, create_app
+    from vila_edge.serve.engine import PipelineEngine
+
+    schema = {"type": "object", "properties": {"person": {"type": "boolean"},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 5}},
+              "required": ["person", "count"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Is there a person?"}]
+    engine = PipelineEngine.load(runtime_engine("nvila"), model_id="tiny-nvila")
+    with BackgroundServer(create_app(engine, ServeSettings())) as srv:
+        url = srv.url + "/v1/chat/completions"
+        fmt = {"type": "json_schema", "json_schema": {"name": "door", "schema": schema, "strict": True}}
+        r = httpx.post(url, json={"messages": msgs, "response_format": fmt, "max_tokens": 60}, timeout=120)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        whole = check_valid(choice["message"]["content"], schema)
+
+        body = {"messages": msgs, "response_format": fmt, "max_tokens": 60, "stream": True}
+        pieces = []
+        with httpx.stream("POST", url, json=body, timeout=120) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
+        assert json.loads("".join(pieces)) == whole  # streaming still works, same greedy answer
+
+        r = httpx.post(url, json={"messages": msgs, "response_format": {"type": "json_object"}, "max_tokens": 60,
+                                  "temperature": 0.5, "seed": 1}, timeout=120)
+        c = r.json()["choices"][0]
+        assert c["finish_reason"] == "length" or isinstance(json.loads(c["message"]["content"]), dict)
+
+        for rf, param in [({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}},
+                           "response_format.json_schema.schema"),
+                          ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema"),
+                          ({"type": "xml"}, "response_format"), ("json", "response_format")]:
+            r = httpx.post(url, json={"messages": msgs, "response_format": rf}, timeout=30)
+            assert r.status_code == 400, (rf, r.text)
+            assert r.json()["error"]["param"] == param

@@ -123,3 +123,27 @@ def load_video(path, cfg, *, num_frames: int | None = None) -> list:
     if cfg.generation == "v15":
         return read_frames_v15(path, n)
     return read_frames_nvila(path, n, fps=cfg.video_fps)
+
+
+def iter_frames(path, *, every: int = 1):
+    """Every `every`-th frame of a video file, in order, decoded sequentially (`vila-edge watch` on a file):
+    (frame index, its time in seconds from the file's frame rate, BGR uint8 image)."""
+    import cv2
+
+    if every < 1:
+        raise MediaError(f"--every {every}: must be at least 1")
+    path = Path(path)
+    cap = _open(path)
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        index = 0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                return
+            if index % every == 0:
+                t = index / fps if fps > 0 else float(cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0) / 1e3
+                yield index, t, frame
+            index += 1
+    finally:
+        cap.release()

@@ -33,7 +33,8 @@ class TooLarge(Exception):
     pass
 
 
-def parse_networks(specs: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def parse_networks(specs: Sequence[str], flag: str = "--allow-image-network",
+                   ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     from vila_edge.errors import VilaEdgeError
 
     out = []
@@ -41,29 +42,54 @@ def parse_networks(specs: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddr
         try:
             out.append(ipaddress.ip_network(spec, strict=False))
         except ValueError:
-            raise VilaEdgeError(f"--allow-image-network {spec!r}: not a network; use CIDR, e.g. 192.168.1.0/24") from None
+            raise VilaEdgeError(f"{flag} {spec!r}: not a network; use CIDR, e.g. 192.168.1.0/24") from None
     return tuple(out)
 
 
-def address_allowed(ip: str, allowed_networks: Sequence = ()) -> bool:
+LOOPBACK_NETWORKS = parse_networks(["127.0.0.0/8", "::1/128"])
+
+
+async def post_json(url: str, payload: dict, deadline_s: float, allowed_networks: Sequence = ()) -> int:
+    """POST `payload` to a webhook: only loopback and `allowed_networks` addresses (never public ones unless
+    allowed), checked at connect time like image fetches; no redirects. Returns the HTTP status; raises
+    BlockedAddress, ValueError (not http/https) or httpcore's errors."""
+    import json
+
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(url)
+    body = json.dumps(payload).encode()
+    timeouts = {"connect": deadline_s, "read": deadline_s, "write": deadline_s, "pool": deadline_s}
+    backend = CheckedBackend((*LOOPBACK_NETWORKS, *allowed_networks), public=False)
+    async with httpcore.AsyncConnectionPool(network_backend=backend, retries=0, max_connections=1) as pool:
+        resp = await asyncio.wait_for(pool.request(
+            "POST", url, content=body, extensions={"timeout": timeouts},
+            headers={"Content-Type": "application/json", "User-Agent": "vila-edge"}), deadline_s)
+        return resp.status
+
+
+def address_allowed(ip: str, allowed_networks: Sequence = (), *, public: bool = True) -> bool:
+    """May we connect to `ip`? Addresses in `allowed_networks`, else public ones (`public`: image fetches;
+    webhooks pass False and list loopback themselves)."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     if any(addr in net for net in allowed_networks):
         return True
-    return addr.is_global and not addr.is_multicast
+    return public and addr.is_global and not addr.is_multicast
 
 
 class CheckedBackend(httpcore.AnyIOBackend):
     """httpcore's own backend, connecting only to addresses that `address_allowed` accepts."""
 
-    def __init__(self, allowed_networks: Sequence = ()):
+    def __init__(self, allowed_networks: Sequence = (), *, public: bool = True):
         self.allowed_networks = tuple(allowed_networks)
+        self.public = public
 
     async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses = [info[4][0] for info in infos]
-        if not addresses or not all(address_allowed(a, self.allowed_networks) for a in addresses):
+        if not addresses or not all(address_allowed(a, self.allowed_networks, public=self.public)
+                                    for a in addresses):
             raise BlockedAddress(host)
         # Connect to the checked address itself; TLS still verifies the certificate against the URL's host name.
         return await super().connect_tcp(addresses[0], port, timeout=timeout, local_address=local_address,
