@@ -281,6 +281,52 @@ def chat(
 
 
 @app.command()
+def watch(
+    engines: str = typer.Argument(..., help="Engine directory, or a checkpoint folder or hub id (built on first use)."),
+    src: str = typer.Argument(..., help="Video file, or a camera: index (0), device path, rtsp/http URL, GStreamer "
+                              "pipeline."),
+    ask: str = typer.Option(..., "--ask", help="The question asked about every new frame."),
+    schema: Path = typer.Option(..., "--schema", help="JSON schema file of the answer; an event is emitted when the "
+                                "answer changes."),
+    webhook: str | None = typer.Option(None, "--webhook", help="Also POST each event (JSON) to this URL: loopback, "
+                                       "or in --allow-webhook-network."),
+    allow_webhook_network: list[str] = typer.Option(None, "--allow-webhook-network", help="CIDR the webhook may "
+                                                    "reach besides loopback (repeatable), e.g. 192.168.1.0/24."),
+    every: int | None = typer.Option(None, "--every", min=1, help="Video files: ask about every N-th frame "
+                                     "(default 1)."),
+    interval: float | None = typer.Option(None, "--interval", help="Cameras: ask about the newest frame every S "
+                                          "seconds (default 1)."),
+    min_change: float = typer.Option(2.0, "--min-change", help="Skip frames whose 32x32 grey thumbnail differs from "
+                                     "the last one asked about by less than this (mean, 0-255; 0 = ask every frame)."),
+    max_new_tokens: int = typer.Option(64, help="Maximum tokens per answer."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads (default: physical cores)."),
+):
+    """Watch a video or camera: ask one question per new frame, print a JSON line when the answer changes."""
+    from vila_edge.builder.build import ensure_engine_dir
+    from vila_edge.generate import SamplingParams
+    from vila_edge.runtime import load
+    from vila_edge.structured import read_schema_file
+    from vila_edge.watch import run_watch
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, json_schema=read_schema_file(schema))
+    networks = ()
+    if allow_webhook_network:
+        from vila_edge.serve.remote import parse_networks
+
+        networks = parse_networks(allow_webhook_network, "--allow-webhook-network")
+    ckpt = _checkpoint(engines)
+    path = ensure_engine_dir(ckpt.path, output=Path("engines") / ckpt.name if ckpt.hub else None,
+                             say=lambda m: print(m, file=sys.stderr))
+    pipe = load(path, device=device, threads=threads)
+    try:
+        run_watch(pipe, src, ask, params, every=every, interval=interval, min_change=min_change, webhook=webhook,
+                  allowed_networks=networks)
+    finally:
+        pipe.close()
+
+
+@app.command()
 def build(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP + " With --stage engines also an exported engine directory."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Engine directory to write (default engines/<checkpoint name>)."),
