@@ -27,7 +27,8 @@ from test_demo import demo_engines, needs_weights  # noqa: E402,F401
 
 from vila_edge.errors import VilaEdgeError  # noqa: E402
 from vila_edge.generate import SamplingParams  # noqa: E402
-from vila_edge.watch import frame_changed, run_watch, thumbnail  # noqa: E402
+from vila_edge.media.frame_dedup import FrameDedup  # noqa: E402
+from vila_edge.watch import run_watch  # noqa: E402
 
 FPS = 10
 
@@ -146,11 +147,13 @@ def test_events_are_answer_changes(tiny_pipe, tmp_path):
     assert stats.asked == 5
 
 
-def test_frame_changed_threshold():
+def test_watch_dedup_threshold():
+    """watch skips frames through the live captioner's FrameDedup: within 2 grey levels is the same frame."""
     a = np.full((40, 40, 3), 100, np.uint8)
-    assert frame_changed(None, thumbnail(a), 2.0)
-    assert not frame_changed(thumbnail(a), thumbnail(a + 1), 2.0)
-    assert frame_changed(thumbnail(a), thumbnail(a + 3), 2.0)
+    dedup = FrameDedup(2.0)
+    assert dedup.is_new(a)
+    assert not dedup.is_new(a + 1)
+    assert dedup.is_new(a + 3)
 
 
 class _Collector(BaseHTTPRequestHandler):

@@ -4,7 +4,7 @@
 
 SRC is a video file (read in order: every `--every`-th frame, deterministic) or a camera (index, device, URL,
 GStreamer pipeline; the newest frame every `--interval` seconds through `media.camera.FrameGrabber`). Each
-frame that differs from the last one asked about (`frame_changed`: a cheap downscaled difference) is asked
+frame that differs from the last one asked about (media.frame_dedup.FrameDedup: a cheap downscaled difference) is asked
 about with the schema enforced while decoding (vila_edge.structured), so the answer is always valid JSON. When
 the answer differs from the previous one an event is emitted: one JSON line on stdout
 
@@ -27,9 +27,9 @@ import numpy as np
 
 from vila_edge.errors import VilaEdgeError
 from vila_edge.generate import SamplingParams
+from vila_edge.media.frame_dedup import DEFAULT_THRESHOLD, FrameDedup
 
-DEFAULT_MIN_CHANGE = 2.0  # mean absolute difference (0-255) of 32x32 grey thumbnails below which a frame is "the same"
-_THUMB = 32
+DEFAULT_MIN_CHANGE = DEFAULT_THRESHOLD  # grey levels between thumbnails below which a frame is "the same"
 
 
 @dataclass
@@ -39,18 +39,6 @@ class WatchStats:
     skipped: int = 0  # frames skipped as unchanged
     incomplete: int = 0  # answers cut before their JSON ended
     events: int = 0
-
-
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    import cv2
-
-    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
-    return cv2.resize(grey, (_THUMB, _THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
-
-
-def frame_changed(last_thumb: np.ndarray | None, thumb: np.ndarray, min_change: float) -> bool:
-    """Does a frame differ enough from the last one asked about? (The live captioner's dedup can replace this.)"""
-    return last_thumb is None or min_change <= 0 or float(np.abs(thumb - last_thumb).mean()) >= min_change
 
 
 def file_frames(path, every: int = 1) -> Iterator[tuple[int, dict, np.ndarray]]:
@@ -99,14 +87,13 @@ def watch(pipe, frames: Iterable[tuple[int, dict, np.ndarray]], question: str, p
     if params.json_schema is None:
         raise VilaEdgeError("watch needs a JSON schema (--schema FILE): events compare structured answers")
     stats = stats if stats is not None else WatchStats()
-    last_thumb, last_answer, have_answer = None, None, False
+    dedup = FrameDedup(min_change)  # the live captioner's dedup: compared with the last frame asked about
+    last_answer, have_answer = None, False
     for index, when, image in frames:
         stats.frames += 1
-        thumb = thumbnail(image)
-        if not frame_changed(last_thumb, thumb, min_change):
+        if not dedup.is_new(image):
             stats.skipped += 1
             continue
-        last_thumb = thumb
         stats.asked += 1
         result = pipe.generate(question, images=[bgr_to_pil(image, f"frame {index}")], params=params)
         if result.finish_reason != "stop":

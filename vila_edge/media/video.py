@@ -133,7 +133,7 @@ def iter_frames(path, *, every: int = 1):
     if every < 1:
         raise MediaError(f"--every {every}: must be at least 1")
     path = Path(path)
-    cap = _open(path)
+    cap = open_video(path)
     try:
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         index = 0
