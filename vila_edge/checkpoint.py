@@ -23,6 +23,7 @@ from vila_edge.errors import CheckpointError
 from vila_edge.hub import snapshot_repo_name
 from vila_edge.prompt import infer_stop_tokens
 from vila_edge.tokenizer import MEDIA_TOKENS, SENTINEL_TOKEN, Tokenizer
+from vila_edge.towers import tower_named
 
 PARTS = ("llm", "vision_tower", "mm_projector")
 HF_PREFIX = {"llm": "llm.", "vision_tower": "vision_tower.", "mm_projector": "mm_projector."}
@@ -110,29 +111,9 @@ def _weight_index(folder: Path, prefix: str = "") -> dict[str, TensorInfo]:
 # ---- expected tensors per part ---------------------------------------------------------------
 
 
-def expected_vision(cfg: VilaConfig, raw: dict) -> dict[str, tuple[int, ...]]:
-    v = cfg.vision
-    h, i, p = v.hidden_size, v.intermediate_size, v.patch_size
-    exp = {
-        "vision_model.embeddings.patch_embedding.weight": (h, 3, p, p),
-        "vision_model.embeddings.patch_embedding.bias": (h,),
-        "vision_model.embeddings.position_embedding.weight": (v.grid * v.grid, h),
-        "vision_model.post_layernorm.weight": (h,),
-        "vision_model.post_layernorm.bias": (h,),
-    }
-    for k in range(v.num_layers):
-        pre = f"vision_model.encoder.layers.{k}."
-        for ln in ("layer_norm1", "layer_norm2"):
-            exp[pre + ln + ".weight"] = (h,)
-            exp[pre + ln + ".bias"] = (h,)
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            exp[pre + f"self_attn.{proj}.weight"] = (h, h)
-            exp[pre + f"self_attn.{proj}.bias"] = (h,)
-        exp[pre + "mlp.fc1.weight"] = (i, h)
-        exp[pre + "mlp.fc1.bias"] = (i,)
-        exp[pre + "mlp.fc2.weight"] = (h, i)
-        exp[pre + "mlp.fc2.bias"] = (h,)
-    return exp
+def expected_vision(cfg: VilaConfig, raw: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """The tensors of `vision_tower/`, by tower (`vila_edge.towers`)."""
+    return tower_named(cfg.vision.tower).expected(cfg.vision)
 
 
 def expected_projector(cfg: VilaConfig) -> dict[str, tuple[int, ...]]:
@@ -386,7 +367,7 @@ def _load_checkpoint(root: Path, token_order, splice, chat_format, validate) -> 
             ckpt.index[part] = _weight_index(root, HF_PREFIX[part])
     if validate:
         _check_tensors(ckpt.index["vision_tower"], expected_vision(cfg, vision), str(ckpt.part_dir("vision_tower")),
-                       optional_prefixes=("vision_model.head.",))
+                       optional_prefixes=tower_named(cfg.vision.tower).optional_prefixes)
         _check_tensors(ckpt.index["mm_projector"], expected_projector(cfg), str(ckpt.part_dir("mm_projector")))
         if "llm" in ckpt.index:
             emb = ckpt.index["llm"].get("model.embed_tokens.weight")

@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 from vila_edge.errors import CheckpointError
+from vila_edge.towers import tower_for
 
 FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite")
-TILINGS = ("resize", "pad", "s2", "dynamic", "dynamic_s2")
+TILINGS = ("resize", "pad", "crop", "s2", "dynamic", "dynamic_s2")
 PROJECTOR_TYPES = (
     "identity",
     "linear",
@@ -48,7 +49,7 @@ _CONV_MODE_BY_NAME = (
 
 @dataclass(frozen=True)
 class VisionConfig:
-    tower: str  # "siglip" (HF SiglipVisionModel); the only tower type this runtime executes
+    tower: str  # a name in vila_edge.towers.TOWERS: "siglip" | "clip" | "intern"
     image_size: int  # one tile's side in pixels (what the tower was trained on)
     patch_size: int
     hidden_size: int
@@ -67,6 +68,8 @@ class VisionConfig:
     video_max_tiles: int = 1
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    qkv_bias: bool = True  # InternViT: its config's qkv_bias (HF SigLIP / CLIP always have q/k/v biases)
+    qk_normalization: bool = False  # InternViT: RMSNorm over q and k before attention
 
     @property
     def grid(self) -> int:
@@ -74,8 +77,21 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     @property
+    def class_token(self) -> bool:
+        """Token 0 is a class token (CLIP, InternViT); SigLIP has none."""
+        from vila_edge.towers import tower_named
+
+        return tower_named(self.tower).class_token
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens through the encoder per tile: the patches, plus the class token when there is one."""
+        return self.grid * self.grid + int(self.class_token)
+
+    @property
     def tokens_per_tile(self) -> int:
-        n = self.grid * self.grid
+        """Tokens out of the tower per tile: "patch" drops token 0 (the class token, or SigLIP's first patch)."""
+        n = self.sequence_length
         return n - 1 if self.select_feature == "patch" else n
 
     @property
@@ -160,6 +176,12 @@ class VilaConfig:
     video_fps: float = 0.0
     video_pool_sizes: tuple[tuple[int, int, int], ...] = ()  # TSPVideoEncoder pool_sizes; () = basic encoder
 
+    @property
+    def tokens_per_tile(self) -> int:
+        """Projector rows of one plain tile: the tower's tokens, fewer when the projector downsamples."""
+        v, p = self.vision, self.projector
+        return p.tokens_out(v.grid) if p.downsample > 1 else v.tokens_per_tile
+
     def with_overrides(self, *, token_order: str | None = None, splice: str | None = None) -> VilaConfig:
         cfg = self
         if token_order is not None:
@@ -203,9 +225,16 @@ def detect_family(top: dict, where: str) -> tuple[str, str]:
         if s2:
             raise CheckpointError(f"{where}: s2=true cannot be combined with image_aspect_ratio='dynamic'")
         return "nvila-lite", "dynamic"
-    if aspect not in ("resize", "pad"):
-        raise CheckpointError(f"{where}: image_aspect_ratio={aspect!r} is not one of resize, pad, dynamic, dynamic_s2")
+    if aspect == "square":
+        # LLaVA's / VILA 1.0's default name: neither resize nor pad, so process_image hands the image to the
+        # tower's own processor ("crop": CLIP centre-crops; config_from_dicts makes it "resize" for the others)
+        aspect = "crop"
+    if aspect not in ("resize", "pad", "crop"):
+        raise CheckpointError(f"{where}: image_aspect_ratio={aspect!r} is not one of resize, pad, square, dynamic, "
+                              "dynamic_s2")
     if s2:
+        if aspect == "crop":
+            raise CheckpointError(f"{where}: s2=true needs image_aspect_ratio 'resize' or 'pad', not 'square'")
         return "vila1.5-s2", "s2"
     return "vila1.5", aspect
 
@@ -237,6 +266,21 @@ def conv_mode_for(name: str, has_chat_template: bool) -> str:
         if needle in low:
             return mode
     return "auto" if has_chat_template else "vicuna_v1"
+
+
+def _tower_tiling(tower: str, tiling: str, where: str) -> str:
+    """The tiling a tower runs. "crop" (the processor's own default) is CLIP's shortest-side resize + centre crop;
+    SigLIP's and InternViT's processors just resize (process_image's comment), which is "resize". CLIP and
+    InternViT run the single-tile tilings only: no released VILA checkpoint pairs them with S2 or dynamic tiles."""
+    if tower == "siglip":
+        return "resize" if tiling == "crop" else tiling
+    if tiling not in ("resize", "pad", "crop"):
+        raise CheckpointError(f"{where}: the {tower} tower runs with image_aspect_ratio resize, pad or square here, "
+                              f"not the {tiling!r} tiling (no VILA checkpoint combines them)")
+    if tower == "intern" and tiling == "pad":
+        raise CheckpointError(f"{where}: image_aspect_ratio='pad' with InternViT fails upstream (its "
+                              "InternVisionPreprocessor has no image_mean to pad with); use 'resize'")
+    return "resize" if tower == "intern" and tiling == "crop" else tiling
 
 
 def _s2_scales(top: dict, where: str) -> tuple[int, ...]:
@@ -281,12 +325,9 @@ def config_from_dicts(
     tokens = tokens or {}
     family, tiling = detect_family(top, where)
 
-    arch = vision.get("architectures", ["SiglipVisionModel"])[0]
-    if "siglip" not in arch.lower():
-        raise CheckpointError(
-            f"{where}: vision tower {arch!r} is not supported (only SigLIP towers: VILA1.5 and NVILA families)"
-        )
+    tower = tower_for(top, vision, where)
     vw = f"{where} (vision_tower)"
+    tiling = _tower_tiling(tower.name, tiling, where)
     image_size = int(_require(vision, "image_size", vw))
     patch = int(_require(vision, "patch_size", vw))
     v_hidden = int(_require(vision, "hidden_size", vw))
@@ -308,18 +349,22 @@ def config_from_dicts(
         if any(s % scales[0] for s in scales):
             raise CheckpointError(f"{where}: S2 scales {scales} must be multiples of the smallest")
 
-    pre = preprocessor or {}
-    mean = tuple(float(x) for x in pre.get("image_mean", (0.5, 0.5, 0.5)))
-    std = tuple(float(x) for x in pre.get("image_std", (0.5, 0.5, 0.5)))
+    pre = {} if tower.fixed_normalisation else (preprocessor or {})
+    mean = tuple(float(x) for x in pre.get("image_mean", tower.mean))
+    std = tuple(float(x) for x in pre.get("image_std", tower.std))
+    if tower.name == "intern" and vision.get("norm_type", "rms") != "rms":
+        # VILA's copy of InternVisionModel always builds InternRMSNorm (later InternVL code reads norm_type)
+        raise CheckpointError(f"{vw}: norm_type={vision.get('norm_type')!r}, but VILA's InternVisionModel only has "
+                              "RMSNorm ('rms'); this is not a VILA InternViT checkpoint")
     vcfg = VisionConfig(
-        tower="siglip",
+        tower=tower.name,
         image_size=image_size,
         patch_size=patch,
         hidden_size=v_hidden,
         num_layers=int(_require(vision, "num_hidden_layers", vw)),
         num_heads=int(_require(vision, "num_attention_heads", vw)),
         intermediate_size=int(_require(vision, "intermediate_size", vw)),
-        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5 if tower.name == "clip" else 1e-6)),
         select_layer=int(top.get("mm_vision_select_layer", -2)),
         select_feature=str(top.get("mm_vision_select_feature", "cls_patch")),
         tiling=tiling,
@@ -331,6 +376,9 @@ def config_from_dicts(
         video_max_tiles=int(top.get("video_max_tiles", 1) or 1),
         image_mean=mean,  # type: ignore[arg-type]
         image_std=std,  # type: ignore[arg-type]
+        # InternVisionConfig's defaults: qkv_bias False, qk_normalization True
+        qkv_bias=bool(vision.get("qkv_bias", False)) if tower.name == "intern" else True,
+        qk_normalization=bool(vision.get("qk_normalization", True)) if tower.name == "intern" else False,
     )
     if vcfg.select_feature not in ("cls_patch", "patch"):
         raise CheckpointError(f"{where}: mm_vision_select_feature={vcfg.select_feature!r} is not cls_patch or patch")
@@ -364,6 +412,11 @@ def config_from_dicts(
         raise CheckpointError(f"{where}: projector type {ptype!r} is not supported; supported: {', '.join(PROJECTOR_TYPES)}")
     if tiling == "dynamic_s2" and ptype not in ("mlp_downsample", "mlp_downsample_2x2_fix"):
         raise CheckpointError(f"{where}: dynamic_s2 needs a 2x2 mlp_downsample projector, not {ptype!r}")
+    if ptype.startswith("mlp_downsample") and vcfg.tokens_per_tile != vcfg.grid * vcfg.grid:
+        raise CheckpointError(
+            f"{where}: {ptype} needs a square token grid, but mm_vision_select_feature={vcfg.select_feature!r} gives "
+            f"{vcfg.tokens_per_tile} tokens ({vcfg.grid}x{vcfg.grid} patches"
+            f"{' + a class token' if vcfg.class_token else ''}); VILA1.5-40b uses 'patch'")
     nvila_gen = _is_nvila_generation(top, projector, tiling)
     pcfg = ProjectorConfig(
         type=ptype, in_features=mm_hidden, out_features=hidden, token_order="row" if nvila_gen else "col"

@@ -21,6 +21,8 @@ FAMILY_NAMES = {
     "vila1.5-s2": "tiny-VILA1.5-3b-s2",
     "nvila": "tiny-NVILA-8B",
     "nvila-lite": "tiny-NVILA-Lite-2B",
+    "clip": "tiny-VILA-7b-clip",  # VILA 1.0 generation: CLIP ViT-L/14-336 geometry, LLaVA-style projector
+    "intern": "tiny-VILA1.5-40b",  # InternViT-6B + mlp_downsample + hermes-2 chat (reference doc §2.1, §4.4)
 }
 
 QWEN2_CHAT_TEMPLATE = (
@@ -32,6 +34,10 @@ QWEN2_CHAT_TEMPLATE = (
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=14,
                    hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3)
+CLIP_PREPROCESSOR = {"crop_size": None, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+                     "do_rescale": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                     "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "CLIPImageProcessor",
+                     "resample": 3, "rescale_factor": 1 / 255, "size": None}
 TINY_LLM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6)
 
@@ -124,35 +130,87 @@ def _family_top(family: str, vision_size: int) -> dict:
                 "s2_resize_output_to_scale_idx": -1, "max_tiles": 12, "num_video_frames": 8, "fps": 0.0}
     if family == "nvila-lite":
         return {"image_aspect_ratio": "dynamic", "min_tiles": 1, "max_tiles": 12, "num_video_frames": 8}
+    if family == "clip":  # LLaVA's / VILA 1.0's default aspect name: CLIPImageProcessor's shortest side + crop
+        return {"image_aspect_ratio": "square", "mm_vision_select_feature": "patch"}
+    if family == "intern":  # scripts/v1_5/release/40b/*.sh: --mm_vision_select_layer -1, feature default "patch"
+        return {"image_aspect_ratio": "resize", "mm_vision_select_layer": -1, "mm_vision_select_feature": "patch"}
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
+
+
+def _tiny_tower(family: str, size: int, seed: int) -> tuple[dict, dict, dict]:
+    """(vision_tower/config.json, its weights as stored, preprocessor_config.json) of the family's tower."""
+    from vila_edge.reference.vision import hf_state_dict_on_disk
+
+    if family == "clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        cfg = CLIPVisionConfig(image_size=size, hidden_act="quick_gelu", projection_dim=32, layer_norm_eps=1e-5,
+                               **{k: v for k, v in TINY_VISION.items() if k not in ("hidden_act", "layer_norm_eps")})
+        model = CLIPVisionModel(cfg)
+        _seeded_(model, seed)
+        vision = cfg.to_dict()
+        vision.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model")
+        pre = {**CLIP_PREPROCESSOR, "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}}
+        return vision, hf_state_dict_on_disk(model), pre
+    if family == "intern":
+        from vila_edge.config import VisionConfig
+        from vila_edge.reference.intern import InternVisionModel
+
+        # InternViT-6B-448px-V1-2's config.json keys [UNVERIFIED: VILA1.5-40b's own vision_tower/config.json]
+        vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "image_size": size,
+                  "patch_size": TINY_VISION["patch_size"], "hidden_size": TINY_VISION["hidden_size"],
+                  "intermediate_size": TINY_VISION["intermediate_size"], "num_attention_heads": 2,
+                  "num_hidden_layers": TINY_VISION["num_hidden_layers"], "num_channels": 3, "qkv_bias": False,
+                  "qk_normalization": True, "norm_type": "rms", "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+                  "use_flash_attn": True, "dropout": 0.0, "drop_path_rate": 0.0, "attention_dropout": 0.0,
+                  "initializer_range": 0.02, "initializer_factor": 0.1}
+        v = VisionConfig(tower="intern", image_size=size, patch_size=vision["patch_size"], hidden_size=vision["hidden_size"],
+                         num_layers=vision["num_hidden_layers"], num_heads=2, intermediate_size=vision["intermediate_size"],
+                         layer_norm_eps=1e-6, select_layer=-1, select_feature="patch", tiling="resize", qkv_bias=False,
+                         qk_normalization=True)
+        model = InternVisionModel(v, "gelu")
+        _seeded_(model, seed)
+        # InternViT's own preprocessor_config.json (VILA ignores it: InternVisionPreprocessor is hard-coded)
+        pre = {"crop_size": size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+               "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.485, 0.456, 0.406],
+               "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": size}
+        return vision, {k: t.contiguous().clone() for k, t in model.state_dict().items()}, pre
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    # VILA1.5's tower file still holds the unused attention-pooling head; NVILA's does not (doc §1.3)
+    siglip_cfg = SiglipVisionConfig(image_size=size, vision_use_head=family.startswith("vila1.5"), **TINY_VISION)
+    siglip = SiglipVisionModel(siglip_cfg)
+    _seeded_(siglip, seed)
+    vision = siglip_cfg.to_dict()
+    vision.update(architectures=["SiglipVisionModel"], model_type="siglip_vision_model")
+    pre = {"do_resize": True, "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True,
+           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+           "image_processor_type": "SiglipImageProcessor"}
+    return vision, hf_state_dict_on_disk(siglip), pre
 
 
 def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev", overwrite: bool = False) -> Path:
     """Write a tiny, seeded checkpoint of `family` to `path` (atomically). Returns the path."""
     from safetensors.torch import save_file
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from vila_edge.config import ProjectorConfig
     from vila_edge.reference.projector import Projector
-    from vila_edge.reference.vision import siglip_state_dict_on_disk
 
     path = Path(path)
     if path.exists():
         if not overwrite:
             return path
         shutil.rmtree(path)
+    if layout == "hf" and family in ("clip", "intern"):
+        raise ValueError(f"the flat -hf layout exists for NVILA-era checkpoints, not the {family} family; use layout='dev'")
     qwen = family in ("nvila", "nvila-lite")
     vision_size = 70 if family.startswith("vila1.5") else 56  # grids 5x5 (odd: exercises padding) / 4x4
     top_extra = _family_top(family, vision_size)
 
     tok, tok_cfg = train_qwen2_tokenizer() if qwen else train_llama_tokenizer()
+    if family == "intern":  # Nous-Hermes-2-Yi's ChatML tokens, for the hermes-2 template [UNVERIFIED base LLM]
+        tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if qwen:
         llm_cfg = Qwen2Config(vocab_size=vocab, bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"),
@@ -163,13 +221,10 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
                               tie_word_embeddings=False, **TINY_LLM)
         llm = LlamaForCausalLM(llm_cfg)
     _seeded_(llm, seed)
-    # VILA1.5's tower file still holds the unused attention-pooling head; NVILA's does not (doc §1.3)
-    siglip_cfg = SiglipVisionConfig(image_size=vision_size, vision_use_head=not qwen, **TINY_VISION)
-    siglip = SiglipVisionModel(siglip_cfg)
-    _seeded_(siglip, seed + 1)
+    vision_dict, vision_weights, pre_json = _tiny_tower(family, vision_size, seed + 1)
 
     n_scales = len(top_extra["s2_scales"].split(",")) if "s2_scales" in top_extra else 1
-    ptype = "mlp_downsample_3x3_fix" if family == "nvila-lite" else "mlp_downsample"
+    ptype = {"nvila-lite": "mlp_downsample_3x3_fix", "clip": "mlp2x_gelu"}.get(family, "mlp_downsample")
     pcfg = ProjectorConfig(type=ptype, in_features=TINY_VISION["hidden_size"] * n_scales,
                            out_features=TINY_LLM["hidden_size"], token_order="row")
     projector = Projector(pcfg)
@@ -178,16 +233,10 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
                  "torch_dtype": "float32",
                  # V15-era projector configs were written by transformers 4.36-4.44 (§4.3 heuristic)
                  "transformers_version": "4.47.0" if qwen else "4.38.2"}
-    pre_json = {"do_resize": True, "size": {"height": vision_size, "width": vision_size}, "resample": 3,
-                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-                "image_processor_type": "SiglipImageProcessor"}
 
     llm_dict = llm_cfg.to_dict()
     llm_dict["architectures"] = [type(llm).__name__]
     llm_dict["model_max_length"] = 1024
-    vision_dict = siglip_cfg.to_dict()
-    vision_dict.update(architectures=["SiglipVisionModel"], model_type="siglip_vision_model")
     top = {
         "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama",
         "_name_or_path": FAMILY_NAMES[family],
@@ -208,7 +257,7 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
             tok.save(str(tmp / "llm" / "tokenizer.json"))
             (tmp / "llm" / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
             (tmp / "vision_tower").mkdir()
-            save_file(siglip_state_dict_on_disk(siglip), str(tmp / "vision_tower" / "model.safetensors"))
+            save_file(vision_weights, str(tmp / "vision_tower" / "model.safetensors"))
             (tmp / "vision_tower" / "config.json").write_text(json.dumps(vision_dict, indent=2))
             (tmp / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(pre_json, indent=2))
             (tmp / "mm_projector").mkdir()
@@ -219,7 +268,7 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
             top.update(model_type="nvila_lite" if family == "nvila-lite" else "vila", architectures=["VILAForCausalLM"],
                        text_config=llm_dict, vision_config=vision_dict, mm_projector_type=ptype)
             tensors = {}
-            parts = (("llm.", llm.state_dict()), ("vision_tower.", siglip_state_dict_on_disk(siglip)),
+            parts = (("llm.", llm.state_dict()), ("vision_tower.", vision_weights),
                      ("mm_projector.", projector.state_dict()))
             for prefix, state in parts:
                 for k, v in state.items():

@@ -568,6 +568,9 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
                            chat_format=options.chat_format)
     out = Path(output) if output else Path("engines") / ckpt.name
     check_output_path(source, out)
+    if options.torch_weights and ckpt.config.vision.tower != "siglip":
+        raise VilaEdgeError(f"--torch-weights: the PyTorch backend runs SigLIP towers only, {source} has a "
+                            f"{ckpt.config.vision.tower} tower; build without it (ONNX Runtime / TensorRT run it)")
     if stage == "engines":
         if not is_engine_dir(out):
             raise EngineError(f"{out}: no exported engine directory to compile; run `vila-edge build {source} -o {out} "

@@ -244,6 +244,8 @@ def write_vision_weights(vision_dir: Path, ckpt) -> dict:
 
     from vila_edge.builder.vision_onnx import load_modules
 
+    if ckpt.config.vision.tower != "siglip":  # build() refuses first; this guards direct callers
+        raise EngineError(f"{ckpt.root}: the PyTorch backend runs SigLIP towers only, not {ckpt.config.vision.tower}")
     tower, projector = load_modules(ckpt)
     tensors = {f"tower.{k}": t for k, t in tower.state_dict().items()}
     tensors.update({f"projector.{k}": t for k, t in projector.state_dict().items()})

@@ -1,4 +1,5 @@
-"""Vision path -> ONNX: the SigLIP tower (up to the selected layer) and the projector, as two graphs.
+"""Vision path -> ONNX: the vision tower (SigLIP, CLIP or InternViT, up to the selected layer) and the
+projector, as two graphs.
 
     tiles [N,3,S,S] --tower.onnx--> features [N,T,C] --(S2 merge, numpy, runtime)--> [M,T,C*n]
                     --projector.onnx--> embeds [M,T',D]
@@ -56,9 +57,9 @@ class VisionGeometry:
 
     @classmethod
     def from_config(cls, cfg) -> VisionGeometry:
-        v, p = cfg.vision, cfg.projector
-        out_tokens = p.tokens_out(v.grid) if p.downsample > 1 else v.tokens_per_tile
-        return cls(v.image_size, v.tokens_per_tile, v.hidden_size, v.feature_width, out_tokens, p.out_features)
+        v = cfg.vision
+        return cls(v.image_size, v.tokens_per_tile, v.hidden_size, v.feature_width, cfg.tokens_per_tile,
+                   cfg.projector.out_features)
 
 
 # ---- modules -----------------------------------------------------------------------------------
@@ -69,10 +70,9 @@ def load_modules(ckpt):
     import torch
 
     from vila_edge.reference.projector import load_projector
-    from vila_edge.reference.vision import SelectedFeatures, build_siglip
+    from vila_edge.reference.vision import load_tower
 
-    siglip = build_siglip(ckpt.raw["vision"], ckpt.state_dict("vision_tower", torch.float32))
-    tower = SelectedFeatures(siglip, ckpt.config.vision).eval()
+    tower = load_tower(ckpt)
     projector = load_projector(ckpt.config.projector, ckpt.state_dict("mm_projector", torch.float32))
     return tower, projector
 
@@ -395,7 +395,7 @@ def estimate_tower_params(ckpt) -> int:
     used = ckpt.config.vision.layers_used
     n = 0
     for name, info in ckpt.index.get("vision_tower", {}).items():
-        if ".head." in name or "post_layernorm" in name:
+        if ".head." in name or "post_layernorm" in name or name.endswith("position_ids"):
             continue
         if ".layers." in name:
             k = int(name.split(".layers.")[1].split(".")[0])

@@ -1,6 +1,6 @@
 """Tiling schemes: how one image becomes tiles, media items and LLM positions (reference doc §2-§3).
 
-One `TilingScheme` per `VisionConfig.tiling` (resize / pad / s2 / dynamic / dynamic_s2), in `SCHEMES`.
+One `TilingScheme` per `VisionConfig.tiling` (resize / pad / crop / s2 / dynamic / dynamic_s2), in `SCHEMES`.
 A scheme answers every tiling question the rest of the package asks, so no other module branches on
 the tiling name:
 - `tiles(image)`          preprocessing: the normalized tiles the vision tower encodes (`preprocess_image`);
@@ -157,6 +157,19 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return canvas
 
 
+def shortest_side_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """CLIPImageProcessor's resize + center_crop: the shorter side to `size` (the longer to
+    int(size * long / short), transformers' `get_resize_output_image_size`) with Pillow BICUBIC, then the
+    centred size x size square (top = (h - size) // 2, left = (w - size) // 2, transformers' `center_crop`)."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
 def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
     """Keys cubic convolution weights for offsets t in [0,1): taps at -1, 0, 1, 2 (torch's a=-0.75)."""
     def near(x):  # |x| <= 1
@@ -260,7 +273,7 @@ class TilingScheme:
     def _plain_layout(self, cfg: VilaConfig, end: int) -> ImageLayout:
         """One plain tile, one media item; V15 prompts write "<image>\\n", the "\\n" is prompt text."""
         text_nl = 1 if cfg.splice == "v15" else 0
-        return ImageLayout(1, 1, cfg.projector.tokens_out(self.vision.grid), end, text_nl, None)
+        return ImageLayout(1, 1, cfg.tokens_per_tile, end, text_nl, None)
 
     # ---- between tower and projector, and after it -----------------------------------------
     def merge_spec(self, tiles: Tiles) -> MergeSpec | None:
@@ -313,6 +326,18 @@ class Pad(TilingScheme):
     def tiles(self, image: Image.Image, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
         fill = tuple(int(m * 255) for m in self.vision.image_mean)
         return self._plain_tiles(expand_to_square(image, fill))  # type: ignore[arg-type]
+
+
+class Crop(TilingScheme):
+    """The tower processor's own default (`image_aspect_ratio` neither resize nor pad, e.g. LLaVA's "square"):
+    for CLIP, `CLIPImageProcessor`'s shortest-side resize and centre crop to one tile. (SigLIP's and
+    InternViT's processors only resize: the loader gives them `resize` instead.)"""
+
+    name = "crop"
+
+    def tiles(self, image: Image.Image, *, single: bool = True, max_tiles: int | None = None) -> Tiles:
+        v = self.vision
+        return Tiles(normalize([shortest_side_center_crop(image, v.image_size)], v.image_mean, v.image_std), None, 1)
 
 
 class StaticS2(TilingScheme):
@@ -396,7 +421,7 @@ class Dynamic(TilingScheme):
     def _layout(self, cfg: VilaConfig, cells: int, end: int, block: tuple[int, int] | None) -> ImageLayout:
         n = self._n_tiles(cells)
         # each tile is its own media item followed by the literal text "\n" of "<image>\n"
-        return ImageLayout(n, n, cfg.projector.tokens_out(self.vision.grid), end, 1, block)
+        return ImageLayout(n, n, cfg.tokens_per_tile, end, 1, block)
 
     def smaller_max_tiles(self, max_tiles: int) -> range:
         return range(max_tiles - 1, 0, -1)
@@ -451,7 +476,7 @@ class DynamicS2(TilingScheme):
 
     def _layout(self, cfg: VilaConfig, cells: int, end: int, block: tuple[int, int] | None) -> ImageLayout:
         # the projector runs per tile-sized chunk, so 2x2 cells never straddle two tiles (§3.3)
-        feats = cfg.projector.tokens_out(self.vision.grid) * cells
+        feats = cfg.tokens_per_tile * cells
         return ImageLayout(self._n_tiles(cells), 1, feats, end, 0, block)
 
     def smaller_max_tiles(self, max_tiles: int) -> range:
@@ -479,7 +504,7 @@ class DynamicS2(TilingScheme):
         return 1, least, max(self.vision.max_tiles, least, frames)
 
 
-SCHEMES: dict[str, type[TilingScheme]] = {s.name: s for s in (Resize, Pad, StaticS2, Dynamic, DynamicS2)}
+SCHEMES: dict[str, type[TilingScheme]] = {s.name: s for s in (Resize, Pad, Crop, StaticS2, Dynamic, DynamicS2)}
 
 
 def tiling_scheme(vision: VisionConfig) -> TilingScheme:

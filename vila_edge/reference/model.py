@@ -1,6 +1,6 @@
 """The PyTorch reference of the whole VILA path: the oracle every engine and kernel is checked against.
 
-media -> tiles (vila_edge.media) -> SigLIP -> S2 / dynamic-S2 merge -> projector -> splice -> LLM.
+media -> tiles (vila_edge.media) -> vision tower (SigLIP / CLIP / InternViT) -> S2 / dynamic-S2 merge -> projector -> splice -> LLM.
 Runs in float32 on the CPU. The tiling scheme (`vila_edge.media.tiling`) says which tile grids to merge
 (its `MergeSpec`) and which chunks form one media item; the merges themselves are upstream's PyTorch
 steps (`vila_edge.reference.s2`), not the runtime's numpy or CUDA ones.
@@ -18,7 +18,7 @@ from vila_edge.media.tiling import Tiles, tiling_scheme
 from vila_edge.prompt import IMAGE_PLACEHOLDER
 from vila_edge.reference.projector import load_projector
 from vila_edge.reference.s2 import dynamic_s2_tokens, s2_merge
-from vila_edge.reference.vision import SelectedFeatures, build_siglip
+from vila_edge.reference.vision import load_tower
 from vila_edge.splice import splice
 
 
@@ -47,9 +47,7 @@ class ReferenceVILA:
     def __init__(self, ckpt: Checkpoint, *, llm: bool = True):
         self.ckpt = ckpt
         self.cfg = ckpt.config
-        siglip = build_siglip(ckpt.raw["vision"], ckpt.state_dict("vision_tower", torch.float32))
-        self.siglip = siglip
-        self.tower = SelectedFeatures(siglip, self.cfg.vision).eval()
+        self.tower = load_tower(ckpt)
         self.projector = load_projector(self.cfg.projector, ckpt.state_dict("mm_projector", torch.float32))
         self.tiling = tiling_scheme(self.cfg.vision)  # which tiles, merged how (the merges themselves: reference.s2)
         self.llm = load_llm(ckpt) if llm else None
