@@ -19,7 +19,8 @@ that dim 0 of every input/output is symbolic (and the tests run batch 1 and 3).
 
 Opset: the dynamo exporter emits opset 18 natively; we lower it to 17 (`lower_opset`) because the
 TensorRT 8.6 of JetPack 6.0 parses opsets <= 17. Our graphs only use ops whose opset-18 schema equals
-the opset-17 one, except Pad-18, which only added an optional `axes` input (unused here).
+the opset-17 one, except Pad-18, which only added an optional `axes` input (unused here), and the
+reductions whose constant `axes` input moves back to an attribute (InternViT's RMSNorm ReduceMean).
 """
 
 from __future__ import annotations
@@ -168,18 +169,56 @@ def lower_opset(path, opset: int = OPSET) -> None:
                 continue
             hi = defs.get_schema(node.op_type, current[""]).since_version
             lo = defs.get_schema(node.op_type, opset).since_version
-            if hi != lo and not (node.op_type == "Pad" and len(node.input) <= 3):
+            same = (node.op_type == "Pad" and len(node.input) <= 3) or (node.op_type in _REDUCE_AXES_18 and len(node.input) == 1)
+            if hi != lo and not same:
                 raise EngineError(f"{path}: op {node.op_type} changed between opset {opset} and {current['']}; "
                                   f"cannot lower the graph for TensorRT")
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     check(attr.g)
 
+    _reduce_axes_to_attribute(model.graph, opset)
     check(model.graph)
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = opset
     onnx.save(model, str(path))
+
+
+# Reductions whose `axes` became an input in opset 18 (attribute before; ReduceSum moved in 13 already)
+_REDUCE_AXES_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                   "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _reduce_axes_to_attribute(graph, opset: int) -> None:
+    """Opset-18 reductions with constant `axes` inputs -> the opset-17 form (an `axes` attribute).
+    InternViT's RMSNorm mean exports as ReduceMean-18."""
+    import onnx
+    from onnx import numpy_helper
+
+    if opset >= 18:
+        return
+    consts = {t.name: t for t in graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute
+                   and n.attribute[0].name == "value"})
+    detached = set()
+    for node in graph.node:
+        if node.op_type in _REDUCE_AXES_18 and node.domain in ("", "ai.onnx") and len(node.input) > 1 \
+                and node.input[1] in consts:
+            noop = [a for a in node.attribute if a.name == "noop_with_empty_axes"]
+            if any(a.i for a in noop):
+                continue  # no opset-17 equivalent; check() refuses the graph
+            axes = [int(a) for a in numpy_helper.to_array(consts[node.input[1]]).reshape(-1)]
+            detached.add(node.input[1])
+            del node.input[1:]
+            for a in noop:
+                node.attribute.remove(a)
+            node.attribute.append(onnx.helper.make_attribute("axes", axes))
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name in detached - used]:
+        graph.initializer.remove(t)
+    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in detached - used]:
+        graph.node.remove(n)
 
 
 def assert_dynamic_batch(path) -> None:
