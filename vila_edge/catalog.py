@@ -10,7 +10,7 @@ Each entry states the facts that change outputs and that no config key states, t
 `tests/test_catalog.py` runs the loader's heuristic on every entry and fails on any disagreement; a hub id
 that is in this table also passes its token order, splice and chat format to the loader as overrides.
 
-Geometry sources: VILA1.5-3b, NVILA-8B and NVILA-Lite-2B are `vila_edge.presets` (doc §1.3, §9). The
+Geometry sources: VILA1.5-3b, VILA1.5-40b, NVILA-8B and NVILA-Lite-2B are `vila_edge.presets` (doc §1.3, §9). The
 others are the base LLM's published config on the same vision tower and projector: Llama-3-8B and
 Llama-2-13B (Vicuna-13B-v1.5) for VILA1.5-8B/13B, Qwen2.5-14B for NVILA-15B, Qwen2.5-7B for
 NVILA-Lite-8B; VILA1.5-3b-s2 is VILA1.5-3b with S2 scales 384,768 (doc §11.A). Their exact
@@ -56,6 +56,7 @@ GEOMETRY: dict[str, Preset] = {
                            top={"hidden_size": 4096}, llm=_LLAMA3_8B),
     "vila1.5-13b": _variant("vila1.5-3b", "VILA1.5-13b", "Llama-2-13B (Vicuna) + SigLIP-384 + mlp_downsample",
                             top={"hidden_size": 5120}, llm=_LLAMA2_13B),
+    "vila1.5-40b": PRESETS["vila1.5-40b"],
     "nvila-8b": PRESETS["nvila-8b"],
     "nvila-15b": _variant("nvila-8b", "NVILA-15B", "Qwen2.5-14B + SigLIP-448, dynamic S2 448/896/1344",
                           top={"hidden_size": 5120}, llm=_QWEN25_14B),
@@ -109,6 +110,8 @@ KNOWN: tuple[KnownCheckpoint, ...] = (
     _vila15("Llama-3-VILA1.5-8B-Fix-AWQ", "vila1.5-8b", "vila1.5", "llama_3", llm_weights="awq", notes=_AWQ),
     _vila15("VILA1.5-13b", "vila1.5-13b", "vila1.5", "vicuna_v1"),
     _vila15("VILA1.5-13b-AWQ", "vila1.5-13b", "vila1.5", "vicuna_v1", llm_weights="awq", notes=_AWQ),
+    _vila15("VILA1.5-40b", "vila1.5-40b", "vila1.5", "hermes-2", notes="InternViT-6B tower (fp16 ~11 GB)"),
+    _vila15("VILA1.5-40b-AWQ", "vila1.5-40b", "vila1.5", "hermes-2", llm_weights="awq", notes=_AWQ),
     _nvila("NVILA-8B", "nvila-8b", "nvila"),
     _nvila("NVILA-8B-hf", "nvila-8b", "nvila", layout="hf", notes=_HF),
     _nvila("NVILA-15B", "nvila-15b", "nvila"),

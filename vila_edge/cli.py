@@ -64,7 +64,7 @@ def info(
 
 @app.command()
 def fixture(
-    family: str = typer.Argument(..., help="vila1.5 | vila1.5-s2 | nvila | nvila-lite"),
+    family: str = typer.Argument(..., help="vila1.5 | vila1.5-s2 | nvila | nvila-lite | clip | intern"),
     out: Path = typer.Argument(..., help="Folder to write the checkpoint to."),
     seed: int = typer.Option(0, help="Weight seed."),
     layout: str = typer.Option("dev", help="dev | hf"),
@@ -81,7 +81,7 @@ def fixture(
 @app.command()
 def plan(
     model: str = typer.Argument(..., help="Checkpoint folder, hub id org/name[@revision] (a known id is planned from "
-                                "`vila-edge models` without downloading), or a preset: vila1.5-3b | nvila-lite-2b | nvila-8b."),
+                                "`vila-edge models` without downloading), or a preset: vila1.5-3b | vila1.5-40b | nvila-lite-2b | nvila-8b."),
     device: str = typer.Option(..., "--device", "-d", help="Device profile (build/profiles/*.toml), e.g. orin-nano-8gb."),
     max_context: int | None = typer.Option(None, min=1, help="KV cache positions (default: the model's max length)."),
     max_tiles: int | None = typer.Option(None, help="Largest tile count of one image (default: the model's max_tiles)."),

@@ -6,6 +6,7 @@ import dataclasses
 
 from vila_edge.checkpoint import Checkpoint
 from vila_edge.media.tiling import image_layout
+from vila_edge.towers import tower_named
 
 INT4_BITS_PER_WEIGHT = 4.25  # 4-bit codes + fp16 scale and zero per group of 128 (targets.md)
 
@@ -34,6 +35,8 @@ def checkpoint_info(ckpt: Checkpoint, width: int = 1920, height: int = 1080) -> 
         "family": cfg.family,
         "generation": cfg.generation,
         "config": dataclasses.asdict(cfg),
+        "tower": tower_named(cfg.vision.tower).label,
+        "tokens_per_tile": cfg.vision.tokens_per_tile,
         "image": {"width": width, "height": height, **dataclasses.asdict(layout), "positions": layout.positions},
         "params": counts,
         "params_total": sum(counts.values()),
@@ -67,9 +70,14 @@ def print_info(info: dict) -> None:
     v, p, m = c["vision"], c["projector"], c["llm"]
     t.add_row("generation", f"{info['generation']}  (splice {c['splice']}, projector token order {p['token_order']})")
     scales = f", S2 scales {v['s2_scales']} (output idx {v['s2_output_scale_idx']})" if v["s2_scales"] else ""
-    t.add_row("vision", f"SigLIP {v['image_size']}px/{v['patch_size']} -> {v['image_size'] // v['patch_size']}^2 grid, "
+    tower = tower_named(v["tower"])
+    cls = ", class token" if tower.class_token else ""
+    extra = f", qk-norm {v['qk_normalization']}, qkv bias {v['qkv_bias']}" if v["tower"] == "intern" else ""
+    t.add_row("vision", f"{tower.label} {v['image_size']}px/{v['patch_size']} -> {v['image_size'] // v['patch_size']}^2 grid, "
               f"hidden {v['hidden_size']}, layers used {v['num_layers'] + 1 + v['select_layer'] if v['select_layer'] < 0 else v['select_layer']}"
-              f"/{v['num_layers']}, tiling {v['tiling']}{scales}, tiles {v['min_tiles']}..{v['max_tiles']}")
+              f"/{v['num_layers']}, feature {v['select_feature']} ({info['tokens_per_tile']} tokens/tile{cls}){extra}, "
+              f"tiling {v['tiling']}{scales}, tiles {v['min_tiles']}..{v['max_tiles']}, "
+              f"mean {tuple(round(x, 4) for x in v['image_mean'])} std {tuple(round(x, 4) for x in v['image_std'])}")
     t.add_row("projector", f"{p['type']}  {p['in_features']} -> {p['out_features']}")
     t.add_row("llm", f"{m['architecture']}  hidden {m['hidden_size']}, {m['num_layers']} layers, heads {m['num_heads']}/"
               f"{m['num_kv_heads']} kv, vocab {m['vocab_size']}, max length {m['max_length']}")

@@ -20,7 +20,8 @@ i intermediate, V vocab rows):
 - Decode reads per token: all linear + LM head + norms/biases + one embedding row, plus the KV cache
   of the context: 2 x L x kv x 2 bytes per position.
 - Vision engine: fp16 weights of the layers that run (select_layer), patch/position embeddings and
-  the projector. FLOPs per tile (N = patches): 2N(3p^2)h + layers x (8Nh^2 + 4Nhi + 4N^2 h).
+  the projector. FLOPs per tile (N = tokens: patches, + 1 class token for CLIP / InternViT):
+  2 patches (3p^2)h + layers x (8Nh^2 + 4Nhi + 4N^2 h).
 - Activations: vision batch of all tiles, per tile N x (2h + max(3h + S, i)) values (S = heads x N
   attention scores when the backend has no fused attention), plus the LLM prefill of the whole max
   context at once: T x (2h + q + 2kv + 2i) values + heads x T x T fp32 scores (unfused) + V fp32
@@ -184,13 +185,17 @@ def llm_weight_bytes(cfg: VilaConfig, precision: str, lm_head_bits: float | None
 
 
 def vision_params(cfg: VilaConfig) -> dict[str, int]:
-    """Parameters of the vision engine: the tower layers that run, and the projector."""
+    """Parameters of the vision engine: the tower's tensors (`vila_edge.towers`) minus the encoder layers
+    past the selected one, SigLIP's pooling head and the post-norm (never run), and the projector."""
+    from vila_edge.towers import tower_named
+
     v = cfg.vision
-    h, i, p = v.hidden_size, v.intermediate_size, v.patch_size
-    per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h  # attention, MLP, two LayerNorms
-    embed = h * 3 * p * p + h + v.grid * v.grid * h
-    post = 2 * h if v.layers_used == v.num_layers else 0  # post_layernorm only when the last layer is used
-    tower = embed + v.layers_used * per_layer + post
+    tower = 0
+    for name, shape in tower_named(v.tower).expected(v).items():
+        layer = name.split("layers.")[1].split(".")[0] if "layers." in name else None
+        if "post_layernorm" in name or (layer is not None and int(layer) >= v.layers_used):
+            continue
+        tower += math.prod(shape)
     return {"tower": tower, "projector": projector_params(cfg)}
 
 
@@ -209,10 +214,10 @@ def projector_flops_per_row(cfg: VilaConfig) -> int:
 def vision_flops_per_tile(cfg: VilaConfig) -> int:
     """FLOPs (multiply-add = 2) of one tile through the tower layers that run, plus its projector rows."""
     v = cfg.vision
-    n, h, i = v.grid * v.grid, v.hidden_size, v.intermediate_size
-    patch = 2 * n * 3 * v.patch_size ** 2 * h
+    n, h, i = v.sequence_length, v.hidden_size, v.intermediate_size
+    patch = 2 * v.grid * v.grid * 3 * v.patch_size ** 2 * h
     layer = 8 * n * h * h + 4 * n * h * i + 4 * n * n * h
-    proj = cfg.projector.tokens_out(v.grid) * projector_flops_per_row(cfg)
+    proj = cfg.tokens_per_tile * projector_flops_per_row(cfg)
     if v.num_scales > 1:  # multi-scale: the projector sees the concatenated output grid, count it once per tile
         proj = proj // v.num_scales
     return patch + v.layers_used * layer + proj
@@ -308,7 +313,7 @@ def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_prec
     kv = m.kv_bytes_per_token_fp16 * max_context
     tiles, positions = max_image(cfg, max_tiles, single_scale)
     a = dev.activation_bytes
-    n, h = v.grid * v.grid, v.hidden_size
+    n, h = v.sequence_length, v.hidden_size
     scores = 0 if dev.fused_attention else v.num_heads * n
     vision_act = tiles * n * (2 * h + max(3 * h + scores, v.intermediate_size)) * a
     q, kvw = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim

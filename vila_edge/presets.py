@@ -133,6 +133,41 @@ PRESETS: dict[str, Preset] = {
         tokenizer="qwen2",
         vision_head=False,
     ),
+    "vila1.5-40b": Preset(
+        name="vila1.5-40b",
+        checkpoint_name="VILA1.5-40b",
+        description="VILA1.5-40b: Yi-34B + InternViT-6B-448px-V1-2 (all 45 layers) + mlp_downsample (doc §2.1, §4.4, §9)",
+        # V15 scripts/v1_5/release/40b/3_sft.sh: --vision_tower OpenGVLab/InternViT-6B-448px-V1-2 --mm_projector
+        # mlp_downsample --mm_vision_select_layer -1 --image_aspect_ratio resize --version hermes-2; the select
+        # feature is the args default "patch" (1024 tokens: the downsample needs the square grid).
+        top={"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "_name_or_path": "VILA1.5-40b",
+             "hidden_size": 7168, "mm_hidden_size": 3200, "mm_vision_select_layer": -1,
+             "mm_vision_select_feature": "patch", "image_aspect_ratio": "resize", "s2": False,
+             "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "num_video_frames": 8,
+             "model_dtype": "torch.bfloat16"},
+        # Yi-34B's published geometry (Nous-Hermes-2-Yi-34B) [UNVERIFIED: VILA1.5-40b's own llm/config.json;
+        # the base model is not named in the release scripts ($BASE_MODEL_PATH); hermes-2 chat suggests it]
+        llm={"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 7168,
+             "intermediate_size": 20480, "num_hidden_layers": 60, "num_attention_heads": 56,
+             "num_key_value_heads": 8, "vocab_size": 64000, "max_position_embeddings": 4096,
+             "rms_norm_eps": 1e-5, "rope_theta": 5000000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+             "bos_token_id": 1, "eos_token_id": 7, "model_max_length": 4096, "tokenizer_model_max_length": 4096,
+             "torch_dtype": "bfloat16"},
+        # InternViT-6B-448px-V1-2's config.json (45 layers: V1-2 drops the last 3 of 48) [UNVERIFIED values]
+        vision={"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "image_size": 448,
+                "patch_size": 14, "hidden_size": 3200, "intermediate_size": 12800, "num_attention_heads": 25,
+                "num_hidden_layers": 45, "num_channels": 3, "qkv_bias": False, "qk_normalization": True,
+                "norm_type": "rms", "hidden_act": "gelu", "layer_norm_eps": 1e-6, "use_flash_attn": True,
+                "dropout": 0.0, "drop_path_rate": 0.0, "attention_dropout": 0.0, "initializer_factor": 0.1},
+        projector={"architectures": ["MultimodalProjector"], "mm_projector_type": "mlp_downsample",
+                   "model_type": "v2l_projector", "torch_dtype": "bfloat16", "transformers_version": "4.36.2"},
+        # VILA ignores it (InternVisionPreprocessor: 448, ImageNet mean/std, hard-coded)
+        preprocessor={"crop_size": 448, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                      "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3,
+                      "size": 448},
+        tokenizer="llama",
+        vision_head=False,
+    ),
 }
 
 
