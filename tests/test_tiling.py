@@ -18,11 +18,13 @@ from vila_edge.reference.s2 import dynamic_s2_merge, dynamic_s2_tokens, s2_merge
 
 SIGLIP_56 = {"architectures": ["SiglipVisionModel"], "image_size": 56, "patch_size": 14, "hidden_size": 8,
              "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16}
+CLIP_56 = {**SIGLIP_56, "architectures": ["CLIPVisionModel"]}  # "crop" is CLIP's processor default
 QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 500, "model_max_length": 4096}
 TOPS = {  # one checkpoint per scheme; s2 with an output scale that is neither the first nor the last
     "resize": ({"image_aspect_ratio": "resize"}, 1, "mlp_downsample"),
     "pad": ({"image_aspect_ratio": "pad"}, 1, "linear"),
+    "crop": ({"image_aspect_ratio": "square", "mm_vision_select_feature": "patch"}, 1, "mlp_downsample"),
     "s2": ({"image_aspect_ratio": "resize", "s2": True, "s2_scales": "56,112,168", "s2_max_split_size": 56,
             "s2_resize_output_to_scale_idx": 1}, 3, "mlp_downsample"),
     "dynamic": ({"image_aspect_ratio": "dynamic", "min_tiles": 1, "max_tiles": 6}, 1, "mlp_downsample_3x3_fix"),
@@ -35,7 +37,8 @@ SIZES = ((300, 150), (120, 200), (56, 56), (500, 60))
 def make(tiling, end_ids=(198,)):
     top, n_scales, ptype = TOPS[tiling]
     return config_from_dicts(top={**top, "mm_hidden_size": 8 * n_scales, "hidden_size": 32}, llm=QWEN2,
-                             vision=SIGLIP_56, projector={"mm_projector_type": ptype}, preprocessor=None, name="x",
+                             vision=CLIP_56 if tiling == "crop" else SIGLIP_56, projector={"mm_projector_type": ptype},
+                             preprocessor=None, name="x",
                              has_chat_template=True, where="config.json", tokens={"end_token_ids": end_ids})
 
 
@@ -45,7 +48,7 @@ def _image(w, h, seed=0):
 
 def test_registry_covers_every_tiling_the_loader_produces():
     produced = set()
-    for aspect, s2, dyn in itertools.product((None, "resize", "pad", "dynamic", "dynamic_s2", "anyres"),
+    for aspect, s2, dyn in itertools.product((None, "resize", "pad", "square", "dynamic", "dynamic_s2", "anyres"),
                                              (False, True), (False, True)):
         top = {"image_aspect_ratio": aspect, "s2": s2, "dynamic_s2": dyn}
         try:
