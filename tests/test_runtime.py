@@ -12,7 +12,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite")
+FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite", "clip", "intern")
 PROMPT = "Describe the image."
 
 

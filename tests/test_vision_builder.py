@@ -14,7 +14,8 @@ from vila_edge.builder.build import BuildOptions, build
 from vila_edge.engine_dir import read_manifest
 from vila_edge.errors import EngineError
 
-FAMILY_LAYOUTS = [("vila1.5", "dev"), ("vila1.5-s2", "dev"), ("nvila", "dev"), ("nvila-lite", "dev"), ("nvila-lite", "hf")]
+FAMILY_LAYOUTS = [("vila1.5", "dev"), ("vila1.5-s2", "dev"), ("nvila", "dev"), ("nvila-lite", "dev"), ("nvila-lite", "hf"),
+                  ("clip", "dev"), ("intern", "dev")]
 # one extra build per feature, on the family where it matters
 MAIN = {"vila1.5": BuildOptions(combined_vision=True, skip_llm=True), "nvila": BuildOptions(int8_vision=True, qdq_vision=True, skip_llm=True)}
 VARIANTS = {"fp16": BuildOptions(precision="fp16", combined_vision=True, skip_llm=True)}
