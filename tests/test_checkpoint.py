@@ -15,7 +15,7 @@ from vila_edge.errors import CheckpointError
 from vila_edge.media.tiling import image_layout, preprocess_image
 from vila_edge.prompt import Message, render, tokenize, user_content
 from vila_edge.reference.model import ReferenceVILA
-from vila_edge.reference.vision import full_model_features
+from vila_edge.reference.vision import build_siglip, full_model_features
 
 CLI = [sys.executable, "-m", "vila_edge.cli"]
 
@@ -57,7 +57,8 @@ def test_reference_forward(tiny_checkpoint, family):
     tiles = preprocess_image(img, ckpt.config.vision)
     # truncated tower == upstream hidden_states[select_layer]
     x = torch.from_numpy(tiles.pixels[:2])
-    assert torch.allclose(ref.tower(x), full_model_features(ref.siglip, ckpt.config.vision, x), atol=1e-6)
+    siglip = build_siglip(ckpt.raw["vision"], ckpt.state_dict("vision_tower", torch.float32))
+    assert torch.allclose(ref.tower(x), full_model_features(siglip, ckpt.config.vision, x), atol=1e-6)
     items = ref.image_items(tiles)
     layout = image_layout(ckpt.config, 250, 120)
     assert len(items) == layout.n_items and all(i.shape[0] == layout.feature_tokens for i in items)

@@ -101,7 +101,7 @@ def test_contradicting_config_keys(top_patch, message):
 
 def test_unknown_types():
     with pytest.raises(CheckpointError, match="not supported"):
-        make(NVILA_8B, QWEN2, {**SIGLIP_448, "architectures": ["InternVisionModel"]}, "mlp_downsample")
+        make(NVILA_8B, QWEN2, {**SIGLIP_448, "architectures": ["RADIOModel"]}, "mlp_downsample")
     with pytest.raises(CheckpointError, match="projector type"):
         make(NVILA_8B, QWEN2, SIGLIP_448, "mlp_downsample_9x9")
     with pytest.raises(CheckpointError, match="LLM architecture"):
