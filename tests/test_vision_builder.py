@@ -499,3 +499,24 @@ def dataclasses_asdict(opts):
     import dataclasses
 
     return {k: v for k, v in dataclasses.asdict(opts).items() if k != "llm_precision"}
+
+
+def test_cpu_tower_defaults_to_int8_only_when_its_recorded_cosine_allows(engines):
+    from vila_edge.backends.ort_vision import INT8_MIN_COSINE, OrtVisionEngine
+
+    path = engines("nvila")
+    info = _manifest(path)["vision"]
+    recorded = info["checks"]["tower_int8_vs_fp32"]["min"]
+
+    def tower(checks_min, precision=None):
+        stats = {**info["checks"]["tower_int8_vs_fp32"], "min": checks_min}
+        given = {**info, "checks": {**info["checks"], "tower_int8_vs_fp32": stats}}
+        eng = OrtVisionEngine(path / "vision", given, device="cpu", threads=1, precision=precision)
+        return eng.describe()["tower"], eng.describe()["projector"]
+
+    assert tower(0.999) == ("tower.int8.onnx", "projector.fp32.onnx")
+    assert tower(0.99) == ("tower.fp32.onnx", "projector.fp32.onnx")
+    assert tower(0.999, "fp32")[0] == "tower.fp32.onnx"  # --vision-precision fp32 wins
+    assert tower(recorded)[0] == ("tower.int8.onnx" if recorded >= INT8_MIN_COSINE else "tower.fp32.onnx")
+    no_check = {**info, "checks": {k: v for k, v in info["checks"].items() if k != "tower_int8_vs_fp32"}}
+    assert OrtVisionEngine(path / "vision", no_check, device="cpu", threads=1).describe()["tower"] == "tower.fp32.onnx"

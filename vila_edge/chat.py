@@ -305,7 +305,8 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
                  params: SamplingParams | None = None, device: str = "auto", threads: int | None = None,
                  max_context: int | None = None, vision_cache_mb: float | None = None,
                  ensure_engine: Callable[[Path, Callable[[str], None]], Path] | None = None,
-                 backend: str = "auto", dedup_threshold: float = 2.0, pipelined: bool = True) -> int:
+                 backend: str = "auto", dedup_threshold: float = 2.0, pipelined: bool = True,
+                 vision_precision: str | None = None) -> int:
     """The `vila-edge chat` command (the CLI only parses options). `ensure_engine(path, say)` turns a
     checkpoint into its engine directory (the CLI passes the builder's, which builds on first use: this
     module stays below the builder); without it `engines` must be an engine directory."""
@@ -326,7 +327,8 @@ def run_chat_cli(engines: Path, *, images: Sequence[Path] = (), video: Path | No
 
     pipe = load(path, device=device, threads=threads, max_context=max_context, vision_backend=backend,
                 llm_backend=backend, vision_cache_mb=vision_cache_mb,
-                vision_threads=live_vision_threads(threads) if interval is not None and pipelined else None)
+                vision_threads=live_vision_threads(threads) if interval is not None and pipelined else None,
+                vision_precision=vision_precision)
     opts = ChatOptions(images=imgs, video=str(video) if video else None, camera=camera, prompt=prompt,
                        as_json=as_json, interval=interval, params=params or SamplingParams(),
                        dedup_threshold=dedup_threshold, pipelined=pipelined)

@@ -257,6 +257,9 @@ def chat(
     precision: str | None = typer.Option(None, help="LLM precision when building (builder default otherwise)."),
     backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | torch (vision and LLM engines; "
                                 "torch needs a build with --torch-weights)."),
+    vision_precision: str | None = typer.Option(None, "--vision-precision", help="ONNX Runtime vision tower: "
+                                                "fp32 | fp16 | int8 (default: int8 on CPUs when the build recorded "
+                                                "its cosine vs fp32 >= 0.995, else fp32)."),
 ):
     """Chat with a model about images, a video or a live camera (interactive, --prompt, or --interval)."""
     from vila_edge.builder.build import ensure_engine_dir
@@ -275,7 +278,8 @@ def chat(
                         vision_cache_mb=vision_cache_mb,
                         ensure_engine=lambda path, say: ensure_engine_dir(path, output=engine_dir, precision=precision,
                                                                           say=say),
-                        backend=backend, dedup_threshold=dedup_threshold, pipelined=pipeline)
+                        backend=backend, dedup_threshold=dedup_threshold, pipelined=pipeline,
+                        vision_precision=vision_precision)
     if code:
         raise typer.Exit(code)
 
@@ -434,13 +438,16 @@ def bench(
     device: str | None = typer.Option(None, help="Also report the planner's prediction for this device profile."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", "-o", help="Folder for bench_*.json and .png."),
     llm_only: bool = typer.Option(False, help="Decode-only benchmark of the LLM (no image)."),
+    vision_precision: str | None = typer.Option(None, "--vision-precision", help="Vision tower graph: fp32 | fp16 | "
+                                                "int8 (default: the runtime's choice, int8 on CPUs when its recorded "
+                                                "cosine vs fp32 >= 0.995)."),
 ):
     """Vision latency per tile, time to first token by stage, decode tok/s, peak memory; JSON + PNG + table."""
     from vila_edge.bench import BenchOptions, run_bench_cli
 
     opts = BenchOptions(image_sizes=[_parse_size(s) for s in image_size], prompt_tokens=list(prompt_tokens),
                         new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads, device=device,
-                        llm_only=llm_only)
+                        llm_only=llm_only, vision_precision=vision_precision)
     run_bench_cli(list(engines or []), opts, out=out, preset=preset, work_dir=work_dir)
 
 

@@ -730,13 +730,16 @@ def _check_turns(prompt) -> list[Turn]:
 
 def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_context: int | None = None,
          vision_backend: str = "auto", llm_backend: str = "auto", vision_cache_mb: float | None = None,
-         prefix_reuse: bool = True, vision_threads: int | None = None) -> Pipeline:
+         prefix_reuse: bool = True, vision_threads: int | None = None,
+         vision_precision: str | None = None) -> Pipeline:
     """Open an engine directory. Backends: "onnxruntime", "tensorrt" (vision), "tensorrt-llm" (LLM), or
     "auto" (the native NVIDIA engines when the directory has them and they import, else ONNX Runtime).
     `threads`: CPU threads of each engine (default: physical cores); `vision_threads` overrides it for the vision
     engine (the live captioner runs vision and LLM at once: their threads share the cores).
     `vision_cache_mb`: bound of the encoder-output cache in MiB (None: 256; 0: off). `prefix_reuse`: a new
-    prompt (a `generate` call, a server request) keeps the KV of the start it shares with the previous one."""
+    prompt (a `generate` call, a server request) keeps the KV of the start it shares with the previous one.
+    `vision_precision` picks the ONNX Runtime tower graph (fp32 | fp16 | int8; default: int8 on CPUs when
+    the build recorded its cosine vs fp32 >= 0.995, else fp32)."""
     from vila_edge.backends import make_llm_engine, make_vision_engine
 
     engine_dir = Path(engine_dir)
@@ -752,7 +755,8 @@ def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_co
             got = tokenizer.token_to_id(MEDIA_TOKENS[name])
             if got != idx:
                 raise EngineError(f"{tok_dir}: {MEDIA_TOKENS[name]} has id {got}, the manifest says {idx}; rebuild")
-    vision = make_vision_engine(vision_backend, engine_dir, manifest, device=device, threads=vision_threads or threads)
+    vision = make_vision_engine(vision_backend, engine_dir, manifest, device=device, threads=vision_threads or threads,
+                                precision=vision_precision)
     llm = make_llm_engine(llm_backend, engine_dir, manifest, device=device, threads=threads,
                           max_context=max_context or cfg.llm.max_length)
     return Pipeline(cfg, tokenizer, vision, llm, engine_dir=engine_dir, manifest=manifest,

@@ -54,7 +54,9 @@ def _torch_cuda(path: Path, device: str) -> bool:
 
 
 def make_vision_engine(kind: str, engine_dir, manifest: Manifest, *, device: str = "auto",
-                       threads: int | None = None) -> VisionEngine:
+                       threads: int | None = None, precision: str | None = None) -> VisionEngine:
+    """`precision`: the ONNX Runtime tower's (None: int8 on CPUs when its recorded cosine allows, see
+    backends.ort_vision.tower_precision)."""
     engine_dir = Path(engine_dir)
     info = manifest.vision
     if kind == "auto":
@@ -65,7 +67,7 @@ def make_vision_engine(kind: str, engine_dir, manifest: Manifest, *, device: str
         from vila_edge.backends.ort_vision import OrtVisionEngine
 
         return OrtVisionEngine(engine_dir / "vision", info, device=device if device != "auto" else "auto",
-                               threads=threads)
+                               threads=threads, precision=precision)
     if kind == "tensorrt":
         from vila_edge.backends.tensorrt_vision import TensorRTVisionEngine
 

@@ -5,6 +5,11 @@ Engine files (engine directory contract):
   vision/projector.<prec>.onnx  "features" [chunks, T, C*S]    -> "embeds" [chunks, T', D]
 The manifest's `vision` dict may name the files (`tower` / `projector`) and a batch limit
 (`max_batch`); otherwise the single `tower.*.onnx` / `projector.*.onnx` present is used.
+
+Tower precision on CPUs: the int8 graph (`build --int8-vision`, ONNX Runtime dynamic quantization) when
+the build recorded its cosine vs the fp32 tower (manifest `vision.checks.tower_int8_vs_fp32.min`, per
+token over the check tiles) >= INT8_MIN_COSINE, else fp32; `precision="fp32"` (chat / bench
+`--vision-precision`) overrides. The projector has no int8 graph: it follows the tower when it can.
 """
 
 from __future__ import annotations
@@ -56,6 +61,29 @@ def _find(vision_dir: Path, info: dict, key: str, stem: str, precision: str | No
     return found[0]
 
 
+INT8_MIN_COSINE = 0.995  # int8 tower used by default on CPUs only at or above this recorded cosine vs fp32
+
+
+def int8_tower_cosine(info: dict) -> float | None:
+    """The cosine (min per token) of the int8 tower vs fp32 recorded at build time; None when not recorded."""
+    checks = info.get("checks") if isinstance(info.get("checks"), dict) else {}
+    stats = checks.get("tower_int8_vs_fp32") if isinstance(checks.get("tower_int8_vs_fp32"), dict) else {}
+    value = stats.get("min")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def tower_precision(vision_dir: Path, info: dict, precision: str | None, on_gpu: bool) -> str | None:
+    """The tower precision to load: `precision` when given; on CPUs int8 when its recorded cosine allows;
+    else None (the file order of `_find`: fp32 on CPUs, fp16 on GPUs)."""
+    if precision or on_gpu:
+        return precision
+    files = info.get("files") if isinstance(info.get("files"), dict) else {}
+    listed = files.get("tower") if isinstance(files.get("tower"), dict) else {}
+    has_int8 = "int8" in listed or (vision_dir / "tower.int8.onnx").is_file()
+    cos = int8_tower_cosine(info)
+    return "int8" if has_int8 and cos is not None and cos >= INT8_MIN_COSINE else None
+
+
 class _Runner:
     def __init__(self, path: Path, providers, so, in_name: str, out_name: str):
         import onnxruntime as ort
@@ -95,11 +123,12 @@ class OrtVisionEngine(VisionEngine):
         self.providers = ort_providers(device)
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
         so = session_options(threads)
-        self.tower = _Runner(_find(vision_dir, info, "tower", "tower", precision, self.on_gpu), self.providers, so,
+        tower = tower_precision(vision_dir, info, precision, self.on_gpu)
+        self.tower = _Runner(_find(vision_dir, info, "tower", "tower", tower, self.on_gpu), self.providers, so,
                              "pixel_values", "features")
-        self.projector = _Runner(_find(vision_dir, info, "projector", "projector", precision, self.on_gpu),
-                                 self.providers, so,
-                                 "features", "embeds")
+        proj = tower if tower in ("fp32", "fp16") else None  # no int8 projector: the device's default one
+        self.projector = _Runner(_find(vision_dir, info, "projector", "projector", proj, self.on_gpu),
+                                 self.providers, so, "features", "embeds")
         self.max_batch = int(info.get("max_batch", 0) or 0)  # 0: all tiles in one run (dynamic batch axis)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:

@@ -87,7 +87,7 @@ def child_pipeline(spec: dict) -> dict:
     t0 = time.perf_counter()
     # every run sends the same image and prompt: without the caches off, runs 2.. would time cache hits
     pipe = vila_edge.load(spec["engine"], device="cpu", threads=spec.get("threads"), vision_cache_mb=0,
-                          prefix_reuse=False)
+                          prefix_reuse=False, vision_precision=spec.get("vision_precision"))
     load_s = time.perf_counter() - t0
     rss_load = _rss()
     cases = [(tuple(s), int(p)) for s in spec["image_sizes"] for p in spec["prompt_tokens"]]

@@ -43,12 +43,13 @@ def ensure_llm_engine(llm_src: Path, out: Path, precision: str = "int4", *, quan
 
 
 def ensure_preset_engine(name: str, work_dir: Path, console=None, threads: int | None = None) -> Path:
-    """`vila-edge build` of the preset's random checkpoint (RTN int4: AWQ calibration is moot on random weights)."""
+    """`vila-edge build` of the preset's random checkpoint (RTN int4: AWQ calibration is moot on random weights),
+    with the int8 CPU tower too (the runtime picks it on CPUs when its recorded cosine allows)."""
     ckpt = ensure_preset_checkpoint(name, work_dir, console=console)
     eng = Path(work_dir) / f"{name}-engine"
     if is_engine_dir(eng):
         return eng
-    cmd = [sys.executable, "-m", "vila_edge.cli", "build", str(ckpt), "-o", str(eng), "--llm-quant", "rtn"]
+    cmd = [sys.executable, "-m", "vila_edge.cli", "build", str(ckpt), "-o", str(eng), "--llm-quant", "rtn", "--int8-vision"]
     if threads:
         cmd += ["--threads", str(threads)]
     r = subprocess.run(cmd)

@@ -132,6 +132,8 @@ def predictions(contenders: list[Contender], summary: list[dict], raw: dict, opt
             pv = p.predicted["vision_ms_per_tile"]
             mv = s["vision_ms_per_tile"]["median"]
             row["vision_ms_per_tile"] = {"predicted": pv, "measured": mv, "ratio": mv / pv if pv else None}
+        if s.get("ttft_split_ms"):
+            row.update(ttft_prediction(c.config, host, prec, s))
         if opts.device:
             q = plan(c.config, opts.device, llm_precision=prec if prec != "fp32" else "fp16", suggest=False)
             row["device"] = {"name": q.device.name, "fits": q.fits, "memory_total_bytes": q.memory["total"],
@@ -140,6 +142,27 @@ def predictions(contenders: list[Contender], summary: list[dict], raw: dict, opt
                              "vision_ms_per_tile": q.predicted["vision_ms_per_tile"]}
         out.append(row)
     return out
+
+
+def ttft_prediction(cfg, host, precision: str, s: dict) -> dict:
+    """The planner's TTFT for the measured case (its tiles and prompt positions) next to the measurement,
+    by stage: vision (tower FLOPs at the probed matmul rate) and prefill (LLM FLOPs at the same rate);
+    the planner has no preprocess / projector term, the measured total includes them."""
+    from vila_edge.plan import MIN_TEXT_TOKENS, predict
+
+    positions = int(statistics.median([r["prompt_positions"] for r in s["runs"]]))
+    pred, _ = predict(cfg, host, precision, int(s.get("tiles") or 0), max(0, positions - MIN_TEXT_TOKENS),
+                      max(positions + 1, 64))
+    measured = s["ttft_split_ms"]
+    total = statistics.median([1e3 * r["ttft_s"] for r in s["runs"]])
+
+    def pair(p, m):
+        return {"predicted": p, "measured": m, "ratio": m / p if p else None}
+
+    return {"ttft_ms": pair(pred["ttft_ms_largest_image"], total),
+            "ttft_vision_ms": pair(pred["vision_ms_largest_image"], measured["vision"]),
+            "ttft_prefill_ms": pair(pred["prefill_ms_largest_image"], measured["prefill"]),
+            "prompt_positions": positions}
 
 
 def make_document(contenders: list[Contender], raw: dict, opts: BenchOptions, *, label: str,
@@ -259,6 +282,10 @@ def print_report(doc: dict, console=None) -> None:
         if p.get("vision_ms_per_tile"):
             v = p["vision_ms_per_tile"]
             line += f"; vision predicted {v['predicted']:.0f}, measured {v['measured']:.0f} ms/tile"
+        if p.get("ttft_ms"):
+            tt = p["ttft_ms"]
+            line += (f"; TTFT predicted {tt['predicted']:.0f}, measured {tt['measured']:.0f} ms "
+                     f"(measured/predicted {tt['ratio']:.2f})")
         con.print(line)
         if p.get("device"):
             dv = p["device"]

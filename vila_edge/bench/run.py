@@ -26,6 +26,7 @@ class BenchOptions:
     llm_only: bool = False
     bandwidth_mib: int = 512
     max_context: int | None = None  # LLM-only: KV positions to allocate (default prompt + new + 16)
+    vision_precision: str | None = None  # pipeline: the ONNX Runtime tower graph (None: the runtime's default)
 
 
 def llm_decode_bytes(path: Path) -> int:
@@ -92,7 +93,7 @@ def engine_contender(path, opts: BenchOptions, *, name: str | None = None, confi
     spec = {"engine": str(path), "image_sizes": [list(s) for s in opts.image_sizes],
             "prompt_tokens": list(opts.prompt_tokens), "new_tokens": opts.new_tokens, "runs": 1,
             "warmup": opts.warmup, "warmup_tokens": opts.warmup_tokens, "threads": opts.threads or default_threads(),
-            "max_context": opts.max_context}
+            "max_context": opts.max_context, "vision_precision": opts.vision_precision}
     return Contender(name=name or path.name, cmd=self_cmd("pipeline" if pipeline else "llm"), spec=spec,
                      weight_bytes=llm_decode_bytes(path), kv_bytes_per_position=kv_bytes_per_position(path, config),
                      config=config, precision=precision, manifest=_manifest_summary(manifest),
