@@ -106,9 +106,9 @@ def test_scheme_layout_is_what_the_runtime_produces(runtime_engine, family):  # 
     """The tiling scheme's layout (what the server and the planner count) equals the tiles, media items
     and LLM positions the pipeline really produces, for one image and for two.
 
-    The layout counts the prompt's "\\n" after a marker as one text position (`text_tokens`): exact for
-    Qwen2's BPE (NVILA families); Llama's SentencePiece (V15 prompts) spends one more where the marker
-    splits the text, so there only the media positions are exact."""
+    The layout counts the prompt's "\\n" after a marker as the tokens the checkpoint's tokenizer spends on
+    it (`text_tokens`, from config.llm.newline_tokens for V15 prompts: two with Llama's SentencePiece,
+    "▁" + "<0x0A>"), so every family's count is exact."""
     from vila_edge.media.tiling import image_layout
     from vila_edge.prompt import Message, render, tokenize, user_content
     from vila_edge.runtime import Timings
@@ -134,10 +134,8 @@ def test_scheme_layout_is_what_the_runtime_produces(runtime_engine, family):  # 
         text = n_ids(len(sizes), layouts[0].n_items if len(sizes) == 1 else None) - n_ids(0, None) - n_items
         media = positions - text  # each marker id became its item's feature rows + end tokens
         assert media == sum(lay.n_items * (lay.feature_tokens + lay.end_tokens) for lay in layouts), sizes
-        if cfg.splice == "head":
-            assert positions == sum(lay.positions for lay in layouts), sizes
-        else:
-            assert text == sum(lay.n_items * (lay.text_tokens + 1) for lay in layouts), sizes
+        assert text == sum(lay.n_items * lay.text_tokens for lay in layouts), sizes
+        assert positions == sum(lay.positions for lay in layouts), sizes
 
 
 def _dequantized_llm_weights(llm_onnx, cfg) -> dict:

@@ -274,6 +274,8 @@ def resolve_tokens(cfg_llm: dict, tokenizer: Tokenizer, chat_format: str, splice
         tokens["end_token_ids"] = tuple(tokenizer.encode("\n", add_special_tokens=True))
     else:
         tokenizer.add_special_tokens([SENTINEL_TOKEN])
+        # V15 prompts write "<image>\n": the text after the marker is encoded on its own (prompt.tokenize)
+        tokens["newline_tokens"] = len(tokenizer.encode("\n", add_special_tokens=False))
     tokens["stop_token_ids"] = tuple(infer_stop_tokens(chat_format, tokenizer))
     vocab = int(cfg_llm.get("vocab_size", len(tokenizer)))
     extra = [tokenizer.token_to_id(t) for t in (SENTINEL_TOKEN, *MEDIA_TOKENS.values())]

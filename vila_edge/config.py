@@ -157,6 +157,7 @@ class LLMConfig:
     media_token_ids: dict[str, int] = field(default_factory=dict)  # "image"/"video" -> id (HEAD splice)
     end_token_ids: tuple[int, ...] = ()  # tokenizer("\n").input_ids, appended after media (HEAD splice)
     extra_masked_ids: tuple[int, ...] = ()  # added special tokens below vocab_size that were never trained
+    newline_tokens: int = 1  # tokens the "\n" after <image> costs in a V15 prompt (SentencePiece Llama: "▁" + "<0x0A>")
     rope_scaling: dict | None = None
 
     @property
@@ -447,6 +448,7 @@ def config_from_dicts(
         media_token_ids=dict(tokens.get("media_token_ids", {})),
         end_token_ids=tuple(tokens.get("end_token_ids", ())),
         extra_masked_ids=tuple(tokens.get("extra_masked_ids", ())),
+        newline_tokens=int(tokens.get("newline_tokens", 1)),
         rope_scaling=llm.get("rope_scaling"),
     )
     return VilaConfig(

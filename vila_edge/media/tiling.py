@@ -47,7 +47,7 @@ class ImageLayout:
     n_items: int  # media items (one <image> marker each)
     feature_tokens: int  # projector rows per media item
     end_tokens: int  # embed(tokenizer("\n")) rows appended per media item (HEAD splice)
-    text_tokens: int  # literal prompt-text "\n" positions per media item (V15 prompt / NVILA-Lite)
+    text_tokens: int  # positions of the literal prompt-text "\n" per media item (V15 prompt / NVILA-Lite)
     block_size: tuple[int, int] | None  # (rows, cols) of the last tile grid, when tiled
 
     @property
@@ -272,7 +272,7 @@ class TilingScheme:
 
     def _plain_layout(self, cfg: VilaConfig, end: int) -> ImageLayout:
         """One plain tile, one media item; V15 prompts write "<image>\\n", the "\\n" is prompt text."""
-        text_nl = 1 if cfg.splice == "v15" else 0
+        text_nl = cfg.llm.newline_tokens if cfg.splice == "v15" else 0
         return ImageLayout(1, 1, cfg.tokens_per_tile, end, text_nl, None)
 
     # ---- between tower and projector, and after it -----------------------------------------
