@@ -520,3 +520,20 @@ def test_cpu_tower_defaults_to_int8_only_when_its_recorded_cosine_allows(engines
     assert tower(recorded)[0] == ("tower.int8.onnx" if recorded >= INT8_MIN_COSINE else "tower.fp32.onnx")
     no_check = {**info, "checks": {k: v for k, v in info["checks"].items() if k != "tower_int8_vs_fp32"}}
     assert OrtVisionEngine(path / "vision", no_check, device="cpu", threads=1).describe()["tower"] == "tower.fp32.onnx"
+
+
+def test_cpu_tower_runs_tiles_one_batch_at_a_time_with_the_same_features(engines):
+    """CPU default: CPU_TILE_BATCH tiles per tower run, no arena (bounded activations, issue 19 P6); the
+    features equal those of one run over all tiles."""
+    from vila_edge.backends.ort_vision import CPU_TILE_BATCH, OrtVisionEngine
+
+    path = engines("nvila")
+    info = _manifest(path)["vision"]
+    default = OrtVisionEngine(path / "vision", info, device="cpu", threads=1, precision="fp32")
+    at_once = OrtVisionEngine(path / "vision", info, device="cpu", threads=1, precision="fp32", tile_batch=0, arena=True)
+    assert default.max_batch == CPU_TILE_BATCH and at_once.max_batch == 0
+    size = info["image_size"]
+    x = np.random.default_rng(3).standard_normal((3, 3, size, size)).astype(np.float32)
+    a, b = default.encode(x), at_once.encode(x)
+    assert a.shape == b.shape and a.shape[0] == 3
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -755,10 +755,12 @@ def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_co
             got = tokenizer.token_to_id(MEDIA_TOKENS[name])
             if got != idx:
                 raise EngineError(f"{tok_dir}: {MEDIA_TOKENS[name]} has id {got}, the manifest says {idx}; rebuild")
-    vision = make_vision_engine(vision_backend, engine_dir, manifest, device=device, threads=vision_threads or threads,
-                                precision=vision_precision)
+    # the LLM first: while ONNX Runtime repacks its int4 weights, originals and packed copies coexist
+    # (~1.4x the weights for a moment); the vision weights are not resident yet then (issue 19, P6)
     llm = make_llm_engine(llm_backend, engine_dir, manifest, device=device, threads=threads,
                           max_context=max_context or cfg.llm.max_length)
+    vision = make_vision_engine(vision_backend, engine_dir, manifest, device=device, threads=vision_threads or threads,
+                                precision=vision_precision)
     return Pipeline(cfg, tokenizer, vision, llm, engine_dir=engine_dir, manifest=manifest,
                     vision_cache=VisionCache.of_megabytes(vision_cache_mb), prefix_reuse=prefix_reuse)
 

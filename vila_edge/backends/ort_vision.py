@@ -10,6 +10,11 @@ Tower precision on CPUs: the int8 graph (`build --int8-vision`, ONNX Runtime dyn
 the build recorded its cosine vs the fp32 tower (manifest `vision.checks.tower_int8_vs_fp32.min`, per
 token over the check tiles) >= INT8_MIN_COSINE, else fp32; `precision="fp32"` (chat / bench
 `--vision-precision`) overrides. The projector has no int8 graph: it follows the tower when it can.
+
+Memory on CPUs (issue 19, P6): tiles run CPU_TILE_BATCH at a time and the sessions have no arena. The
+tower's activations grow with the batch (SigLIP-so400m at 448 px: ~320 MiB per tile, mostly attention
+scores) while its speed per tile does not (measured 35.5 s/tile at batch 1 vs 36.9 at batch 3 on the
+same loaded machine), and without the arena they are returned before the LLM prefill needs memory.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def _find(vision_dir: Path, info: dict, key: str, stem: str, precision: str | No
     return found[0]
 
 
+CPU_TILE_BATCH = 1  # tiles per tower run on CPUs (GPUs: all tiles at once, unless the manifest says)
 INT8_MIN_COSINE = 0.995  # int8 tower used by default on CPUs only at or above this recorded cosine vs fp32
 
 
@@ -117,19 +123,22 @@ class OrtVisionEngine(VisionEngine):
     name = "onnxruntime"
 
     def __init__(self, vision_dir, info: dict | None = None, *, device: str = "cpu", threads: int | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, tile_batch: int | None = None, arena: bool | None = None):
+        """`tile_batch` / `arena`: tiles per run (0: all) and ONNX Runtime's CPU arena; default: the
+        manifest's `max_batch`, else CPU_TILE_BATCH without arena on CPUs, all tiles with it on GPUs."""
         vision_dir = Path(vision_dir)
         info = dict(info or {})
         self.providers = ort_providers(device)
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
-        so = session_options(threads)
+        so = session_options(threads, arena=self.on_gpu if arena is None else arena)
         tower = tower_precision(vision_dir, info, precision, self.on_gpu)
         self.tower = _Runner(_find(vision_dir, info, "tower", "tower", tower, self.on_gpu), self.providers, so,
                              "pixel_values", "features")
         proj = tower if tower in ("fp32", "fp16") else None  # no int8 projector: the device's default one
         self.projector = _Runner(_find(vision_dir, info, "projector", "projector", proj, self.on_gpu),
                                  self.providers, so, "features", "embeds")
-        self.max_batch = int(info.get("max_batch", 0) or 0)  # 0: all tiles in one run (dynamic batch axis)
+        default_batch = 0 if self.on_gpu else CPU_TILE_BATCH  # 0: all tiles in one run (dynamic batch axis)
+        self.max_batch = int(tile_batch if tile_batch is not None else info.get("max_batch") or default_batch)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return self.tower(pixels, self.max_batch)
