@@ -200,3 +200,18 @@ def test_chat_and_generate_share_the_pipeline_cache(runtime_engine):  # noqa: F8
     assert r1.timings.vision > 0 and r2.timings.vision == 0.0
     assert r2.timings.media_items == r1.timings.media_items and r2.timings.tiles == r1.timings.tiles
     assert _pipe(runtime_engine, "nvila-lite", mb=0).vision_cache.enabled is False
+
+
+def test_live_frames_bypass_the_cache(runtime_engine):  # noqa: F811
+    """The live captioner encodes with cache=False: new frames neither hit nor fill the cache (a camera would
+    otherwise fill its whole bound), and the items equal a cached encode's."""
+    pipe = _pipe(runtime_engine, "nvila")
+    pipe.vision_cache.clear()
+    img = _image(seed=7)
+    s0 = pipe.vision_cache.stats()
+    live = pipe.encode_message("What is this?", [img], cache=False)
+    s1 = pipe.vision_cache.stats()
+    assert (s1["entries"], s1["misses"] - s0["misses"], s1["hits"] - s0["hits"]) == (0, 0, 0)
+    cached = pipe.encode_message("What is this?", [img])
+    assert pipe.vision_cache.stats()["entries"] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(live.items, cached.items, strict=True))

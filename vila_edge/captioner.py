@@ -106,7 +106,8 @@ class Captioner:
     def _encode(self, frame: Frame):
         from vila_edge.media.image import bgr_to_pil
 
-        enc = self.pipe.encode_message(self.prompt, [bgr_to_pil(frame.image, f"frame {frame.seq}")])
+        # cache=False: live frames are new by construction (dedup), caching them would only fill its bound
+        enc = self.pipe.encode_message(self.prompt, [bgr_to_pil(frame.image, f"frame {frame.seq}")], cache=False)
         t = enc.timings
         self._stats.vision_s += t.preprocess + t.vision + t.merge_projector
         return frame, enc

@@ -298,13 +298,15 @@ class Pipeline:
         merge = "cuda" if self._gpu_merge is not None else "numpy"
         return pixel_key(pil, self._engine_identity + f"|single={single}|merge={merge}|".encode())
 
-    def image_items(self, image, *, single: bool = True, timings: Timings | None = None) -> list[np.ndarray]:
+    def image_items(self, image, *, single: bool = True, timings: Timings | None = None,
+                    cache: bool = True) -> list[np.ndarray]:
         """Media items ([n_i, D] float32) of one image, as the reference's `image_items`; from the vision
-        cache when these pixels were encoded before (the items are then read-only arrays)."""
+        cache when these pixels were encoded before (the items are then read-only arrays). `cache=False`:
+        neither looked up nor kept (live frames: each one new, caching them would only fill the bound)."""
         t = timings or Timings()
         t0 = time.perf_counter()
         pil = load_image(image)
-        cache = self.vision_cache
+        cache = self.vision_cache if cache else VisionCache(0)
         key = self.image_key(pil, single=single) if cache.enabled else b""
         hit = cache.get(key) if cache.enabled else None
         if hit is not None:
@@ -372,7 +374,7 @@ class Pipeline:
         return [item], len(frames)
 
     def user_message(self, text: str, images: Sequence = (), video=None,
-                     timings: Timings | None = None) -> tuple[Message, list[np.ndarray]]:
+                     timings: Timings | None = None, cache: bool = True) -> tuple[Message, list[np.ndarray]]:
         """A user message with its media markers, and its media items in marker order."""
         t = timings if timings is not None else Timings()
         text = check_text(text)
@@ -381,7 +383,7 @@ class Pipeline:
         items: list[np.ndarray] = []
         n_tiles = None
         for im in images:
-            its = self.image_items(im, single=single, timings=t)
+            its = self.image_items(im, single=single, timings=t, cache=cache)
             if single:
                 n_tiles = len(its)
             items += its
@@ -393,12 +395,12 @@ class Pipeline:
                                video=video is not None, n_frames=n_frames)
         return Message("user", content), items
 
-    def encode_message(self, text: str, images: Sequence = (), video=None) -> EncodedMessage:
+    def encode_message(self, text: str, images: Sequence = (), video=None, *, cache: bool = True) -> EncodedMessage:
         """The vision half of a turn, done ahead of time: `Conversation.ask(..., encoded=)` runs only the LLM half.
         Touches only the vision engine, so it can run in another thread while the LLM decodes (the live
         captioner's pipelining)."""
         t = Timings()
-        user, items = self.user_message(text, images, video, timings=t)
+        user, items = self.user_message(text, images, video, timings=t, cache=cache)
         return EncodedMessage(user, items, t)
 
     # ---- API -------------------------------------------------------------------------------
