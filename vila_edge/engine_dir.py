@@ -161,6 +161,9 @@ class Manifest:
             config = config_from_json(data["config"])
         except (TypeError, KeyError, ValueError) as exc:
             raise EngineError(f"{path}: the config does not match this vila-edge ({exc}); {hint}") from None
+        for key in ("overrides", "options", "versions", "target"):  # optional, but objects when present
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise EngineError(f"{path}: {key!r} must be an object, not {type(data[key]).__name__}; {hint}")
         try:
             checkpoint = CheckpointRef(**data["checkpoint"])
             target = Target(**(data.get("target") or {}))
