@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vila_edge.config import VilaConfig, config_from_dicts
 from vila_edge.errors import CheckpointError
 from vila_edge.hub import snapshot_repo_name
 from vila_edge.prompt import infer_stop_tokens
+from vila_edge.ps3_config import expected_ps3_projector_extras
 from vila_edge.tokenizer import MEDIA_TOKENS, SENTINEL_TOKEN, Tokenizer
 from vila_edge.towers import tower_named
 
@@ -126,6 +127,9 @@ def expected_projector(cfg: VilaConfig) -> dict[str, tuple[int, ...]]:
     def ln(idx, n):
         return {f"layers.{idx}.weight": (n,), f"layers.{idx}.bias": (n,)}
 
+    if cfg.vision.ps3 is not None:
+        extras = expected_ps3_projector_extras(cfg.vision.ps3, d)
+        return {**extras, **expected_projector(replace(cfg, vision=replace(cfg.vision, ps3=None)))}
     if p.type == "identity":
         return {}
     if p.type == "linear":
@@ -370,7 +374,8 @@ def _load_checkpoint(root: Path, token_order, splice, chat_format, validate) -> 
     if validate:
         _check_tensors(ckpt.index["vision_tower"], expected_vision(cfg, vision), str(ckpt.part_dir("vision_tower")),
                        optional_prefixes=tower_named(cfg.vision.tower).optional_prefixes)
-        _check_tensors(ckpt.index["mm_projector"], expected_projector(cfg), str(ckpt.part_dir("mm_projector")))
+        _check_tensors(ckpt.index["mm_projector"], expected_projector(cfg), str(ckpt.part_dir("mm_projector")),
+                       optional_prefixes=("top_down_prompt_head.",))  # PS3 after_prompt: VILA's LLM-side prompt head
         if "llm" in ckpt.index:
             emb = ckpt.index["llm"].get("model.embed_tokens.weight")
             if emb is None:

@@ -64,7 +64,7 @@ def info(
 
 @app.command()
 def fixture(
-    family: str = typer.Argument(..., help="vila1.5 | vila1.5-s2 | nvila | nvila-lite | clip | intern"),
+    family: str = typer.Argument(..., help="vila1.5 | vila1.5-s2 | nvila | nvila-lite | clip | intern | ps3"),
     out: Path = typer.Argument(..., help="Folder to write the checkpoint to."),
     seed: int = typer.Option(0, help="Weight seed."),
     layout: str = typer.Option("dev", help="dev | hf"),

@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 from vila_edge.errors import CheckpointError
+from vila_edge.ps3_config import Ps3Settings, is_ps3, ps3_settings, ps3_tower_dict
 from vila_edge.towers import tower_for
 
-FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite")
+FAMILIES = ("vila1.5", "vila1.5-s2", "nvila", "nvila-lite", "vila-hd")
 TILINGS = ("resize", "pad", "crop", "s2", "dynamic", "dynamic_s2")
 PROJECTOR_TYPES = (
     "identity",
@@ -49,7 +50,7 @@ _CONV_MODE_BY_NAME = (
 
 @dataclass(frozen=True)
 class VisionConfig:
-    tower: str  # a name in vila_edge.towers.TOWERS: "siglip" | "clip" | "intern"
+    tower: str  # a name in vila_edge.towers.TOWERS: "siglip" | "clip" | "intern" | "ps3"
     image_size: int  # one tile's side in pixels (what the tower was trained on)
     patch_size: int
     hidden_size: int
@@ -70,6 +71,7 @@ class VisionConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     qkv_bias: bool = True  # InternViT: its config's qkv_bias (HF SigLIP / CLIP always have q/k/v biases)
     qk_normalization: bool = False  # InternViT: RMSNorm over q and k before attention
+    ps3: Ps3Settings | None = None  # tower == "ps3" (VILA-HD): scales, selection, look-close settings
 
     @property
     def grid(self) -> int:
@@ -247,7 +249,7 @@ def _is_nvila_generation(top: dict, projector_cfg: dict, tiling: str) -> bool:
     `image_encoder`/`video_encoder` keys (added with NVILA), or a projector type that only exists since
     NVILA (`*_fix`), or its projector config was written by transformers >= 4.46. Otherwise V15.
     """
-    if tiling in ("dynamic", "dynamic_s2"):
+    if tiling in ("dynamic", "dynamic_s2") or top.get("ps3"):  # VILA-HD runs HEAD's LlavaTopDown code
         return True
     if "image_encoder" in top or "video_encoder" in top:
         return True
@@ -309,6 +311,23 @@ def _video_pool_sizes(top: dict) -> tuple[tuple[int, int, int], ...]:
     return ()
 
 
+def _ps3_vision(vcfg: VisionConfig, ps3: Ps3Settings, top: dict, projector: dict, where: str) -> VisionConfig:
+    """The checks VILA's PS3 path implies (llava_arch.py::encode_images_ps3, vision_encoder.py)."""
+    if vcfg.tiling != "resize":
+        raise CheckpointError(f"{where}: PS3 takes one square image (image_aspect_ratio 'resize'), not {vcfg.tiling!r}")
+    if top.get("ps3_dynamic_aspect_ratio"):
+        raise CheckpointError(f"{where}: ps3_dynamic_aspect_ratio=true is not supported (square images only)")
+    if vcfg.select_layer not in (-1, -2):
+        raise CheckpointError(f"{where}: PS3 returns its last 2 hidden states; mm_vision_select_layer must be -1 or -2, "
+                              f"not {vcfg.select_layer}")
+    if vcfg.select_feature != "cls_patch":
+        raise CheckpointError(f"{where}: PS3 has no class token; mm_vision_select_feature must be 'cls_patch'")
+    ptype = projector.get("mm_projector_type") or top.get("mm_projector_type") or ""
+    if not str(ptype).startswith("mlp_downsample"):
+        raise CheckpointError(f"{where}: PS3 features need an mlp_downsample projector (encode_images_ps3), not {ptype!r}")
+    return replace(vcfg, tower="ps3", ps3=ps3)
+
+
 def config_from_dicts(
     *,
     top: dict,
@@ -326,7 +345,10 @@ def config_from_dicts(
     tokens = tokens or {}
     family, tiling = detect_family(top, where)
 
-    tower = tower_for(top, vision, where)
+    ps3 = ps3_settings(top, vision, where) if is_ps3(top, vision) else None
+    if ps3 is not None:  # PS3's trunk is a SigLIP ViT; its geometry comes from the timm name (ps3_config)
+        vision = {**vision, **ps3_tower_dict(ps3, vision), "architectures": ["SiglipVisionModel"]}
+    tower = tower_for(top, vision, where)  # PS3 runs as its SigLIP trunk here; _ps3_vision names it "ps3"
     vw = f"{where} (vision_tower)"
     tiling = _tower_tiling(tower.name, tiling, where)
     image_size = int(_require(vision, "image_size", vw))
@@ -384,6 +406,8 @@ def config_from_dicts(
     if vcfg.select_feature not in ("cls_patch", "patch"):
         raise CheckpointError(f"{where}: mm_vision_select_feature={vcfg.select_feature!r} is not cls_patch or patch")
     _ = vcfg.layers_used  # validates select_layer
+    if ps3 is not None:
+        vcfg = _ps3_vision(vcfg, ps3, top, projector, where)
 
     lw = f"{where} (llm)"
     l_arch = _require(llm, "architectures", lw)[0]
@@ -452,7 +476,7 @@ def config_from_dicts(
         rope_scaling=llm.get("rope_scaling"),
     )
     return VilaConfig(
-        family=family,
+        family="vila-hd" if ps3 is not None else family,
         generation="nvila" if nvila_gen else "v15",
         splice="head" if nvila_gen else "v15",
         vision=vcfg,
@@ -471,6 +495,8 @@ def config_from_json(data: dict) -> VilaConfig:
         return tuple(tup(i) for i in x) if isinstance(x, list) else x
 
     v = {k: tup(val) for k, val in data["vision"].items()}
+    if v.get("ps3") is not None:
+        v["ps3"] = Ps3Settings(**{k: tup(val) for k, val in v["ps3"].items()})
     llm = {k: tup(val) for k, val in data["llm"].items()}
     llm["media_token_ids"] = dict(data["llm"].get("media_token_ids") or {})
     llm["rope_scaling"] = data["llm"].get("rope_scaling")

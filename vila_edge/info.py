@@ -50,6 +50,18 @@ def checkpoint_info(ckpt: Checkpoint, width: int = 1920, height: int = 1080) -> 
     }
 
 
+def ps3_summary(s: dict) -> str:
+    """One line on VILA-HD's PS3 tower: scales, what each look-close step selects, the selection mode."""
+    from vila_edge.ps3_config import Ps3Settings
+
+    st = Ps3Settings(**{k: tuple(x) if isinstance(x, list) else x for k, x in s.items()})
+    steps, total = st.look_close_steps()
+    mode = {"after_image": "bottom-up (after_image)", "after_prompt": "top-down (after_prompt)"}[st.look_close_mode]
+    return (f"scales {list(st.scales)} (low-res {st.low_res_grid}^2 tokens), selects {'+'.join(map(str, st.select_num_each_scale))}"
+            f" patches/step x {steps} step(s) = {total} of {st.max_high_res_tokens} high-res patches, {mode}, "
+            f"trunk {st.model_name}")
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -78,6 +90,8 @@ def print_info(info: dict) -> None:
               f"/{v['num_layers']}, feature {v['select_feature']} ({info['tokens_per_tile']} tokens/tile{cls}){extra}, "
               f"tiling {v['tiling']}{scales}, tiles {v['min_tiles']}..{v['max_tiles']}, "
               f"mean {tuple(round(x, 4) for x in v['image_mean'])} std {tuple(round(x, 4) for x in v['image_std'])}")
+    if v.get("ps3"):
+        t.add_row("PS3", ps3_summary(v["ps3"]))
     t.add_row("projector", f"{p['type']}  {p['in_features']} -> {p['out_features']}")
     t.add_row("llm", f"{m['architecture']}  hidden {m['hidden_size']}, {m['num_layers']} layers, heads {m['num_heads']}/"
               f"{m['num_kv_heads']} kv, vocab {m['vocab_size']}, max length {m['max_length']}")

@@ -39,6 +39,7 @@ from pathlib import Path
 from vila_edge.config import VilaConfig
 from vila_edge.errors import VilaEdgeError
 from vila_edge.media.tiling import tiling_scheme
+from vila_edge.ps3_config import expected_ps3_tensors, ps3_activation_values, ps3_flops
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -190,6 +191,9 @@ def vision_params(cfg: VilaConfig) -> dict[str, int]:
     from vila_edge.towers import tower_named
 
     v = cfg.vision
+    if v.ps3 is not None:  # VILA-HD: the whole PS3 tower runs (low-res pass to the last block, selection nets)
+        return {"tower": sum(math.prod(t) for t in expected_ps3_tensors(v.ps3).values()),
+                "projector": projector_params(cfg)}
     tower = 0
     for name, shape in tower_named(v.tower).expected(v).items():
         layer = name.split("layers.")[1].split(".")[0] if "layers." in name else None
@@ -214,6 +218,8 @@ def projector_flops_per_row(cfg: VilaConfig) -> int:
 def vision_flops_per_tile(cfg: VilaConfig) -> int:
     """FLOPs (multiply-add = 2) of one tile through the tower layers that run, plus its projector rows."""
     v = cfg.vision
+    if v.ps3 is not None:  # one "tile" = one image through PS3's low-res pass and its look-close steps
+        return ps3_flops(v.ps3, v.layers_used, projector_flops_per_row(cfg), cfg.projector.downsample)
     n, h, i = v.sequence_length, v.hidden_size, v.intermediate_size
     patch = 2 * v.grid * v.grid * 3 * v.patch_size ** 2 * h
     layer = 8 * n * h * h + 4 * n * h * i + 4 * n * n * h
@@ -316,6 +322,8 @@ def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_prec
     n, h = v.sequence_length, v.hidden_size
     scores = 0 if dev.fused_attention else v.num_heads * n
     vision_act = tiles * n * (2 * h + max(3 * h + scores, v.intermediate_size)) * a
+    if v.ps3 is not None:
+        vision_act = ps3_activation_values(v.ps3, v.layers_used, v.num_heads, dev.fused_attention) * a
     q, kvw = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     t = max_context
     llm_act = t * (2 * m.hidden_size + q + 2 * kvw + 2 * m.intermediate_size) * a + m.vocab_size * 4

@@ -316,8 +316,11 @@ class Pipeline:
             return list(hit.items)
         tiles = self.tiling.tiles(pil, single=single)
         t1 = time.perf_counter()
-        y = self._device_merge(tiles)
-        if y is not None:  # tower + CUDA merge + projector on the GPU: reported under "vision"
+        y = None if self.config.vision.tower == "ps3" else self._device_merge(tiles)
+        if self.config.vision.tower == "ps3":  # one image -> one item (low-res + selected high-res tokens)
+            items = [self.vision.item(tiles.pixels)]
+            t2 = time.perf_counter()
+        elif y is not None:  # tower + CUDA merge + projector on the GPU: reported under "vision"
             t2 = time.perf_counter()
             items = self.tiling.after_projector(y, tiles)
         else:

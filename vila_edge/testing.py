@@ -23,6 +23,7 @@ FAMILY_NAMES = {
     "nvila-lite": "tiny-NVILA-Lite-2B",
     "clip": "tiny-VILA-7b-clip",  # VILA 1.0 generation: CLIP ViT-L/14-336 geometry, LLaVA-style projector
     "intern": "tiny-VILA1.5-40b",  # InternViT-6B + mlp_downsample + hermes-2 chat (reference doc §2.1, §4.4)
+    "ps3": "tiny-VILA-HD-8B-PS3-1.5K-SigLIP",
 }
 
 QWEN2_CHAT_TEMPLATE = (
@@ -134,6 +135,9 @@ def _family_top(family: str, vision_size: int) -> dict:
         return {"image_aspect_ratio": "square", "mm_vision_select_feature": "patch"}
     if family == "intern":  # scripts/v1_5/release/40b/*.sh: --mm_vision_select_layer -1, feature default "patch"
         return {"image_aspect_ratio": "resize", "mm_vision_select_layer": -1, "mm_vision_select_feature": "patch"}
+    if family == "ps3":  # VILA-HD: llava_arch.py LlavaTopDown; its released values UNVERIFIED (no config read)
+        return {"image_aspect_ratio": "resize", "ps3": True, "look_close_mode": "after_image", "num_look_close": 2,
+                "num_token_look_close": None, "high_res_pos_embed": True, "top_down_prompt_head_type": "linear"}
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
 
 
@@ -152,6 +156,9 @@ def _tiny_tower(family: str, size: int, seed: int) -> tuple[dict, dict, dict]:
         vision.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model")
         pre = {**CLIP_PREPROCESSOR, "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}}
         return vision, hf_state_dict_on_disk(model), pre
+    if family == "ps3":
+        weights, vision, pre = tiny_ps3_tower(seed)
+        return vision, weights, pre
     if family == "intern":
         from vila_edge.config import VisionConfig
         from vila_edge.reference.intern import InternVisionModel
@@ -202,9 +209,9 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
         if not overwrite:
             return path
         shutil.rmtree(path)
-    if layout == "hf" and family in ("clip", "intern"):
+    if layout == "hf" and family in ("clip", "intern", "ps3"):
         raise ValueError(f"the flat -hf layout exists for NVILA-era checkpoints, not the {family} family; use layout='dev'")
-    qwen = family in ("nvila", "nvila-lite")
+    qwen = family in ("nvila", "nvila-lite", "ps3")
     vision_size = 70 if family.startswith("vila1.5") else 56  # grids 5x5 (odd: exercises padding) / 4x4
     top_extra = _family_top(family, vision_size)
 
@@ -224,11 +231,15 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
     vision_dict, vision_weights, pre_json = _tiny_tower(family, vision_size, seed + 1)
 
     n_scales = len(top_extra["s2_scales"].split(",")) if "s2_scales" in top_extra else 1
-    ptype = {"nvila-lite": "mlp_downsample_3x3_fix", "clip": "mlp2x_gelu"}.get(family, "mlp_downsample")
+    ptype = {"nvila-lite": "mlp_downsample_3x3_fix", "ps3": "mlp_downsample_3x3_fix", "clip": "mlp2x_gelu"}.get(
+        family, "mlp_downsample")
     pcfg = ProjectorConfig(type=ptype, in_features=TINY_VISION["hidden_size"] * n_scales,
                            out_features=TINY_LLM["hidden_size"], token_order="row")
     projector = Projector(pcfg)
     _seeded_(projector, seed + 2)
+    projector_sd = {k: v.contiguous() for k, v in projector.state_dict().items()}
+    if family == "ps3":
+        projector_sd.update(tiny_ps3_projector_extras(seed + 3, TINY_LLM["hidden_size"]))
     proj_json = {"architectures": ["MultimodalProjector"], "mm_projector_type": ptype, "model_type": "v2l_projector",
                  "torch_dtype": "float32",
                  # V15-era projector configs were written by transformers 4.36-4.44 (§4.3 heuristic)
@@ -262,14 +273,12 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
             (tmp / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(pre_json, indent=2))
             (tmp / "mm_projector").mkdir()
             (tmp / "mm_projector" / "config.json").write_text(json.dumps(proj_json, indent=2))
-            save_file({k: v.contiguous() for k, v in projector.state_dict().items()},
-                      str(tmp / "mm_projector" / "model.safetensors"))
+            save_file(projector_sd, str(tmp / "mm_projector" / "model.safetensors"))
         elif layout == "hf":
             top.update(model_type="nvila_lite" if family == "nvila-lite" else "vila", architectures=["VILAForCausalLM"],
                        text_config=llm_dict, vision_config=vision_dict, mm_projector_type=ptype)
             tensors = {}
-            parts = (("llm.", llm.state_dict()), ("vision_tower.", vision_weights),
-                     ("mm_projector.", projector.state_dict()))
+            parts = (("llm.", llm.state_dict()), ("vision_tower.", vision_weights), ("mm_projector.", projector_sd))
             for prefix, state in parts:
                 for k, v in state.items():
                     if prefix == "llm." and k == "lm_head.weight" and llm_cfg.tie_word_embeddings:
@@ -283,3 +292,48 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, *, layout: str = "dev
             raise ValueError(f"layout must be 'dev' or 'hf', got {layout!r}")
         (tmp / "config.json").write_text(json.dumps(top, indent=2))
     return path
+
+
+# ---- PS3 (VILA-HD) ---------------------------------------------------------------------------
+
+TINY_PS3 = dict(model_name="vila_edge_tiny_ps3", hidden_size=32, pool="map", ps3_scales=[70, 140, 280],
+                select_based_on_layer=[0, 1, 2], max_select_num=100, max_select_num_each_scale=None,
+                separate_pos_emb=True, highres_selection_feature=True, highres_selection_module_hidden_dim=8,
+                highres_selection_module_out_dim=8, highres_selection_module_depth=1,
+                highres_selection_module_kernel_size=28, radio=False, dynamic_img_size=True)
+
+
+def tiny_ps3_tower(seed: int):
+    """(weights named as on disk, vision_tower/config.json, preprocessor_config.json) of a tiny PS3VisionModel.
+
+    The config carries PS3VisionConfig's fields as `save_pretrained` writes them (configuration_ps3.py); the
+    trunk's geometry is vila-edge's test entry in ps3_config.TRUNK_GEOMETRY.
+    """
+    from vila_edge.ps3_config import ps3_settings
+    from vila_edge.reference.ps3 import PS3Encoder, ps3_state_dict_on_disk
+
+    vision = dict(TINY_PS3, architectures=["PS3VisionModel"], model_type="ps3_vision_model",
+                  vision_tower_name=TINY_PS3["model_name"], image_size=TINY_PS3["ps3_scales"][-1], patch_size=14,
+                  torch_dtype="float32")
+    enc = PS3Encoder(ps3_settings({"ps3": True, "look_close_mode": "after_image"}, vision, "tiny ps3"))
+    _seeded_(enc, seed)
+    side = vision["image_size"]
+    pre = {"image_processor_type": "PS3ImageProcessor", "image_size": [side, side], "mean": [0.5, 0.5, 0.5],
+           "std": [0.5, 0.5, 0.5], "resize_mode": "squash", "interpolation": "bicubic",
+           "size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side},
+           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return ps3_state_dict_on_disk(enc), vision, pre
+
+
+def tiny_ps3_projector_extras(seed: int, llm_hidden: int) -> dict:
+    """base_projector.py's high_res_pos_embed / high_res_scale_embed and the linear top_down_prompt_head."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    low = (TINY_PS3["ps3_scales"][0] // 14) ** 2
+    out = {"high_res_pos_embed": torch.randn(1, low, llm_hidden, generator=g) * 0.08}
+    for i in range(len(TINY_PS3["ps3_scales"])):
+        out[f"high_res_scale_embed.{i}"] = torch.randn(1, 1, llm_hidden, generator=g) * 0.08
+    out["top_down_prompt_head.weight"] = torch.randn(TINY_PS3["hidden_size"], llm_hidden, generator=g) * 0.08
+    out["top_down_prompt_head.bias"] = torch.randn(TINY_PS3["hidden_size"], generator=g) * 0.08
+    return out

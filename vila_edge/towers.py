@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vila_edge.errors import CheckpointError
+from vila_edge.ps3_config import expected_ps3_tensors
 
 if TYPE_CHECKING:
     from vila_edge.config import VisionConfig
@@ -132,6 +133,9 @@ TOWERS: tuple[Tower, ...] = (
           optional_prefixes=("vision_model.embeddings.position_ids",), mean=CLIP_MEAN, std=CLIP_STD),
     Tower("siglip", "SigLIP", lambda top, arch: "siglip" in arch, False, "vision", siglip_tensors,
           optional_prefixes=("vision_model.head.",)),
+    # PS3 (VILA-HD): picked by the top-level `ps3` flag in config_from_dicts, which reads its settings
+    # (vila_edge.ps3_config) and runs its SigLIP trunk; never matched on the architecture name
+    Tower("ps3", "PS3", lambda top, arch: False, False, "ps3", lambda v: expected_ps3_tensors(v.ps3)),
 )
 
 

@@ -59,6 +59,12 @@ def make_vision_engine(kind: str, engine_dir, manifest: Manifest, *, device: str
     backends.ort_vision.tower_precision)."""
     engine_dir = Path(engine_dir)
     info = manifest.vision
+    if info.get("tower") == "ps3":  # VILA-HD: three ONNX graphs and the numpy patch selection
+        if kind not in ("auto", "onnxruntime"):
+            raise EngineError(f"PS3 (VILA-HD) vision runs on onnxruntime only, not {kind!r}")
+        from vila_edge.backends.ps3_vision import Ps3VisionEngine
+
+        return Ps3VisionEngine(engine_dir / "vision", info, manifest.config, device=device, threads=threads)
     if kind == "auto":
         kind = "tensorrt" if (device != "cpu" and _trt_vision_files(engine_dir) and _have("tensorrt")) else "onnxruntime"
         if kind == "onnxruntime" and _torch_cuda(engine_dir / "vision" / torch_vision.VISION_FILE, device):

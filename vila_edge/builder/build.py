@@ -387,6 +387,11 @@ def _export_vision(ckpt, tmp: Path, options: BuildOptions, threads: int | None, 
     from vila_edge.builder.tensorrt import chunk_batch_profile, tile_batch_profile
 
     cfg = ckpt.config
+    if cfg.vision.tower == "ps3":  # VILA-HD: three graphs with the patch selection between them
+        from vila_edge.builder.ps3_onnx import export_vision_stage
+
+        vo.set_threads(threads)
+        return export_vision_stage(ckpt, tmp, options, rep, PARITY_REL_LIMIT)
     geom = vo.VisionGeometry.from_config(cfg)
     vo.set_threads(threads)
     vdir = tmp / "vision"

@@ -30,6 +30,7 @@ from PIL import Image
 from vila_edge.config import TILINGS, VilaConfig, VisionConfig
 from vila_edge.errors import CheckpointError
 from vila_edge.kernels_ref import s2_merge_ref
+from vila_edge.ps3_config import max_item_tokens
 
 
 @dataclass(frozen=True)
@@ -507,8 +508,18 @@ class DynamicS2(TilingScheme):
 SCHEMES: dict[str, type[TilingScheme]] = {s.name: s for s in (Resize, Pad, Crop, StaticS2, Dynamic, DynamicS2)}
 
 
+class Ps3Image(Resize):
+    """PS3 (VILA-HD): one resized image at the largest scale; PS3 itself resizes to its scales. Its projector
+    rows depend on the patch selection, so the layout counts the upper bound (`ps3_config.max_item_tokens`)."""
+
+    def _plain_layout(self, cfg: VilaConfig, end: int) -> ImageLayout:
+        return ImageLayout(1, 1, max_item_tokens(self.vision.ps3, cfg.projector.downsample), end, 0, None)
+
+
 def tiling_scheme(vision: VisionConfig) -> TilingScheme:
     """The scheme of a vision config's `tiling`."""
+    if vision.ps3 is not None:
+        return Ps3Image(vision)
     try:
         return SCHEMES[vision.tiling](vision)
     except KeyError:

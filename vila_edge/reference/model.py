@@ -17,6 +17,14 @@ from vila_edge.checkpoint import Checkpoint
 from vila_edge.media.tiling import Tiles, tiling_scheme
 from vila_edge.prompt import IMAGE_PLACEHOLDER
 from vila_edge.reference.projector import load_projector
+from vila_edge.reference.ps3 import (
+    PS3Tower,
+    load_ps3_encoder,
+    project_low_res,
+    project_ps3,
+    split_projector_state,
+    top_down_prompt_head,
+)
 from vila_edge.reference.s2 import dynamic_s2_tokens, s2_merge
 from vila_edge.reference.vision import load_tower
 from vila_edge.splice import splice
@@ -47,8 +55,13 @@ class ReferenceVILA:
     def __init__(self, ckpt: Checkpoint, *, llm: bool = True):
         self.ckpt = ckpt
         self.cfg = ckpt.config
-        self.tower = load_tower(ckpt)
-        self.projector = load_projector(self.cfg.projector, ckpt.state_dict("mm_projector", torch.float32))
+        proj_state, self.projector_extras = split_projector_state(ckpt.state_dict("mm_projector", torch.float32))
+        if self.cfg.vision.tower == "ps3":  # VILA-HD: one image -> low-res + selected high-res tokens (reference.ps3)
+            enc = load_ps3_encoder(self.cfg.vision.ps3, ckpt.state_dict("vision_tower", torch.float32))
+            self.tower = PS3Tower(enc, self.cfg.vision).eval()
+        else:
+            self.tower = load_tower(ckpt)
+        self.projector = load_projector(self.cfg.projector, proj_state)
         self.tiling = tiling_scheme(self.cfg.vision)  # which tiles, merged how (the merges themselves: reference.s2)
         self.llm = load_llm(ckpt) if llm else None
 
@@ -67,6 +80,8 @@ class ReferenceVILA:
     @torch.no_grad()
     def image_items(self, tiles: Tiles) -> list[torch.Tensor]:
         """Projected media items of one image (dynamic: one per tile; otherwise one)."""
+        if self.cfg.vision.tower == "ps3":
+            return [self.ps3_item(tiles)]
         y = self.projector(self.projector_input(tiles))
         grid = self.tiling.item_grid(tiles)
         if grid is not None:
@@ -74,6 +89,44 @@ class ReferenceVILA:
         if tiles.n_items == y.shape[0]:
             return list(y)
         return [y.reshape(-1, y.shape[-1])]
+
+    @torch.no_grad()
+    def ps3_item(self, tiles: Tiles, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """VILA-HD's image features: PS3 (bottom-up, or top-down from `prompt`) then encode_images_ps3."""
+        feats, maps, _ = self.tower(torch.as_tensor(np.asarray(tiles.pixels), dtype=torch.float32), prompt)
+        pos = self.projector_extras if self.cfg.vision.ps3.high_res_pos_embed else None
+        return project_ps3(feats, maps, self.cfg.vision.ps3, self.projector, pos)
+
+    def ps3_prompt_end(self, ids) -> int:
+        """get_user_prompt_end_id_pos: the last token before the chat template's user-turn ending (the first
+        occurrence), else the last token."""
+        tok = self.ckpt.tokenizer
+        dummy = "Here is the prompt."
+        text = tok.apply_chat_template([{"role": "user", "content": dummy}], add_generation_prompt=True)
+        ending = tok.encode(text.split(dummy)[-1].strip())  # as upstream: tokenizer(text), special tokens included
+        ids = list(ids)
+        for i in range(len(ids) - len(ending) + 1):
+            if ids[i:i + len(ending)] == ending:
+                return i - 1
+        return len(ids) - 1
+
+    @torch.no_grad()
+    def ps3_top_down_prompt(self, ids, tiles_list: list[Tiles]) -> torch.Tensor:
+        """VILA-HD's after_prompt pre-pass (llava_arch.py::generate, llava_topdown_llama.py forward with
+        get_top_down_prompts_only): every image as its low-res tokens only, the LLM up to the end of the user's
+        prompt, its last hidden state there (after the final norm) through the projector's top_down_prompt_head."""
+        enc, n_blocks = self.tower.enc, self.tower.n_blocks
+        pos = self.projector_extras if self.cfg.vision.ps3.high_res_pos_embed else None
+        low_items = []
+        for tiles in tiles_list:
+            outs, _ = enc.low_res(torch.as_tensor(np.asarray(tiles.pixels), dtype=torch.float32), n_blocks)
+            low_items.append(project_low_res(outs[-1][0], self.projector, pos))
+        embeds = self.inputs_embeds(ids, low_items)
+        end = self.ps3_prompt_end(ids)
+        n_before = sum(1 for t in list(ids)[:end + 1] if t in self.media_ids())
+        at = end + low_items[0].shape[0] * n_before  # upstream: + (low_res_num_feature - 1 + 1) per image before it
+        hidden = self.llm.model(inputs_embeds=embeds[None, :at + 1]).last_hidden_state[0, at]
+        return top_down_prompt_head(self.projector_extras, hidden.float())
 
     # ---- language --------------------------------------------------------------------------
     @torch.no_grad()
