@@ -306,9 +306,10 @@ class Pipeline:
         t = timings or Timings()
         t0 = time.perf_counter()
         pil = load_image(image)
-        cache = self.vision_cache if cache else VisionCache(0)
-        key = self.image_key(pil, single=single) if cache.enabled else b""
-        hit = cache.get(key) if cache.enabled else None
+        store = self.vision_cache
+        use = cache and store.enabled
+        key = self.image_key(pil, single=single) if use else b""
+        hit = store.get(key) if use else None
         if hit is not None:
             t.preprocess += time.perf_counter() - t0
             t.tiles += hit.tiles
@@ -333,7 +334,7 @@ class Pipeline:
         t.merge_projector += t3 - t2
         t.tiles += tiles.pixels.shape[0]
         t.media_items += len(items)
-        kept = cache.put(key, items, tiles.pixels.shape[0]) if cache.enabled else None
+        kept = store.put(key, items, tiles.pixels.shape[0]) if use else None
         return list(kept.items) if kept is not None else items
 
     def video_items(self, video, *, timings: Timings | None = None) -> tuple[list[np.ndarray], int]:

@@ -110,11 +110,16 @@ def build_int4_decoder(
         facts["lm_head"] = _head_facts(lm_head, group_size)
     finally:
         reader.close()
+    _finish_decoder_dir(llm_dir, out_dir, spec, config, filename, threads)
+    return facts
+
+
+def _finish_decoder_dir(llm_dir: Path, out_dir: Path, spec, config: dict, filename: str, threads: int) -> None:
+    """What every streamed decoder folder ends with: onnxruntime-genai's config and the tokenizer files."""
     write_genai_config(out_dir, spec, special_token_ids(llm_dir, config), filename, threads)
     for name in TOKENIZER_FILES:
         if (llm_dir / name).is_file():
             (out_dir / name).write_bytes((llm_dir / name).read_bytes())
-    return facts
 
 
 def build_fp8_decoder(
@@ -139,10 +144,7 @@ def build_fp8_decoder(
                       out_dir / embed_filename)
     finally:
         reader.close()
-    write_genai_config(out_dir, spec, special_token_ids(llm_dir, config), filename, threads)
-    for name in TOKENIZER_FILES:
-        if (llm_dir / name).is_file():
-            (out_dir / name).write_bytes((llm_dir / name).read_bytes())
+    _finish_decoder_dir(llm_dir, out_dir, spec, config, filename, threads)
     return {"quant": f"fp8-{fmt}", "group_size": None, "lm_head": _head_facts(lm_head, group_size),
             "fp8": {"format": fmt, "activations": activations, "weight_block": [128, 128],
                     "activation_block": [1, 128] if activations == "dynamic" else None}}
