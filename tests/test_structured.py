@@ -28,7 +28,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from conftest_runtime import runtime_engine  # noqa: E402,F401  (session fixture: tiny engine directories)
 
-from vila_edge.structured import JsonConstraint, cut_note, read_schema_file, schema_text  # noqa: E402
+from vila_edge.structured import (  # noqa: E402
+    JsonConstraint, closing_tokens, cut_note, read_schema_file, schema_text)
 
 _FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
              derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])
@@ -120,6 +121,46 @@ def test_max_new_tokens_cuts_the_answer_and_says_so(tokenizers_by_family):
     assert cut_note(GenerationResult("{}", [], "stop", Timings())) is None
 
 
+@pytest.mark.parametrize("family", ["nvila", "vila1.5"])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_budget_closes_open_strings_and_containers(tokenizers_by_family, family, seed):
+    """Noise logits under {"type": "object"} write long keys/strings and nest forever; with 24 tokens the last
+    CLOSE_RESERVE close what is open: valid JSON, finish "length", cut_note says values may be short."""
+    from vila_edge.runtime import GenerationResult, Timings
+
+    schema = {"type": "object", "properties": {"note": {"type": "string"},
+                                               "tags": {"type": "array", "items": {"type": "string"}}},
+              "required": ["note", "tags"]}
+    ckpt = tokenizers_by_family[family]
+    cfg, tok = ckpt.config.llm, ckpt.tokenizer
+    rng = np.random.default_rng(seed)
+    width = cfg.vocab_size
+    closing = np.flatnonzero(closing_tokens(tok))
+    text_schema = schema_text(schema)
+    constraint = JsonConstraint(text_schema, tok, cfg.stop_token_ids)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, json_schema=text_schema, max_new_tokens=24),
+                      cfg.vocab_size, cfg.extra_masked_ids, constraint=constraint)
+
+    def noise(_t=None):
+        x = rng.normal(size=width) * 4
+        x[closing] -= 50  # a model that never wants to close anything
+        return x
+
+    out = [t for t, _ in generate_tokens(noise(), noise, sampler, max_new_tokens=24,
+                                         stop_ids=set(cfg.stop_token_ids), complete=constraint.complete)]
+    text = tok.decode(out)
+    assert len(out) <= 24 and constraint.complete() and constraint.closed_early, text
+    check_valid(text, schema)
+    assert "closed early" in cut_note(GenerationResult(text, out, "length", Timings()))
+
+
+def test_closing_tokens_are_only_quotes_and_closers(tokenizers_by_family):
+    tok = tokenizers_by_family["nvila"].tokenizer
+    ids = np.flatnonzero(closing_tokens(tok))
+    texts = {tok.decode([int(i)], skip_special_tokens=False) for i in ids}
+    assert {'"', "}"} <= texts and all(set(t) <= set('"]}') for t in texts), texts
+
+
 # ---- bad schemas: one line -------------------------------------------------------------------------------------
 
 
@@ -148,6 +189,8 @@ def test_sampling_params_checks_and_canonicalizes_the_schema():
         SamplingParams(json_schema={"type": 3})
     with pytest.raises(VilaEdgeError, match="ignore_eos"):
         SamplingParams(json_schema={"type": "object"}, ignore_eos=True)
+    with pytest.raises(VilaEdgeError, match="stop string could cut the JSON"):
+        SamplingParams(json_schema={"type": "object"}, stop=("}",))
 
 
 # ---- the whole pipeline on the tiny engines ----------------------------------------------------------------
@@ -282,3 +325,14 @@ def test_server_response_format(runtime_engine):  # noqa: F811
             r = httpx.post(url, json={"messages": msgs, "response_format": rf}, timeout=30)
             assert r.status_code == 400, (rf, r.text)
             assert r.json()["error"]["param"] == param
+        r = httpx.post(url, json={"messages": msgs, "response_format": fmt, "stop": ["}"]}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+
+        # a budget too small for the answer: the runtime closes the JSON, the server says "length"
+        loose = {"type": "json_schema", "json_schema": {"name": "note", "schema": {
+            "type": "object", "properties": {"note": {"type": "string", "minLength": 40}}, "required": ["note"]}}}
+        r = httpx.post(url, json={"messages": msgs, "response_format": loose, "max_tokens": 30}, timeout=120)
+        c = r.json()["choices"][0]
+        assert c["finish_reason"] == "length", c
+        if c["message"]["content"].endswith("}"):
+            assert len(json.loads(c["message"]["content"])["note"]) >= 40

@@ -86,6 +86,9 @@ class SamplingParams:
 
             if self.ignore_eos:
                 raise VilaEdgeError("json_schema and ignore_eos: a JSON answer ends at its stop token; drop one")
+            if self.stop:
+                raise VilaEdgeError("json_schema and stop strings: a stop string could cut the JSON; drop the stop "
+                                    "strings (a JSON answer ends with its closing brace)")
             object.__setattr__(self, "json_schema", schema_text(self.json_schema))
 
     @property
@@ -119,6 +122,8 @@ class Sampler:
         x = mask_logits(logits, self.vocab_size, self.extra)
         if self.constraint is not None:
             self.constraint.mask(x)
+            self.constraint.update_budget(p.max_new_tokens - len(generated))  # near the end: close the JSON
+            self.constraint.mask_closing(x)
         if p.repetition_penalty != 1.0 and len(generated):
             ids = np.unique(np.asarray(generated, dtype=np.int64))
             ids = ids[ids < x.shape[0]]

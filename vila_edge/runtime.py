@@ -211,6 +211,13 @@ def _to_frame_images(video, cfg: VilaConfig, *, max_frames: int | None = None) -
 # ---------------------------------------------------------------------------------------------
 
 
+def _budget_closed_is_length(tokens: Iterator[tuple[int, str | None]], constraint):
+    """A JSON answer the token budget made us close early (structured.CLOSE_LOOKAHEAD) is complete JSON, but it
+    ended for lack of tokens: its finish is "length", as when the budget cuts plain text."""
+    for token, finish in tokens:
+        yield token, ("length" if finish == "complete" and constraint.closed_early else finish)
+
+
 class Pipeline:
     def __init__(self, config: VilaConfig, tokenizer: Tokenizer, vision: VisionEngine, llm: LLMEngine, *,
                  engine_dir: Path | None = None, manifest: dict | None = None,
@@ -272,9 +279,10 @@ class Pipeline:
 
             constraint = JsonConstraint(params.json_schema, self.tokenizer, sorted(stops))
         sampler = Sampler(params, cfg.vocab_size, cfg.extra_masked_ids, constraint=constraint)
-        return generate_tokens(logits, functools.partial(decode_one_token, self.llm), sampler,
-                               max_new_tokens=params.max_new_tokens, stop_ids=stops, has_room=has_room,
-                               complete=constraint.complete if constraint is not None else None)
+        tokens = generate_tokens(logits, functools.partial(decode_one_token, self.llm), sampler,
+                                 max_new_tokens=params.max_new_tokens, stop_ids=stops, has_room=has_room,
+                                 complete=constraint.complete if constraint is not None else None)
+        return tokens if constraint is None else _budget_closed_is_length(tokens, constraint)
 
     # ---- vision path -----------------------------------------------------------------------
     @property

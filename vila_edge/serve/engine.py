@@ -128,7 +128,16 @@ class StandInEngine:
 
 
 class Tail(str):
-    """Text an engine releases after its last token (held-back characters): yielded, but not a token."""
+    """Text an engine releases after its last token (held-back characters): yielded, but not a token.
+    `finish`: why the answer ended when the scheduler cannot see it by counting ("length": a JSON answer the
+    budget made the runtime close early, vila_edge.structured)."""
+
+    finish: str | None = None
+
+    def __new__(cls, text: str = "", finish: str | None = None):
+        tail = super().__new__(cls, text)
+        tail.finish = finish
+        return tail
 
 
 class PipelineEngine:
@@ -220,7 +229,13 @@ class PipelineEngine:
         # the scheduler cuts stop strings (for every engine): the runtime runs without them
         events = self.pipeline.generate_events(self._turns(messages, images), params=replace(params, stop=()))
         try:
-            for ev in events:
+            while True:
+                try:
+                    ev = next(events)
+                except StopIteration as end:  # its value: the GenerationResult
+                    if end.value is not None and end.value.finish_reason == "length":
+                        yield Tail("", finish="length")
+                    return
                 yield ev.text if ev.token_id is not None else Tail(ev.text)
         finally:
             events.close()  # stops the runtime at once (it rolls its KV cache back itself)

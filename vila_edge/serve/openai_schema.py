@@ -214,6 +214,9 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         messages.append(ParsedMessage(_ROLES[role], parts))
     if messages[-1].role != "user":
         raise bad("the last message must come from the user", f"messages[{len(messages) - 1}].role")
+    if json_schema is not None and stop:
+        raise bad("'stop' with a JSON response_format: a stop string could cut the JSON; drop 'stop' (the answer "
+                  "ends with its closing brace)", "stop", "unsupported_value")
     return ChatRequest(model=model, messages=messages, stream=stream, include_usage=include_usage,
                        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, images=images,

@@ -222,6 +222,8 @@ class Scheduler:
         it = job.engine.generate_stream(job.messages, job.images, params)
         try:
             for piece in it:
+                if isinstance(piece, Tail) and piece.finish and reason is None:
+                    reason = piece.finish  # e.g. a JSON answer closed early for its budget
                 if not isinstance(piece, Tail):
                     if reason == "length":  # a token past max_new_tokens: the engine does not stop by itself
                         break
