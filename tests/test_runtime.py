@@ -341,6 +341,25 @@ def test_kv_buffer_is_shared_and_updated_in_place(runtime_engine):  # noqa: F811
     pipe.kv.release()
 
 
+def test_chunked_prefill_equals_one_run(runtime_engine):  # noqa: F811
+    """A prompt longer than prefill_chunk runs in pieces (bounded activations): same logits and cache as one run."""
+    from vila_edge.backends.ort_llm import OrtLLMEngine
+
+    eng = runtime_engine("nvila")
+    whole = OrtLLMEngine(eng / "llm", prefill_chunk=0)
+    chunked = OrtLLMEngine(eng / "llm", prefill_chunk=5)
+    x = whole.embed(list(range(3, 26)))  # 23 positions: runs of 5, 5, 5, 5, 3
+    l_whole, l_chunked = whole.forward(x), chunked.forward(x)
+    assert chunked.length == whole.length == 23
+    np.testing.assert_allclose(l_chunked, l_whole, rtol=0, atol=1e-4)
+    for (k1, v1), (k2, v2) in zip(whole._kv_np, chunked._kv_np, strict=True):
+        np.testing.assert_allclose(k2[0, :, :23], k1[0, :, :23], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(v2[0, :, :23], v1[0, :, :23], rtol=0, atol=1e-5)
+    step = whole.embed([7])  # and decoding goes on the same from there
+    np.testing.assert_allclose(chunked.forward(step), whole.forward(step), rtol=0, atol=1e-4)
+    assert chunked.describe()["prefill_chunk"] == 5 and whole.describe()["prefill_chunk"] == "whole prompt"
+
+
 # ---- streaming, sampling --------------------------------------------------------------------
 
 

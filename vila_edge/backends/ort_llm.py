@@ -15,6 +15,11 @@ to ONNX Runtime-allocated present tensors (a copy per step; said in `describe()`
 
 When the graph's LM head is pruned to the last position (logits [1, 1, V], builder option
 `prune_lm_head`), the logits buffer is preallocated and bound too. Intra-op spinning stays on.
+
+Long prompts are prefilled PREFILL_CHUNK positions per run (the KV cache carries the rest): a run's
+activations (GQA scores, the MLP's intermediate rows) grow with its positions, and ONNX Runtime's CPU arena
+keeps its high-water mark for the session's life, so one 1,176-position prefill (a 1920x1080 image on
+NVILA) would pin them at their largest; the logits and the cache are the same either way.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from vila_edge.backends.base import LLMEngine, embedding_rows
 from vila_edge.errors import EngineError
 
+PREFILL_CHUNK = 256  # positions per prefill run (0: the whole prompt in one run)
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
 
@@ -106,8 +112,10 @@ class OrtLLMEngine(LLMEngine):
     name = "onnxruntime"
 
     def __init__(self, llm_dir, info: dict | None = None, *, device: str = "cpu", threads: int | None = None,
-                 max_context: int | None = None, spinning: bool = True, share_buffer: bool | None = None):
+                 max_context: int | None = None, spinning: bool = True, share_buffer: bool | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         super().__init__()
+        self.prefill_chunk = int(prefill_chunk)
         import onnxruntime as ort
 
         self._ort = ort
@@ -223,6 +231,7 @@ class OrtLLMEngine(LLMEngine):
                 "kv_cache": "shared past/present buffer (IO binding)" if self.share_buffer
                 else "onnxruntime-allocated present (copy per step)",
                 "lm_head": "last position only" if self.last_only else "all positions",
+                "prefill_chunk": self.prefill_chunk or "whole prompt",
                 "max_context": self.max_context, "kv_dtype": np.dtype(self.kv_dtype).name}
 
     def reset(self) -> None:
@@ -246,6 +255,10 @@ class OrtLLMEngine(LLMEngine):
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         embeds = self.checked_embeds(embeds)
         n = embeds.shape[0]
+        if self.prefill_chunk and n > self.prefill_chunk:  # bounded activations (module doc)
+            for start in range(0, n, self.prefill_chunk):
+                logits = self.forward(embeds[start:start + self.prefill_chunk])
+            return logits
         past, total = self.length, self.length + n
         fixed = self.share_buffer and self.last_only
         if fixed:  # KV buffers and the logits buffer never move: bound once, only the inputs change
