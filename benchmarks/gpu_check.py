@@ -25,6 +25,16 @@ Sections (each isolated: a failure is recorded and the next one runs):
    and the top ones by time, torch.profiler over 3 replays), and "decode step bf16 model" (the same weights
    with bf16 as the model dtype: no casts around the bf16-only int4 kernel; its logit error vs transformers).
    `planner` in the JSON: the efficiencies the planner's GPU profiles can take from this run.
+4. fp8: the torch backend's FP8 linears (backends/torch_fp8.py: W8A8 through torch._scaled_mm with the 1x128
+   activation / 128x128 weight block scales; weight-only where _scaled_mm is refused, e.g. no FP8 tensor cores).
+   Parity: the nvila-lite fixture built with --llm-precision fp8 --projector-precision fp8 --torch-weights (e4m3 and
+   e5m2), the LLM on the GPU (fp32 model: limit 1e-3 and the same 32 greedy tokens; fp16 model: 0.25, see
+   FP8_FP16_LOGIT_TOL) and the projector against the same files on the CPU (in the GPU's mode: W8A8, or weight-only
+   where the GPU refuses _scaled_mm); tests/test_fp8_torch.py holds that CPU path to ONNX Runtime's FP8 graphs.
+   Speed: the first preset's random int4 weights re-quantized to FP8 e4m3 (every linear, head included), decode
+   tok/s against the int4 engine on the same weights and prompt, and first logits against the CPU path (reported).
+   On a CPU (dry run) the parity rows are skipped with the reason and the speed row runs at toy size (it checks the
+   script).
 
 Goals (issue 15): decode >= 3x transformers fp16 eager, >= 50% of the roofline at nvila-lite-2b; S2 merge >= 80%
 of copy bandwidth (section 2). Exit status 1 when a parity check fails, 0 otherwise (speed goals are reported).
@@ -60,6 +70,12 @@ NEW_TOKENS = 128
 TEXT_TOKENS = 32
 GPU_LOGIT_TOL = 3e-2  # tinygemm: bf16 activations and scales
 CPU_LOGIT_TOL = 1e-3
+# FP8 on the GPU vs the CPU path (fp32), same codes: an fp32 model differs by fp32 summation order (and an activation
+# on an FP8 rounding boundary moving a step). An fp16 model rounds the activations to fp16 before quantizing them, which
+# moves some of them by one FP8 step: 6.7e-2 (e4m3) and 9.9e-2 (e5m2) on the nvila-lite fixture with the fp16 model on
+# the CPU (its weight-only FP8 and int4 engines: 2e-3), so that limit only catches a broken layout (errors of order 1)
+FP8_FP32_LOGIT_TOL = 1e-3
+FP8_FP16_LOGIT_TOL = 0.25
 VISION_COSINE = 0.999
 # datasheet HBM bandwidth (GB/s) and dense fp16 tensor TFLOPS, matched on the device name
 CARDS = (("H200", 4800, 989), ("H100 NVL", 3900, 835), ("H100 PCIe", 2000, 756), ("H100", 3350, 989),
@@ -571,6 +587,169 @@ def random_vision(preset, cfg, device: str):
     return out, vision_config(v, cfg)
 
 
+# ---- 4. fp8: the torch backend's FP8 linears -----------------------------------------------------------------------
+
+
+def _greedy_logits(engine, emb: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
+    engine.reset()
+    first = engine.forward(emb)
+    tokens = [int(np.argmax(first))]
+    for _ in range(steps - 1):
+        tokens.append(int(np.argmax(engine.forward(engine.embed([tokens[-1]])))))
+    return first, tokens
+
+
+def fp8_from_int4(tensors: dict, config: dict, fmt: str = "e4m3") -> tuple[dict, dict]:
+    """`random_llm`'s int4 linears dequantized and re-quantized to FP8 (128x128 blocks, `torch_fp8.quantize_weight`,
+    kernels_ref's numbers) in the torch-weights "fp8" layout; everything else shared."""
+    from vila_edge.backends.torch_fp8 import quantize_weight
+    from vila_edge.backends.torch_llm import unpack_int4_rows
+
+    out, linears = dict(tensors), {}
+    for name, meta in config["linears"].items():
+        sz = out.pop(f"{name}.scales_and_zeros")  # [K/G, N, 2]
+        codes = unpack_int4_rows(out.pop(f"{name}.int4")).float()
+        n, k = codes.shape
+        g = int(meta["group_size"])
+        w = ((codes.view(n, k // g, g) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(n, k)
+        out[f"{name}.fp8"], out[f"{name}.fp8_scales"] = quantize_weight(w, fmt)
+        linears[name] = {"kind": "fp8", "in": k, "out": n, "format": fmt, "activations": "dynamic"}
+    return out, {**config, "linears": linears}
+
+
+def fp8_section(rep: Report, device: str, work: Path, preset_name: str, dry: bool, new_tokens: int, runs: int
+                ) -> dict:
+    out: dict = {"fixtures": [], "preset": None}
+    if device == "cuda":
+        out["fixtures"] = _fp8_fixture_parity(rep, work)
+    else:
+        rep.row("fp8", "parity vs the CPU path", "SKIP: no CUDA device (dry run); the CPU path is checked against "
+                "ONNX Runtime's FP8 graphs by tests/test_fp8_torch.py", None)
+    out["preset"] = _fp8_speed(rep, device, preset_name, dry, new_tokens, runs)
+    return out
+
+
+def _fp8_fixture_parity(rep: Report, work: Path) -> list[dict]:
+    """The real build (--llm-precision fp8 --projector-precision fp8 --torch-weights) of the nvila-lite fixture:
+    LLM (fp32 and fp16 model) and FP8 projector on the GPU against the same files on the CPU."""
+    import torch
+
+    from vila_edge.backends.torch_llm import TorchLLMEngine
+    from vila_edge.backends.torch_vision import TorchVisionEngine
+    from vila_edge.builder.build import BuildOptions, build
+    from vila_edge.testing import make_tiny_checkpoint
+
+    ckpt_dir = make_tiny_checkpoint("nvila-lite", work / "ckpt-fp8", seed=0, overwrite=True)
+    results = []
+    for fmt in ("e4m3", "e5m2"):
+        opts = BuildOptions(llm_quant="rtn", llm_precision="fp8", projector_precision="fp8", fp8_format=fmt,
+                            torch_weights=True)
+        engine_dir = build(ckpt_dir, work / f"engine-fp8-{fmt}", progress=False, force=True, options=opts).path
+        manifest = json.loads((engine_dir / "manifest.json").read_text())
+        references: dict = {}  # the CPU path in the GPU engine's mode (W8A8, or weight-only where _scaled_mm refuses)
+
+        def reference(gemm, emb=None, engine_dir=engine_dir, manifest=manifest, references=references):
+            if gemm not in references:
+                cpu = TorchLLMEngine(engine_dir / "llm", manifest["llm"], device="cpu", max_context=256, fp8_gemm=gemm)
+                references[gemm] = _greedy_logits(cpu, emb, GREEDY)
+            return references[gemm]
+
+        emb = np.load(engine_dir / "llm" / "embed_tokens.npy")[5:5 + TEXT_TOKENS].astype(np.float32)
+        row = {"format": fmt}
+        for dtype, tol in (("float32", FP8_FP32_LOGIT_TOL), ("float16", FP8_FP16_LOGIT_TOL)):
+            gpu = TorchLLMEngine(engine_dir / "llm", manifest["llm"], device="cuda", dtype=dtype, max_context=256)
+            got, tokens = _greedy_logits(gpu, emb, GREEDY)
+            weight_only = any(lin.gemm == "weight-only" for layer in gpu.model.layers for lin in layer.values()
+                              if hasattr(lin, "gemm"))
+            want, want_tokens = reference("weight-only" if weight_only else None, emb)
+            err = _rel_err(got, want)
+            agree = next((i for i, (a, b) in enumerate(zip(tokens, want_tokens, strict=True)) if a != b), GREEDY)
+            described = gpu.describe()
+            rep.row("fp8", f"{fmt} LLM {dtype} vs CPU", f"relative error {err:.2e} (limit {tol:g}), {agree} of "
+                    f"{GREEDY} greedy tokens agree; {described['fp8']}; {described['decode']} decode", err <= tol,
+                    parity=True)
+            if dtype == "float32":  # same arithmetic up to summation order: the greedy tokens must agree too
+                rep.row("fp8", f"{fmt} greedy float32", f"{agree} of {GREEDY} tokens agree with the CPU path",
+                        agree == GREEDY, parity=True)
+            row[dtype] = {"logits_rel_err": err, "greedy_agree": agree, "llm": described}
+            del gpu
+            torch.cuda.empty_cache()
+        vgpu = TorchVisionEngine(engine_dir / "vision", manifest["vision"], device="cuda", dtype="float32")
+        weight_only = any(lin.gemm == "weight-only" for lin in vgpu.projector.fp8_linears)
+        vcpu = TorchVisionEngine(engine_dir / "vision", manifest["vision"], device="cpu",
+                                 fp8_gemm="weight-only" if weight_only else None)
+        size = vcpu.config["image_size"]
+        feats = vcpu.encode(np.random.default_rng(0).uniform(-1, 1, (2, 3, size, size)).astype(np.float32))
+        perr = _rel_err(vgpu.project(feats), vcpu.project(feats))
+        rep.row("fp8", f"{fmt} projector fp32 vs CPU", f"relative error {perr:.2e} (limit {FP8_FP32_LOGIT_TOL:g}); "
+                f"{vgpu.describe().get('projector')}", perr <= FP8_FP32_LOGIT_TOL, parity=True)
+        row["projector_rel_err"] = perr
+        results.append(row)
+    return results
+
+
+def _fp8_speed(rep: Report, device: str, preset_name: str, dry: bool, new_tokens: int, runs: int) -> dict:
+    """Decode tok/s of FP8 e4m3 against int4 on the same random weights at the preset's real sizes (toy sizes in a
+    dry run), and the FP8 engine's first logits against the CPU path (CUDA only: 16 prompt positions)."""
+    import torch
+
+    from vila_edge.backends.torch_llm import TorchLLMEngine
+    from vila_edge.presets import get_preset
+
+    preset = get_preset(preset_name)
+    if dry:
+        preset = _shrunk(preset)
+    sync = _sync(device)
+    dtype = "float16" if device == "cuda" else None
+    tensors, config, table, hf_state = random_llm(preset.llm, device)
+    del hf_state
+    fp8_tensors, fp8_config = fp8_from_int4(tensors, config)
+    positions = 16 * TEXT_TOKENS
+    prompt = np.asarray(table[np.random.default_rng(0).integers(0, table.shape[0], positions)], np.float32)
+    max_context = positions + new_tokens + 16
+    out = {"preset": preset_name, "dry_run_geometry": dry, "positions": positions, "new_tokens": new_tokens}
+    for label, (t, c) in (("int4", (tensors, config)), ("fp8", (fp8_tensors, fp8_config))):
+        eng = TorchLLMEngine.from_tensors(t, c, table, max_context=max_context, device=device, dtype=dtype)
+
+        def decode(eng=eng) -> float:
+            eng.reset()
+            logits = eng.forward(prompt)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                logits = eng.forward(eng.embed([int(np.argmax(logits))]))
+            return time.perf_counter() - t0
+
+        decode()  # warm-up
+        out[label] = {"decode_tok_s": new_tokens / statistics.median(decode() for _ in range(runs)),
+                      "weight_bytes": sum(x.numel() * x.element_size() for x in eng.model.tensors(decode_only=True)),
+                      "llm": eng.describe()}
+        if label == "fp8" and device == "cuda":
+            eng.reset()
+            got = eng.forward(prompt[:16])
+            cpu_tensors = {k: v.cpu() for k, v in t.items()}
+            weight_only = any(lin.gemm == "weight-only" for layer in eng.model.layers for lin in layer.values()
+                              if hasattr(lin, "gemm"))
+            cpu = TorchLLMEngine.from_tensors(cpu_tensors, c, table, max_context=64, device="cpu",
+                                              fp8_gemm="weight-only" if weight_only else None)
+            err = _rel_err(got, cpu.forward(prompt[:16]))
+            out["fp8"]["logits_rel_err_vs_cpu"] = err
+            rep.row("fp8", f"{preset_name} fp8 logits vs CPU", f"relative error {err:.2e} (fp16 model on the GPU, fp32 "
+                    f"on the CPU, 16 positions; reported: the fixture rows hold the parity)", None)
+            del cpu, cpu_tensors
+        del eng
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    ratio = out["fp8"]["decode_tok_s"] / out["int4"]["decode_tok_s"]
+    out["fp8_vs_int4_decode"] = ratio
+    rep.row("fp8", f"{preset_name} decode", f"fp8 e4m3 {out['fp8']['decode_tok_s']:.1f} tok/s vs int4 "
+            f"{out['int4']['decode_tok_s']:.1f} tok/s = {ratio:.2f}x; weights "
+            f"{out['fp8']['weight_bytes'] / 1e6:.1f} vs {out['int4']['weight_bytes'] / 1e6:.1f} MB/step; "
+            f"{out['fp8']['llm']['fp8']}"
+            + (" (dry run: CPU, toy size)" if dry else ""), None)
+    return out
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -582,6 +761,7 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-fp8", action="store_true", help="leave out section 4 (the torch backend's FP8 linears)")
     ap.add_argument("--work-dir", default=None, help="scratch space for the fixture builds (default: a temp dir)")
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -616,8 +796,12 @@ def main(argv=None) -> int:
         bw = _roofline_bandwidth(device)
         env["bandwidth"] = bw
         new_tokens, runs = (8, 1) if args.dry_run else (NEW_TOKENS, 3)
-        for name in [p for p in args.presets.split(",") if p]:
+        presets = [p for p in args.presets.split(",") if p]
+        for name in presets:
             rep.run(name, geometry, device, name, args.dry_run, new_tokens, runs, bw)
+        if not args.skip_fp8:
+            rep.run("fp8", fp8_section, device, work, presets[0] if presets else PRESETS[0], args.dry_run, new_tokens,
+                    runs)
         geo = [s["results"] for n, s in rep.sections.items() if n in PRESETS and s.get("ok")]
         planner = {g["preset"]: {k: g.get(k) for k in ("roofline_share_datasheet", "roofline_share_measured",
                                                        "vision_efficiency")} for g in geo}

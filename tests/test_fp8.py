@@ -171,7 +171,6 @@ def test_fp8_projector_matches_pytorch_with_fp8_weights_and_inputs(tmp_path, tin
     ({"llm_precision": "fp8", "fp8_format": "e3m4"}, "--fp8-format 'e3m4' is not one of: e4m3, e5m2"),
     ({"projector_precision": "int8"}, "--projector-precision 'int8' is not one of: fp8"),
     ({"projector_precision": "fp8", "precision": "fp16"}, "--projector-precision fp8 needs --precision fp32"),
-    ({"llm_precision": "fp8", "torch_weights": True}, "--torch-weights writes int4 weights"),
 ])
 def test_fp8_build_options_refuse_bad_combinations(kwargs, message):
     from vila_edge.builder.build import BuildOptions

@@ -350,7 +350,8 @@ def build(
     awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ scale-search grid points per linear group."),
     skip_llm: bool = typer.Option(False, "--skip-llm", help="Build the vision part only."),
     torch_weights: bool = typer.Option(False, "--torch-weights", help="Also write the torch backend's weights "
-                                       "(fp16 vision, int4 LLM in the int4pack layout) next to the ONNX files."),
+                                       "(fp16 vision, int4 LLM in the int4pack layout; FP8 linears with "
+                                       "--llm-precision / --projector-precision fp8) next to the ONNX files."),
     stage: str = typer.Option("all", "--stage", help="all | export (portable ONNX, any machine) | engines (TensorRT, on the target)."),
     trt_precision: str = typer.Option("fp16", "--trt-precision", help="TensorRT engines: fp16 | fp32 | int8 (needs --qdq-vision at export)."),
     trt_workspace_gb: float = typer.Option(2.0, "--trt-workspace-gb", help="TensorRT builder workspace limit (GiB)."),

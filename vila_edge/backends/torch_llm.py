@@ -10,6 +10,9 @@ Weights: `llm/torch.int4.safetensors`, written by the builder from the ONNX deco
   (float32 activations and float32 scales/zeros: the AWQ zero points are used exactly). The packed layout is
   device-specific, so it is made here at load time from the file's device-neutral nibble-packed codes. Those
   kernels are GEMV-class; prefill-sized calls dequantize the weight and run a dense GEMM (`Int4Linear`).
+- fp8 linears (an `--llm-precision fp8` build: the file holds the ONNX graph's FP8 codes and block scales; the file
+  name stays torch.int4.safetensors) run W8A8 through `torch._scaled_mm`, or weight-only where it is refused
+  (`backends.torch_fp8.Fp8Linear`).
 - KV cache: one preallocated [layers, 2, kv_heads, max_context rounded up to 16, head_dim] tensor in the model
   dtype (fp16 on CUDA, fp32 on CPU); new positions are written in place, `truncate(n)` is a rollback without a
   copy.
@@ -180,9 +183,15 @@ def dequantize_grouped(codes, zeros, scales, k: int):
     return ((c - zeros.float()[..., None]) * scales.float()[..., None]).reshape(n, -1)[:, :k]
 
 
-def make_linear(tensors: dict, name: str, meta: dict, dtype, device: str, dense_prefill: bool = True):
+def make_linear(tensors: dict, name: str, meta: dict, dtype, device: str, dense_prefill: bool = True,
+                fp8_gemm: str | None = None):
     bias = tensors.get(f"{name}.bias")
     kind = meta["kind"]
+    if kind == "fp8":
+        from vila_edge.backends.torch_fp8 import Fp8Linear
+
+        return Fp8Linear(tensors[f"{name}.fp8"], tensors[f"{name}.fp8_scales"], meta["format"], bias, dtype, device,
+                         activations=meta.get("activations", "dynamic"), gemm=fp8_gemm)
     if kind == "int4":
         return Int4Linear(tensors[f"{name}.int4"], tensors[f"{name}.scales_and_zeros"], int(meta["group_size"]),
                           bias, dtype, device, dense_prefill)
@@ -221,7 +230,7 @@ class TorchDecoder:
     """Llama / Qwen2 decoder over a static KV cache. `forward(x [n, D], start)` -> last-position logits [V]."""
 
     def __init__(self, tensors: dict, config: dict, *, dtype, device: str, max_context: int,
-                 dense_prefill: bool = True):
+                 dense_prefill: bool = True, fp8_gemm: str | None = None):
         import torch
 
         self.cfg = config
@@ -239,11 +248,11 @@ class TorchDecoder:
             self.layers.append({
                 "input_norm": tensors[p + "input_norm"].to(device=device, dtype=dtype),
                 "post_norm": tensors[p + "post_norm"].to(device=device, dtype=dtype),
-                **{name: make_linear(tensors, p + name, lin[p + name], dtype, device, dense_prefill)
+                **{name: make_linear(tensors, p + name, lin[p + name], dtype, device, dense_prefill, fp8_gemm)
                    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")},
             })
         self.norm = tensors["norm"].to(device=device, dtype=dtype)
-        self.lm_head = make_linear(tensors, "lm_head", lin["lm_head"], dtype, device, dense_prefill)
+        self.lm_head = make_linear(tensors, "lm_head", lin["lm_head"], dtype, device, dense_prefill, fp8_gemm)
         self.inv_freq = tensors["rope_inv_freq"].to(device=device, dtype=torch.float32)
         self.rope_scaling = float(config.get("rope_attention_scaling", 1.0))
         self.max_context = max_context
@@ -265,6 +274,9 @@ class TorchDecoder:
         for layer in self.layers:
             parts += list(layer.values())
         for p in parts:
+            if hasattr(p, "tensors"):  # an Fp8Linear: codes, scales, bias (no extra copies)
+                yield from p.tensors()
+                continue
             if not hasattr(p, "weight"):  # a norm or a table
                 yield p
                 continue
@@ -407,13 +419,15 @@ class CudaGraphStep:
 class TorchLLMEngine(LLMEngine):
     """`LLMEngine` over `TorchDecoder`. `decode`: how one-token steps run, one of DECODE_MODES (default
     "cuda-graph" on CUDA, "eager" on the CPU); "static" is the fixed-shape step without graph or compiler
-    (what the other two run). `dense_prefill`: see `Int4Linear` (off: less memory, slower prefill)."""
+    (what the other two run). `dense_prefill`: see `Int4Linear` (off: less memory, slower prefill). `fp8_gemm`: for
+    the fp8 linears of an `--llm-precision fp8` build, "scaled-mm" | "weight-only" | None (W8A8 through
+    `torch._scaled_mm` where it runs, else weight-only; see `backends.torch_fp8`)."""
 
     name = "torch"
 
     def __init__(self, llm_dir, info: dict | None = None, *, device: str = "auto", dtype: str | None = None,
                  max_context: int | None = None, threads: int | None = None, decode: str | None = None,
-                 dense_prefill: bool = True):
+                 dense_prefill: bool = True, fp8_gemm: str | None = None):
         llm_dir = Path(llm_dir)
         info = dict(info or {})
         tensors, config = read_safetensors(llm_dir / LLM_FILE)
@@ -424,20 +438,20 @@ class TorchLLMEngine(LLMEngine):
         ctx = int(info.get("context_length") or info.get("max_context") or 4096)
         self._setup(tensors, config, np.load(emb_path, mmap_mode="r"), device=device, dtype=dtype,
                     max_context=min(ctx, max_context) if max_context else ctx, threads=threads, decode=decode,
-                    dense_prefill=dense_prefill)
+                    dense_prefill=dense_prefill, fp8_gemm=fp8_gemm)
 
     @classmethod
     def from_tensors(cls, tensors: dict, config: dict, embed_table: np.ndarray, *, max_context: int,
                      device: str = "auto", dtype: str | None = None, decode: str | None = None,
-                     dense_prefill: bool = True) -> TorchLLMEngine:
+                     dense_prefill: bool = True, fp8_gemm: str | None = None) -> TorchLLMEngine:
         """An engine over in-memory weights in the file's layout (benchmarks build random ones at real sizes)."""
         self = cls.__new__(cls)
         self._setup(tensors, config, embed_table, device=device, dtype=dtype, max_context=max_context, threads=None,
-                    decode=decode, dense_prefill=dense_prefill)
+                    decode=decode, dense_prefill=dense_prefill, fp8_gemm=fp8_gemm)
         return self
 
     def _setup(self, tensors, config, embed_table, *, device, dtype, max_context, threads, decode,
-               dense_prefill) -> None:
+               dense_prefill, fp8_gemm=None) -> None:
         import torch
 
         LLMEngine.__init__(self)
@@ -452,7 +466,7 @@ class TorchLLMEngine(LLMEngine):
         self.config = config
         self.dense_prefill = dense_prefill
         self.model = TorchDecoder(tensors, config, dtype=self.dtype, device=self.device, max_context=self.max_context,
-                                  dense_prefill=dense_prefill)
+                                  dense_prefill=dense_prefill, fp8_gemm=fp8_gemm)
         self.decode_mode = decode or ("cuda-graph" if self.device == "cuda" else "eager")
         if self.decode_mode not in DECODE_MODES:
             raise EngineError(f"decode {self.decode_mode!r} is not one of: {', '.join(DECODE_MODES)}")
@@ -477,8 +491,10 @@ class TorchLLMEngine(LLMEngine):
 
     def describe(self) -> dict:
         kinds = sorted({m["kind"] for m in self.config["linears"].values()})
+        fp8 = sorted({lin.describe() for layer in self.model.layers for lin in layer.values() if hasattr(lin, "gemm")})
         return {"backend": self.name, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
-                "linears": kinds, "int4_kernel": "_weight_int4pack_mm" + ("_for_cpu" if self.device == "cpu" else ""),
+                "linears": kinds, **({"fp8": fp8[0] if len(fp8) == 1 else fp8} if fp8 else {}),
+                "int4_kernel": "_weight_int4pack_mm" + ("_for_cpu" if self.device == "cpu" else ""),
                 "decode": self.decode_mode,
                 "prefill": "dequantized dense GEMM" if self.dense_prefill else "int4 kernel",
                 "kv_cache": f"static {self.kv_bytes() / (1 << 20):.1f} MiB", "lm_head": "last position only",

@@ -2,7 +2,9 @@
 checkpoint's projector, fp16 on CUDA (fp32 on the CPU by default, fp16 when asked), all tiles in one batch.
 
 Weights: `vision/torch.fp16.safetensors` (`vila_edge.builder.torch_weights`): the SigLIP layers the selected
-feature uses and the projector, with their geometry in the file's metadata. On CUDA the S2 / dynamic-S2 merge runs
+feature uses and the projector, with their geometry in the file's metadata. A `--projector-precision fp8` build
+stores the projector's linears as FP8 codes + block scales; they run as `backends.torch_fp8.Fp8Linear` (W8A8
+through `torch._scaled_mm`, weight-only where it is refused). On CUDA the S2 / dynamic-S2 merge runs
 between tower and projector through `vila_edge.kernels.s2_merge` on the GPU (`merge_on_device`, called by the
 pipeline); elsewhere the pipeline merges with its numpy reference.
 """
@@ -71,26 +73,45 @@ class SigLIPTower:
         return x[:, 1:] if self.drop_first else x
 
 
-def load_projector_module(tensors: dict, config: dict, dtype, device: str):
-    """The checkpoint's projector (`vila_edge.reference.projector.Projector`: plain torch modules)."""
+def load_projector_module(tensors: dict, config: dict, dtype, device: str, fp8_gemm: str | None = None):
+    """The checkpoint's projector (`vila_edge.reference.projector.Projector`: plain torch modules), its linears FP8
+    when the file has them (`config["projector_fp8"]`)."""
     from vila_edge.config import ProjectorConfig
     from vila_edge.reference.projector import Projector
 
     proj = Projector(ProjectorConfig(**config["projector"]))
-    proj.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")},
-                         strict=True)
-    return proj.to(device=device, dtype=dtype).eval()
+    state = {k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")}
+    fp8 = config.get("projector_fp8")
+    if fp8 is None:
+        proj.load_state_dict(state, strict=True)
+        return proj.to(device=device, dtype=dtype).eval()
+    from vila_edge.backends.torch_fp8 import replace_linears
+
+    missing, unexpected = proj.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {f"{name}.weight" for name in fp8["linears"]}:
+        raise EngineError(f"FP8 projector tensors do not match its modules (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}); rebuild the engine directory")
+    proj = proj.to(device=device, dtype=dtype).eval()
+    made = replace_linears(proj, tensors, "projector_fp8.", fp8["format"], dtype, device,
+                           activations=fp8.get("activations", "dynamic"), gemm=fp8_gemm)
+    if len(made) != len(fp8["linears"]):
+        raise EngineError(f"FP8 projector: {len(made)} of {len(fp8['linears'])} linears found; rebuild the engine "
+                          f"directory")
+    proj.fp8_linears = made
+    return proj
 
 
 class TorchVisionEngine(VisionEngine):
     name = "torch"
 
     def __init__(self, vision_dir, info: dict | None = None, *, device: str = "auto", dtype: str | None = None,
-                 max_batch: int | None = None, threads: int | None = None):
+                 max_batch: int | None = None, threads: int | None = None, fp8_gemm: str | None = None):
+        """`fp8_gemm`: for an FP8 projector, "scaled-mm" | "weight-only" | None (see `backends.torch_fp8`)."""
         tensors, config = read_safetensors(Path(vision_dir) / VISION_FILE)
         info = dict(info or {})
         self._setup(tensors, config, device=device, dtype=dtype, threads=threads,
-                    max_batch=int(max_batch if max_batch is not None else info.get("max_batch", 0) or 0))
+                    max_batch=int(max_batch if max_batch is not None else info.get("max_batch", 0) or 0),
+                    fp8_gemm=fp8_gemm)
 
     @classmethod
     def from_tensors(cls, tensors: dict, config: dict, *, device: str = "auto", dtype: str | None = None,
@@ -100,7 +121,7 @@ class TorchVisionEngine(VisionEngine):
         self._setup(tensors, config, device=device, dtype=dtype, threads=None, max_batch=max_batch)
         return self
 
-    def _setup(self, tensors, config, *, device, dtype, threads, max_batch: int) -> None:
+    def _setup(self, tensors, config, *, device, dtype, threads, max_batch: int, fp8_gemm=None) -> None:
         import torch
 
         self.device = torch_device(device)
@@ -110,7 +131,7 @@ class TorchVisionEngine(VisionEngine):
             torch.set_num_threads(int(threads))
         self.config = config
         self.tower = SigLIPTower(tensors, config, self.dtype, self.device)
-        self.projector = load_projector_module(tensors, config, self.dtype, self.device)
+        self.projector = load_projector_module(tensors, config, self.dtype, self.device, fp8_gemm)
         self.max_batch = max_batch  # 0: every tile in one batch
 
     def _run(self, fn, x: np.ndarray) -> np.ndarray:
@@ -148,5 +169,7 @@ class TorchVisionEngine(VisionEngine):
             return self.projector(merged).float().cpu().numpy()
 
     def describe(self) -> dict:
+        fp8 = sorted({lin.describe() for lin in getattr(self.projector, "fp8_linears", [])})
         return {"backend": self.name, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
-                "s2_merge": "vila_edge.kernels (CUDA)" if self.on_gpu else "numpy (pipeline)"}
+                "s2_merge": "vila_edge.kernels (CUDA)" if self.on_gpu else "numpy (pipeline)",
+                **({"projector": fp8[0] if len(fp8) == 1 else fp8} if fp8 else {})}

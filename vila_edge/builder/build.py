@@ -105,9 +105,6 @@ class BuildOptions:
         if fp8_projector and self.precision != "fp32":
             raise VilaEdgeError(f"--projector-precision fp8 needs --precision fp32 (got {self.precision}): the FP8 "
                                 "QDQ projector takes fp32 features")
-        if fp8_llm and self.torch_weights:
-            raise VilaEdgeError("--torch-weights writes int4 weights: build it with --llm-precision int4, "
-                                "not fp8")
 
     @property
     def fp8(self) -> str:
@@ -625,8 +622,10 @@ def build(source, output=None, *, options: BuildOptions | None = None, stage: st
             if options.torch_weights:
                 from vila_edge.builder.torch_weights import write_torch_weights
 
-                with rep.step("torch backend weights (fp16 vision, int4 LLM from the decoder graph)"):
-                    torch_files = write_torch_weights(tmp, ckpt)
+                fp8_projector = options.fp8 if options.projector_precision == "fp8" else None
+                with rep.step(f"torch backend weights (fp16 vision{', FP8 projector' if fp8_projector else ''}, "
+                              f"{options.llm_precision} LLM from the decoder graph)"):
+                    torch_files = write_torch_weights(tmp, ckpt, projector_fp8=fp8_projector)
                 vision = {**vision, "torch": torch_files["vision"]}
                 if "llm" in torch_files:
                     llm = {**llm, "torch": torch_files["llm"]}

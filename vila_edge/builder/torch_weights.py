@@ -1,12 +1,15 @@
 """Weights for the PyTorch backend (`backends/torch_vision.py`, `backends/torch_llm.py`), written next to the ONNX
 files of an engine directory:
 
-  vision/torch.fp16.safetensors   SigLIP (the layers the selected feature uses) + projector, fp16
+  vision/torch.fp16.safetensors   SigLIP (the layers the selected feature uses) + projector, fp16; with
+                                  --projector-precision fp8 the projector's linears as FP8 codes + block scales
+                                  (`projector_fp8.{module}.fp8` / `.fp8_scales`, the layout of the LLM's "fp8" kind:
+                                  the numbers of vision/projector.fp8.onnx) and its other tensors in float32
   llm/torch.int4.safetensors      the decoder's own quantized weights, read back from its ONNX graph
 
 The LLM file holds exactly the numbers the ONNX Runtime decoder computes with (codes, zero points, scales of every
 MatMulNBits node, the AWQ-folded RMSNorm weights, the q/k/v biases), so both backends run the same model. Per
-linear, one of three storage kinds (the safetensors metadata "config" JSON says which):
+linear, one of four storage kinds (the safetensors metadata "config" JSON says which):
 
 - "int4": 4-bit codes for `torch.ops.aten._weight_int4pack_mm` (CUDA) / `_weight_int4pack_mm_for_cpu` (CPU).
   `{name}.int4` uint8 [N, K/2], two codes a byte, the even K index in the high nibble: the input of
@@ -19,6 +22,12 @@ linear, one of three storage kinds (the safetensors metadata "config" JSON says 
   sizes outside 32..256): `{name}.codes` uint8 [N, blocks*G], `{name}.zeros` and `{name}.scales` float32
   [N, blocks]; the backend dequantizes them once at load.
 - "dense": float linears, `{name}.weight` [N, K] as stored in the graph.
+- "fp8": the FP8 QDQ linears of an `--llm-precision fp8` decoder (`builder/fp8_qdq.py`): `{name}.fp8` uint8 [N, K],
+  the graph's OCP FP8 codes (metadata "format": e4m3 | e5m2), and `{name}.fp8_scales` float32 [N, ceil(K/128)],
+  each 128x128 block's scale on each of its rows (the graph's [ceil(K/128), N] scales transposed); metadata
+  "activations": "dynamic" (the graph quantizes the linear's input per token and 128 columns) or "none". The
+  backend runs them with `torch._scaled_mm` (`backends/torch_fp8.py`). Fusing q/k/v or gate/up concatenates rows:
+  per-row scales need no block alignment between the fused matrices.
 
 q/k/v are one fused `qkv_proj` and gate/up one fused `gate_up_proj` (one kernel each per step). The rotary
 inverse frequencies come from transformers' own rotary embedding for the checkpoint's config (every static
@@ -61,6 +70,7 @@ def _graph_linears(model) -> tuple[dict, dict, dict]:
     from vila_edge.builder.llm_onnx import matmulnbits_parts
 
     inits = {i.name: i for i in model.graph.initializer}
+    fp8 = _fp8_weight_outputs(model.graph.node, inits)
     linears, biases = {}, {}
     for node in model.graph.node:
         name = _linear_name(node.name)
@@ -68,6 +78,10 @@ def _graph_linears(model) -> tuple[dict, dict, dict]:
             continue
         if node.op_type == "MatMulNBits":
             linears[name] = matmulnbits_parts(node, inits)
+        elif node.op_type == "MatMul" and node.input[1] in fp8:
+            base = node.name.rsplit("/", 1)[0]  # fp8_qdq names the input QDQ {base}/act_qdq/...
+            dynamic = node.input[0].startswith(f"{base}/act_qdq/")
+            linears[name] = {**fp8[node.input[1]], "activations": "dynamic" if dynamic else "none"}
         elif node.op_type == "MatMul" and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]]).T
             linears[name] = {"weight": np.ascontiguousarray(w), "K": w.shape[1], "N": w.shape[0]}
@@ -80,17 +94,41 @@ def _graph_linears(model) -> tuple[dict, dict, dict]:
     return linears, biases, norms
 
 
+def _fp8_weight_outputs(nodes, inits) -> dict:
+    """Output name of each FP8 weight DequantizeLinear -> {"fp8": codes [N, K], "fp8_scales": [N, KB], "format",
+    "K", "N"}."""
+    from onnx import TensorProto, numpy_helper
+
+    formats = {TensorProto.FLOAT8E4M3FN: "e4m3", TensorProto.FLOAT8E5M2: "e5m2"}
+    out = {}
+    for node in nodes:
+        codes = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if codes is None or codes.data_type not in formats or len(codes.dims) != 2:
+            continue
+        kn = numpy_helper.to_array(codes).view(np.uint8)  # [K, N]
+        scales = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)  # [ceil(K/128), N]
+        out[node.output[0]] = {"fp8": np.ascontiguousarray(kn.T), "fp8_scales": np.ascontiguousarray(scales.T),
+                               "format": formats[codes.data_type], "K": kn.shape[0], "N": kn.shape[1]}
+    return out
+
+
 def _fuse(parts: list[dict], where: str) -> dict:
     """Concatenate linears along N (same K; same bits and group size when quantized)."""
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
+    if "fp8" in first:
+        if any("fp8" not in p or (p["K"], p["format"], p["activations"]) != (first["K"], first["format"],
+                                                                             first["activations"]) for p in parts):
+            raise EngineError(f"{where}: linears with different K / FP8 format / activations cannot be fused")
+        out = {k: np.concatenate([p[k] for p in parts]) for k in ("fp8", "fp8_scales")}
+        return {**first, **out, "N": out["fp8"].shape[0]}
     if "weight" in first:
         if not all("weight" in p for p in parts):
             raise EngineError(f"{where}: cannot fuse float and quantized linears")
         w = np.concatenate([p["weight"] for p in parts])
         return {"weight": w, "K": first["K"], "N": w.shape[0]}
-    if any("weight" in p or (p["K"], p["block"], p["bits"]) != (first["K"], first["block"], first["bits"])
+    if any("codes" not in p or (p["K"], p["block"], p["bits"]) != (first["K"], first["block"], first["bits"])
            for p in parts):
         raise EngineError(f"{where}: linears with different K / group size / bits cannot be fused")
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("codes", "zeros", "scales")}
@@ -128,6 +166,10 @@ def pack_int4_rows(codes: np.ndarray) -> np.ndarray:
 
 
 def _store(name: str, p: dict, tensors: dict) -> dict:
+    if "fp8" in p:
+        tensors[f"{name}.fp8"], tensors[f"{name}.fp8_scales"] = p["fp8"], p["fp8_scales"]
+        return {"kind": "fp8", "in": int(p["K"]), "out": int(p["N"]), "format": p["format"],
+                "activations": p["activations"]}
     if "weight" in p:
         tensors[f"{name}.weight"] = p["weight"]
         return {"kind": "dense", "in": int(p["K"]), "out": int(p["N"])}
@@ -218,7 +260,8 @@ def write_llm_weights(llm_dir: Path, raw_llm: dict) -> dict:
               metadata={"config": json.dumps(config)})
     kinds = sorted({d["kind"] for d in described.values()})
     return {"file": f"{llm_dir.name}/{LLM_FILE}", "kinds": kinds,
-            "int4_linears": sum(d["kind"] == "int4" for d in described.values()), "linears": len(described)}
+            "int4_linears": sum(d["kind"] == "int4" for d in described.values()),
+            "fp8_linears": sum(d["kind"] == "fp8" for d in described.values()), "linears": len(described)}
 
 
 # ---- vision ----------------------------------------------------------------------------------------------
@@ -237,8 +280,29 @@ def vision_config(raw_vision: dict, cfg) -> dict:
             "drop_first": v.select_feature == "patch", "projector": dataclasses.asdict(cfg.projector)}
 
 
-def write_vision_weights(vision_dir: Path, ckpt) -> dict:
-    """SigLIP (layers used only) + projector of `ckpt` in fp16 -> `vision_dir / VISION_FILE`."""
+def fp8_projector_tensors(projector, fmt: str) -> tuple[dict, list[str]]:
+    """({`projector_fp8.{name}.fp8`: uint8 codes [N, K], `.fp8_scales`: float32 row scales [N, KB]}, linear names)
+    of every nn.Linear of the fp32 `projector`: `kernels_ref.fp8_quantize_weight_ref`, the quantization the ONNX
+    FP8 projector (`fp8_qdq.quantize_graph_linears`) applies to the same fp32 weights."""
+    import torch
+
+    from vila_edge.kernels_ref import BLOCK, fp8_quantize_weight_ref
+
+    tensors, names = {}, []
+    for name, module in projector.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight.detach().float().numpy()
+            codes, block_scales = fp8_quantize_weight_ref(w, fmt)
+            tensors[f"projector_fp8.{name}.fp8"] = torch.from_numpy(codes)
+            rows = np.repeat(block_scales, BLOCK, axis=0)[:w.shape[0]]
+            tensors[f"projector_fp8.{name}.fp8_scales"] = torch.from_numpy(np.ascontiguousarray(rows))
+            names.append(name)
+    return tensors, names
+
+
+def write_vision_weights(vision_dir: Path, ckpt, projector_fp8: str | None = None) -> dict:
+    """SigLIP (layers used only) + projector of `ckpt` in fp16 -> `vision_dir / VISION_FILE`. `projector_fp8`
+    (e4m3 | e5m2): the projector's linears in FP8 instead, its other tensors in float32 (as the ONNX FP8 projector)."""
     import torch
     from safetensors.torch import save_file
 
@@ -247,19 +311,31 @@ def write_vision_weights(vision_dir: Path, ckpt) -> dict:
     if ckpt.config.vision.tower != "siglip":  # build() refuses first; this guards direct callers
         raise EngineError(f"{ckpt.root}: the PyTorch backend runs SigLIP towers only, not {ckpt.config.vision.tower}")
     tower, projector = load_modules(ckpt)
-    tensors = {f"tower.{k}": t for k, t in tower.state_dict().items()}
-    tensors.update({f"projector.{k}": t for k, t in projector.state_dict().items()})
-    tensors = {k: t.detach().to(torch.float16).contiguous() for k, t in tensors.items() if t.is_floating_point()}
+
+    def floats(prefix: str, module, dtype, skip=()):
+        return {f"{prefix}{k}": t.detach().to(dtype).contiguous() for k, t in module.state_dict().items()
+                if t.is_floating_point() and k not in skip}
+
+    tensors = floats("tower.", tower, torch.float16)
     config = vision_config(ckpt.raw["vision"], ckpt.config)
+    if projector_fp8 is None:
+        tensors.update(floats("projector.", projector, torch.float16))
+    else:
+        fp8, names = fp8_projector_tensors(projector, projector_fp8)
+        tensors.update(floats("projector.", projector, torch.float32, skip={f"{name}.weight" for name in names}))
+        tensors.update(fp8)
+        config["projector_fp8"] = {"format": projector_fp8, "activations": "dynamic", "linears": names}
     vision_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(vision_dir / VISION_FILE), metadata={"config": json.dumps(config)})
-    return {"file": f"{vision_dir.name}/{VISION_FILE}", "dtype": "float16"}
+    out = {"file": f"{vision_dir.name}/{VISION_FILE}", "dtype": "float16"}
+    return out if projector_fp8 is None else {**out, "projector": f"fp8-{projector_fp8}"}
 
 
-def write_torch_weights(root: Path, ckpt) -> dict:
-    """Both files into the (staged) engine directory `root`; the LLM part needs the built decoder."""
+def write_torch_weights(root: Path, ckpt, projector_fp8: str | None = None) -> dict:
+    """Both files into the (staged) engine directory `root`; the LLM part needs the built decoder (whose linears
+    it copies: int4, or FP8 for an --llm-precision fp8 build). `projector_fp8`: see `write_vision_weights`."""
     root = Path(root)
-    out = {"vision": write_vision_weights(root / "vision", ckpt)}
+    out = {"vision": write_vision_weights(root / "vision", ckpt, projector_fp8)}
     if (root / "llm" / "genai_config.json").is_file():
         out["llm"] = write_llm_weights(root / "llm", ckpt.raw["llm"])
     return out
