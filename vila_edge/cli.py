@@ -140,6 +140,19 @@ def serve(
                                           "64x36 grayscale thumbnail differs from the last captioned frame's by at "
                                           "least this mean absolute difference, in grey levels 0-255 (0: caption "
                                           "the newest frame every interval)."),
+    watch_ask: str | None = typer.Option(None, "--watch-ask", help="Watch the camera: ask this question instead of "
+                                         "--prompt about each new frame (--dedup-threshold, --interval), the answer "
+                                         "held to --watch-schema; change events at /watch/events (server-sent "
+                                         "events) and on the page."),
+    watch_schema: Path | None = typer.Option(None, "--watch-schema", help="With --watch-ask: JSON schema file of the "
+                                             "answer; an event is emitted when the answer changes."),
+    watch_webhook: str | None = typer.Option(None, "--watch-webhook", help="With --watch-ask: also POST each event "
+                                             "(JSON) to this URL: loopback, or in --allow-webhook-network."),
+    allow_webhook_network: list[str] = typer.Option([], "--allow-webhook-network", help="With --watch-webhook: a "
+                                                    "network the webhook may reach besides loopback, CIDR "
+                                                    "(repeatable), e.g. 192.168.1.0/24."),
+    watch_max_tokens: int = typer.Option(64, "--watch-max-tokens", min=1, help="With --watch-ask: maximum tokens "
+                                         "per answer (an answer cut before its JSON ends is no event)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
     threads: int | None = typer.Option(None, min=1, help="Engine threads (default: physical cores)."),
     vision_cache_mb: float | None = typer.Option(None, min=0, help=VISION_CACHE_HELP),
@@ -153,13 +166,16 @@ def serve(
     node_profile: str | None = typer.Option(None, help="With --cluster: device profile of the GPU nodes (e.g. "
                                             "orin-nano-8gb): a replica reserves the GPU share the planner predicts."),
 ):
-    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health, /metrics, /stats) and a live camera page."""
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health, /metrics, /stats) and a live camera
+    page (--camera), optionally watching the camera for answer changes (--watch-ask, /watch/events)."""
     from vila_edge.serve import bind_socket, is_loopback, run
-    from vila_edge.serve.app import ServeSettings, create_app
+    from vila_edge.serve.app import ServeSettings, create_app, make_watch
     from vila_edge.serve.engine import load_engines
     from vila_edge.serve.openai_schema import Limits
     from vila_edge.serve.remote import parse_networks
 
+    watch = _serve_watch_options(camera, watch_ask, watch_schema, watch_webhook, allow_webhook_network,
+                                 watch_max_tokens)
     mib = 1024 * 1024
     settings = ServeSettings(
         limits=Limits(max_body_bytes=int(max_body_mb * mib), max_image_bytes=int(max_image_mb * mib),
@@ -167,11 +183,12 @@ def serve(
         max_queue=max_queue, request_timeout=request_timeout, allow_remote_images=allow_remote_images,
         remote_image_networks=parse_networks(allow_image_network),
         api_key=api_key or None, allowed_hosts=(host,), camera_prompt=prompt, camera_interval=interval, camera_max_tokens=caption_tokens,
-        camera_dedup_threshold=dedup_threshold)
+        camera_dedup_threshold=dedup_threshold, **watch)
     if camera is not None:
         from vila_edge.media.frame_dedup import FrameDedup
 
         FrameDedup(dedup_threshold)  # a bad --dedup-threshold is one line, before anything loads
+        make_watch(settings)  # and so is a watch setting (llguidance compiles the schema here)
     if cluster is not None:
         _serve_cluster(engines, settings, cluster=cluster, host=host, port=port, api_key=api_key, device=device,
                        threads=threads, replicas=replicas, max_replicas=max_replicas, node_profile=node_profile,
@@ -191,13 +208,42 @@ def serve(
 
     def ready(url: str) -> None:
         names = ", ".join(m.model_id for m in models)
-        print(f"vila-edge: serving {names} at {url}/v1" + (f"; camera page {url}/" if cam else ""),
-              file=sys.stderr, flush=True)
+        print(f"vila-edge: serving {names} at {url}/v1" + (f"; camera page {url}/" if cam else "")
+              + (f"; watch events {url}/watch/events" if watch else ""), file=sys.stderr, flush=True)
 
     def stopped() -> None:
         print("vila-edge: stopped", file=sys.stderr, flush=True)
 
     run(create_app(models, settings, camera=cam), log_level=log_level, on_listen=ready, on_stop=stopped, sock=sock)
+
+
+def _serve_watch_options(camera, ask, schema, webhook, networks, max_tokens) -> dict:
+    """`serve`'s --watch-* options as ServeSettings fields ({} without --watch-ask); misuse is one line."""
+    from vila_edge.structured import read_schema_file
+
+    if ask is None:
+        stray = [flag for flag, v in (("--watch-schema", schema), ("--watch-webhook", webhook),
+                                      ("--allow-webhook-network", networks)) if v]
+        if stray:
+            raise VilaEdgeError(f"{stray[0]} applies to a camera watch: add --watch-ask QUESTION (and --camera SRC)")
+        return {}
+    if camera is None:
+        raise VilaEdgeError("--watch-ask needs --camera SRC: the watch asks about the camera's frames (for a video "
+                            "file without a server: vila-edge watch ENGINES VIDEO --ask ... --schema ...)")
+    if schema is None:
+        raise VilaEdgeError("--watch-ask needs --watch-schema FILE: the JSON schema of the answer (events compare "
+                            "structured answers)")
+    if networks and webhook is None:
+        raise VilaEdgeError("--allow-webhook-network applies to --watch-webhook URL: add one")
+    try:
+        schema_text = read_schema_file(schema)
+    except VilaEdgeError as exc:
+        raise VilaEdgeError(f"--watch-schema {exc}") from None
+    from vila_edge.serve.remote import parse_networks
+
+    return {"watch_question": ask, "watch_schema": schema_text, "watch_max_tokens": max_tokens,
+            "watch_webhook": webhook,
+            "watch_webhook_networks": parse_networks(networks, "--allow-webhook-network")}
 
 
 def _serve_cluster(engines, settings, *, cluster, host, port, api_key, device, threads, replicas, max_replicas,
@@ -308,12 +354,11 @@ def watch(
 ):
     """Watch a video or camera: ask one question per new frame, print a JSON line when the answer changes."""
     from vila_edge.builder.build import ensure_engine_dir
-    from vila_edge.generate import SamplingParams
     from vila_edge.runtime import load
     from vila_edge.structured import read_schema_file
-    from vila_edge.watch import run_watch
+    from vila_edge.watch import run_watch, watch_params
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, json_schema=read_schema_file(schema))
+    params = watch_params(read_schema_file(schema), max_new_tokens)
     networks = ()
     if allow_webhook_network:
         from vila_edge.serve.remote import parse_networks

@@ -13,6 +13,9 @@ the answer differs from the previous one an event is emitted: one JSON line on s
 and, with `--webhook`, the same JSON POSTed to a loopback URL (or one in `--allow-webhook-network`; the address
 check is `serve.remote`'s, at connect time). The first answer is an event too (previous: null). Answers cut by
 `--max-new-tokens` are not JSON: a note on stderr, no event, the previous answer stands.
+
+`ChangeTracker` is the change detection alone (answer text in, event out); `vila-edge serve --camera SRC
+--watch-ask ...` (vila_edge.serve.live_watch) feeds it the live page's answers, so both report the same events.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from vila_edge.generate import SamplingParams
 from vila_edge.media.frame_dedup import DEFAULT_THRESHOLD, FrameDedup
 
 DEFAULT_MIN_CHANGE = DEFAULT_THRESHOLD  # grey levels between thumbnails below which a frame is "the same"
+DEFAULT_MAX_NEW_TOKENS = 64  # tokens per answer: a small object; longer schemas need more (--max-new-tokens)
 
 
 @dataclass
@@ -49,9 +53,20 @@ def file_frames(path, every: int = 1) -> Iterator[tuple[int, dict, np.ndarray]]:
         yield index, {"time_s": round(t, 3)}, image
 
 
-def _utc_now() -> str:
-    now = time.time()
+def utc_time(t: float | None = None) -> str:
+    """Wall-clock time `t` (time.time(); default now) as ISO 8601 UTC with milliseconds: the events' "time"."""
+    now = time.time() if t is None else t
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1e3) % 1000:03d}Z"
+
+
+def watch_params(schema: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
+    """The sampling settings of a watch question (the CLI's and the server's): greedy, the schema enforced."""
+    return SamplingParams(max_new_tokens=max_new_tokens, json_schema=schema)
+
+
+def check_webhook_url(url: str | None, flag: str = "--webhook") -> None:
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise VilaEdgeError(f"{flag} {url!r}: must be an http:// or https:// URL")
 
 
 def camera_frames(src, interval: float, on_notice: Callable[[str], None]) -> Iterator[tuple[int, dict, np.ndarray]]:
@@ -65,7 +80,7 @@ def camera_frames(src, interval: float, on_notice: Callable[[str], None]) -> Ite
         frame = grabber.first_frame()
         while True:
             t0 = time.monotonic()
-            yield frame.seq, {"time": _utc_now()}, frame.image
+            yield frame.seq, {"time": utc_time()}, frame.image
             time.sleep(max(0.0, interval - (time.monotonic() - t0)))
             nxt = grabber.wait_newer(frame.seq, timeout=max(5.0, interval * 2))
             if nxt is None:
@@ -78,6 +93,43 @@ def camera_frames(src, interval: float, on_notice: Callable[[str], None]) -> Ite
             frame = nxt
 
 
+class ChangeTracker:
+    """The change detection of a watch: feed it each answer (`observe`), it returns the change event or None.
+
+    An answer that did not end by itself (finish reason other than "stop": cut by max_new_tokens, the context,
+    a timeout) is not JSON: counted as incomplete, no event, the previous answer stands. `last_event` is the
+    newest event (the current answer)."""
+
+    def __init__(self, stats: WatchStats | None = None, *, max_tokens_flag: str = "--max-new-tokens"):
+        self.stats = stats if stats is not None else WatchStats()
+        self.last_event: dict | None = None
+        self.max_tokens_flag = max_tokens_flag  # named in the note about a cut answer
+
+    def observe(self, frame: int, when: dict, text: str, finish_reason: str,
+                on_notice: Callable[[str], None] = lambda m: None) -> dict | None:
+        """The event for the answer `text` to frame `frame` (`when`: its time fields), or None (no change)."""
+        self.stats.asked += 1
+        answer = None
+        if finish_reason == "stop":
+            try:
+                answer = json.loads(text)
+            except ValueError:  # ended without completing its JSON (the engine stopped early)
+                finish_reason = "incomplete"
+        if finish_reason != "stop":
+            self.stats.incomplete += 1
+            why = (f"reached max_new_tokens before its JSON ended; raise {self.max_tokens_flag}"
+                   if finish_reason == "length" else f"ended ({finish_reason}) before its JSON ended")
+            on_notice(f"frame {frame}: the answer {why} (no event)")
+            return None
+        last = self.last_event
+        if last is not None and answer == last["answer"]:
+            return None
+        self.stats.events += 1
+        self.last_event = {"event": "change", "frame": frame, **when, "answer": answer,
+                           "previous": None if last is None else last["answer"]}
+        return self.last_event
+
+
 def watch(pipe, frames: Iterable[tuple[int, dict, np.ndarray]], question: str, params: SamplingParams, *,
           min_change: float = DEFAULT_MIN_CHANGE, stats: WatchStats | None = None,
           on_notice: Callable[[str], None] = lambda m: None) -> Iterator[dict]:
@@ -86,28 +138,18 @@ def watch(pipe, frames: Iterable[tuple[int, dict, np.ndarray]], question: str, p
 
     if params.json_schema is None:
         raise VilaEdgeError("watch needs a JSON schema (--schema FILE): events compare structured answers")
-    stats = stats if stats is not None else WatchStats()
+    tracker = ChangeTracker(stats)
+    stats = tracker.stats
     dedup = FrameDedup(min_change)  # the live captioner's dedup: compared with the last frame asked about
-    last_answer, have_answer = None, False
     for index, when, image in frames:
         stats.frames += 1
         if not dedup.is_new(image):
             stats.skipped += 1
             continue
-        stats.asked += 1
         result = pipe.generate(question, images=[bgr_to_pil(image, f"frame {index}")], params=params)
-        if result.finish_reason != "stop":
-            stats.incomplete += 1
-            on_notice(f"frame {index}: the answer reached max_new_tokens before its JSON ended; raise "
-                      "--max-new-tokens (no event)")
-            continue
-        answer = json.loads(result.text)
-        if have_answer and answer == last_answer:
-            continue
-        stats.events += 1
-        yield {"event": "change", "frame": index, **when, "answer": answer,
-               "previous": last_answer if have_answer else None}
-        last_answer, have_answer = answer, True
+        event = tracker.observe(index, when, result.text, result.finish_reason, on_notice)
+        if event is not None:
+            yield event
 
 
 def post_event(url: str, event: dict, allowed_networks, deadline_s: float = 5.0) -> str | None:
@@ -145,8 +187,7 @@ def run_watch(pipe, src: str, question: str, params: SamplingParams, *, every: i
 
     if every is not None and interval is not None:
         raise VilaEdgeError("--every N (frames of a video file) or --interval S (seconds, cameras): choose one")
-    if webhook is not None and not webhook.startswith(("http://", "https://")):
-        raise VilaEdgeError(f"--webhook {webhook!r}: must be an http:// or https:// URL")
+    check_webhook_url(webhook)
     if is_file_source(src) and interval is None:
         frames = file_frames(src, every or 1)
     else:

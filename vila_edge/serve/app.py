@@ -1,5 +1,5 @@
 """The FastAPI app: scheduler, metrics, errors, auth, `/health`, `/metrics`, `/stats`, and two routers: the OpenAI
-API (`vila_edge.serve.routes_openai`) and, with a camera, the live page (`vila_edge.serve.routes_camera`).
+API (`vila_edge.serve.routes_openai`) and, with a camera, the live page and its watch (`vila_edge.serve.routes_camera`).
 
 `create_app(engines, settings, camera=...)` builds the app; `vila_edge.serve.run` serves it with uvicorn.
 Model code never runs on the event loop: generation runs on the scheduler's worker thread, image decoding
@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vila_edge.errors import VilaEdgeError
 from vila_edge.serve import openai_schema as oa
 from vila_edge.serve.engine import Engine
 from vila_edge.serve.guards import RequestGuard
@@ -51,6 +52,13 @@ class ServeSettings:
     camera_max_tokens: int = 48
     camera_dedup_threshold: float = 2.0  # grey levels (vila_edge.media.frame_dedup); 0: caption every interval
     camera_fps: float = 10.0  # MJPEG frames per second sent to each viewer (at most)
+    # camera watch (vila_edge.serve.live_watch): this question, schema enforced, instead of camera_prompt
+    watch_question: str | None = None
+    watch_schema: str | None = None  # checked schema text (structured.read_schema_file / schema_text)
+    watch_max_tokens: int = 64  # `vila-edge watch --max-new-tokens`' default
+    watch_webhook: str | None = None
+    watch_webhook_networks: tuple = ()  # networks the webhook may reach besides loopback (serve.remote)
+    watch_queue: int = 64  # change events buffered per /watch/events subscriber (then the oldest is dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +98,8 @@ def check_auth(request: Request, settings: ServeSettings, *, allow_query: bool =
 
 
 def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | None = None, *, camera=None) -> FastAPI:
-    """The server app. `camera`: a frame source (see vila_edge.serve.live) enables `/`, `/stream.mjpg`, `/captions`."""
+    """The server app. `camera`: a frame source (see vila_edge.serve.live) enables `/`, `/stream.mjpg`, `/captions`;
+    with `settings.watch_question` also the watch (`/watch/events`, `/watch/state`)."""
     from vila_edge.serve.routes_camera import camera_router
     from vila_edge.serve.routes_openai import openai_router
 
@@ -106,12 +115,18 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
     metrics = ServerMetrics(lambda: scheduler.queue_length, lambda: scheduler.active)
     scheduler.metrics = metrics
     metrics.add_runtime_stats(lambda: runtime_stats(engine_list))
+    watch = make_watch(settings)
+    if watch is not None and camera is None:
+        raise VilaEdgeError("--watch-ask needs --camera SRC: the watch asks about the camera's frames (for a video "
+                            "file without a server: vila-edge watch ENGINES VIDEO --ask ... --schema ...)")
     live = None
     if camera is not None:
         from vila_edge.serve.live import LiveCaptioner
 
-        live = LiveCaptioner(camera, engine_list[0], scheduler, settings)
+        live = LiveCaptioner(camera, engine_list[0], scheduler, settings, watch=watch)
         metrics.add_camera(live.dedup.counts.as_dict)
+        if watch is not None:
+            metrics.add_watch(watch.counts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -150,12 +165,35 @@ def create_app(engines: Engine | Sequence[Engine], settings: ServeSettings | Non
     async def stats(request: Request):
         """The runtime's cache counts as JSON (the same numbers /metrics shows), summed over the models."""
         check_auth(request, settings)
-        return {"models": [e.model_id for e in engine_list], **runtime_stats(engine_list)}
+        out = {"models": [e.model_id for e in engine_list], **runtime_stats(engine_list)}
+        if watch is not None:
+            out["watch"] = watch.counts()
+        return out
 
     app.include_router(openai_router(engine_list, scheduler, metrics, settings, limits))
     if live is not None:
         app.include_router(camera_router(live, settings))
     return app
+
+
+def make_watch(settings: ServeSettings):
+    """The camera watch `settings` ask for (a `LiveWatch`), or None."""
+    if settings.watch_question is None:
+        return None
+    from vila_edge.serve.live_watch import LiveWatch
+    from vila_edge.watch import check_webhook_url, watch_params
+
+    if not settings.watch_question.strip():
+        raise VilaEdgeError("--watch-ask: the question is empty")
+    if settings.watch_schema is None:
+        raise VilaEdgeError("--watch-ask needs --watch-schema FILE: the JSON schema of the answer (events compare "
+                            "structured answers)")
+    check_webhook_url(settings.watch_webhook, "--watch-webhook")
+    if settings.watch_queue < 1:
+        raise VilaEdgeError(f"watch_queue {settings.watch_queue}: must be >= 1")
+    return LiveWatch(settings.watch_question, watch_params(settings.watch_schema, settings.watch_max_tokens),
+                     webhook=settings.watch_webhook, allowed_networks=settings.watch_webhook_networks,
+                     queue_bound=settings.watch_queue)
 
 
 def runtime_stats(engines: Sequence[Engine]) -> dict:

@@ -23,7 +23,8 @@ from vila_edge.serve import openai_schema as oa
 
 log = logging.getLogger("vila_edge.serve")
 
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/stats", "/", "/stream.mjpg", "/captions")
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/stats", "/", "/stream.mjpg", "/captions",
+          "/camera/state", "/watch/events", "/watch/state")
 JSON_POSTS = ("/v1/chat/completions",)
 
 

@@ -9,6 +9,10 @@ the newest frame at the time it starts, and `/stream.mjpg` always shows the newe
 A frame source is anything with `read_latest() -> (seq, frame)` (frame: HxWx3 BGR uint8, or None before
 the first one; seq grows with every new frame) plus optional `close()`; `open_camera(src)` opens the
 runtime's `vila_edge.media.camera.FrameGrabber`.
+
+With a watch (`--watch-ask`, vila_edge.serve.live_watch.LiveWatch) the loop asks the watch's question, schema
+enforced, instead of the caption prompt, and hands each finished answer to the watch (change events on
+`/watch/events` and the webhook); `/captions` streams the answers as they decode.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ def open_camera(src: str):
 class LiveCaptioner:
     BOUNDARY = "vilaedgeframe"
 
-    def __init__(self, source, engine, scheduler, settings):
+    def __init__(self, source, engine, scheduler, settings, watch=None):
         self.source = source
+        self.watch = watch  # a LiveWatch: ask its question instead of the caption prompt
         self.engine = engine
         self.scheduler = scheduler
         self.settings = settings
@@ -68,6 +73,8 @@ class LiveCaptioner:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.watch is not None:
+            await self.watch.start()
         self._running = True
         self._task = asyncio.create_task(self._loop(), name="vila-edge-captions")
 
@@ -76,6 +83,8 @@ class LiveCaptioner:
         self._closing = True
         for q in list(self._subscribers):
             q.put_nowait(None)
+        if self.watch is not None:
+            self.watch.begin_shutdown()
 
     async def stop(self) -> None:
         self._running = False
@@ -89,6 +98,8 @@ class LiveCaptioner:
                     pass
         for q in list(self._subscribers):
             q.put_nowait(None)
+        if self.watch is not None:
+            await self.watch.stop()
         close = getattr(self.source, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
@@ -100,8 +111,13 @@ class LiveCaptioner:
                 "frames": self.dedup.counts.as_dict(), "dedup_threshold": self.dedup.threshold,
                 "pipelined": self.pipelined, "prefetched": self.prefetched,
                 "source_error": getattr(self.source, "error", None),
-                "prompt": self.settings.camera_prompt, "interval": self.settings.camera_interval,
-                "model": self.engine.model_id}
+                "prompt": self.prompt, "interval": self.settings.camera_interval,
+                "model": self.engine.model_id, "watch": None if self.watch is None else self.watch.state()}
+
+    @property
+    def prompt(self) -> str:
+        """What the loop asks about each frame: the watch's question, else the caption prompt."""
+        return self.watch.question if self.watch is not None else self.settings.camera_prompt
 
     # ---- captions -------------------------------------------------------------------------------
     def _broadcast(self, event: dict) -> None:
@@ -112,12 +128,14 @@ class LiveCaptioner:
                     q.get_nowait()
             q.put_nowait(event)
 
-    async def _next_new_frame(self) -> tuple[int, object] | None:
-        """(seq, RGB image) of the newest frame that passes dedup (waits for one); None once stopping."""
+    async def _next_new_frame(self) -> tuple[int, object, float] | None:
+        """(seq, RGB image, wall-clock time it was taken) of the newest frame that passes dedup (waits for one);
+        None once stopping."""
         from vila_edge.media.image import bgr_to_pil
 
         while self._running:
             seq, frame = self.source.read_latest()
+            taken = time.time()
             if frame is None or (self.dedup.enabled and seq == self._checked_seq):
                 await asyncio.sleep(0.05)
                 continue
@@ -128,10 +146,10 @@ class LiveCaptioner:
                     continue
             else:
                 self.dedup.is_new(frame)  # counts it
-            return seq, await asyncio.to_thread(bgr_to_pil, frame.copy(), "camera frame")
+            return seq, await asyncio.to_thread(bgr_to_pil, frame.copy(), "camera frame"), taken
         return None
 
-    async def _pick_ahead(self, interval: float) -> tuple[int, object] | None:
+    async def _pick_ahead(self, interval: float) -> tuple[int, object, float] | None:
         """Pipelining: the next caption's frame, picked `interval` seconds after this caption started and encoded
         into the engine's vision cache while this caption decodes (its request then finds the items there)."""
         await asyncio.sleep(interval)
@@ -154,16 +172,17 @@ class LiveCaptioner:
                 picked = await self._next_new_frame()
             if picked is None:
                 return
-            seq, image = picked
+            seq, image, taken = picked
             try:
-                messages = [ChatMessage("user", s.camera_prompt, 1)]
+                messages = [ChatMessage("user", self.prompt, 1)]
                 tokens = await asyncio.to_thread(self.engine.count_tokens, messages, [image])
                 room = self.engine.max_context - tokens
                 if room < 1:
                     raise MediaError(f"the camera prompt needs {tokens} positions; the model holds "
                                      f"{self.engine.max_context}")
-                job = Job(engine=self.engine, messages=messages, images=[image],
-                          params=SamplingParams(max_new_tokens=min(s.camera_max_tokens, room)),
+                params = (self.watch.params_for(room) if self.watch is not None
+                          else SamplingParams(max_new_tokens=min(s.camera_max_tokens, room)))
+                job = Job(engine=self.engine, messages=messages, images=[image], params=params,
                           timeout=s.request_timeout, prompt_tokens=tokens)
                 if not self.scheduler.submit(job):  # API traffic fills the queue: try again later
                     self.dedup.reset()  # this frame was not captioned: the next one must be
@@ -188,6 +207,11 @@ class LiveCaptioner:
                                 done["error"] = ev[1]
                             self._broadcast(done)
                             self.captions_done += 1
+                            if self.watch is not None:
+                                if ev[0] == "end":
+                                    self.watch.on_answer(seq, taken, text, ev[1])
+                                else:
+                                    self.watch.on_error(seq, ev[1])
                             break
                 finally:
                     if not job.done:
@@ -196,6 +220,8 @@ class LiveCaptioner:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep captioning; show the problem on the page
                 log.warning("camera caption failed: %s", exc)
+                if self.watch is not None:
+                    self.watch.on_error(seq, str(exc))
                 self._broadcast({"id": n, "text": "", "done": True, "error": str(exc)})
             if self._ahead is None:  # pipelined: the next frame is picked `interval` after this caption STARTED
                 await asyncio.sleep(s.camera_interval)

@@ -215,5 +215,22 @@ class ServerMetrics:
             ReadCounter(self.registry, f"vila_edge_camera_frames_{key}_total", help_text,
                         fn=lambda key=key: frame_counts()[key])
 
+    def add_watch(self, counts: Callable[[], dict]) -> None:
+        """The camera watch's counts (`LiveWatch.counts()`, vila_edge.serve.live_watch)."""
+        for key, help_text in (("answers", "Camera watch answers (frames the watch question was answered about)."),
+                               ("events", "Camera watch change events (the answer differed from the last one)."),
+                               ("incomplete", "Camera watch answers cut before their JSON ended (no event)."),
+                               ("errors", "Camera watch frames the engine failed to answer."),
+                               ("dropped", "Watch events dropped from the full queue of a slow /watch/events "
+                                           "subscriber."),
+                               ("webhook_posts", "Watch events POSTed to --watch-webhook (failures included)."),
+                               ("webhook_failures", "Watch webhook POSTs that failed (refused address, network "
+                                                    "error, non-2xx)."),
+                               ("webhook_dropped", "Watch events dropped before the webhook got them (it was too "
+                                                   "slow).")):
+            ReadCounter(self.registry, f"vila_edge_watch_{key}_total", help_text, fn=lambda key=key: counts()[key])
+        Gauge(self.registry, "vila_edge_watch_subscribers", "Clients connected to /watch/events.",
+              fn=lambda: counts()["subscribers"])
+
     def render(self) -> str:
         return self.registry.render()

@@ -1,6 +1,7 @@
 """The live camera page's routes: `/` (the page), `/static/{name}`, `/stream.mjpg`, `/captions` (server-sent
-events), `/camera/state`; all read from the `LiveCaptioner` (vila_edge.serve.live). The page and its streams
-take the API key as `?key=` too (browsers cannot set headers on <img> and EventSource)."""
+events), `/camera/state`, and the watch's `/watch/events` (server-sent events) and `/watch/state`; all read from
+the `LiveCaptioner` (vila_edge.serve.live) and its `LiveWatch` (vila_edge.serve.live_watch). The page and its
+streams take the API key as `?key=` too (browsers cannot set headers on <img> and EventSource)."""
 
 from __future__ import annotations
 
@@ -49,5 +50,21 @@ def camera_router(live, settings: ServeSettings) -> APIRouter:
     async def camera_state(request: Request):
         check_auth(request, settings, allow_query=True)
         return live.state()
+
+    def the_watch():
+        if live.watch is None:
+            raise oa.APIError(404, "the camera watch is off: start the server with --watch-ask QUESTION "
+                              "--watch-schema FILE", code="not_found")
+        return live.watch
+
+    @router.get("/watch/events")
+    async def watch_events(request: Request):
+        check_auth(request, settings, allow_query=True)
+        return StreamingResponse(the_watch().events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @router.get("/watch/state")
+    async def watch_state(request: Request):
+        check_auth(request, settings, allow_query=True)
+        return the_watch().state()
 
     return router

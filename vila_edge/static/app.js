@@ -1,4 +1,5 @@
-// vila-edge live page: newest frame as MJPEG, captions over server-sent events. No dependencies.
+// vila-edge live page: newest frame as MJPEG, captions over server-sent events, and with a watch
+// (serve --watch-ask) its current answer and change events (/watch/events). No dependencies.
 (function () {
   "use strict";
   var key = new URLSearchParams(location.search).get("key");
@@ -18,7 +19,40 @@
   fetch("camera/state" + q).then(function (r) { return r.json(); }).then(function (s) {
     $("prompt").textContent = s.prompt || "";
     $("model").textContent = "model: " + s.model + " · a new caption every " + s.interval + " s after the last";
+    if (s.watch) startWatch(s.watch);
   }).catch(function () {});
+
+  // ---- the watch: question, current answer, log of change events --------------------------------------
+  var watchLog = $("watch-log"), lastWatch = "", WATCH_LOG_MAX = 100;
+
+  function frameTime(ev) {
+    var d = ev.time ? new Date(ev.time) : null;
+    return d && !isNaN(d) ? d.toLocaleTimeString() : "";
+  }
+
+  function showWatchEvent(id, data) {
+    if (id + " " + data === lastWatch) return;  // the current answer again (sent first on every reconnect)
+    lastWatch = id + " " + data;
+    var ev = JSON.parse(data), text = JSON.stringify(ev.answer);
+    $("watch-answer").textContent = text.length > 48 ? JSON.stringify(ev.answer, null, 2) : text;
+    $("watch-meta").textContent = "since frame " + ev.frame + (ev.time ? " · " + frameTime(ev) : "");
+    var li = document.createElement("li"), t = document.createElement("time"), c = document.createElement("code");
+    t.textContent = frameTime(ev) + " · frame " + ev.frame;
+    if (ev.time) t.setAttribute("datetime", ev.time);
+    c.textContent = text;
+    li.appendChild(t); li.appendChild(c);
+    watchLog.insertBefore(li, watchLog.firstChild);  // newest first
+    while (watchLog.children.length > WATCH_LOG_MAX) watchLog.removeChild(watchLog.lastChild);
+  }
+
+  function startWatch(w) {
+    $("watch").hidden = false;
+    $("watch-question").textContent = w.question;
+    var es = new EventSource("watch/events" + q);
+    es.onmessage = function (m) {
+      try { showWatchEvent(m.lastEventId, m.data); } catch (err) { /* ignore a bad event */ }
+    };
+  }
 
   function show(ev) {
     if (ev.waiting) { caption.textContent = "waiting for the first caption…"; caption.className = "caption pending"; return; }
