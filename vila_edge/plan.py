@@ -2,9 +2,10 @@
 
 `plan(model, device, ...)` returns a `Plan`: the memory budget (LLM weights at the chosen precision,
 vision engine, KV cache at the maximum context, activations/workspace, runtime overhead) against the
-device's usable memory, and predictions (vision latency per tile from FLOPs / (TFLOPS x efficiency);
-decode tokens/s from the bandwidth roofline x efficiency). `check_plan_fits(...)` is the build-time
-guard: it raises `VilaEdgeError` with one line naming the knob to turn.
+device's usable memory, and predictions (vision latency per tile and prefill from FLOPs / (TFLOPS x
+efficiency), int8 MatMuls on CPUs CPU_INT8_MATMUL_SPEEDUP times faster; decode tokens/s from the bandwidth
+roofline x efficiency). `check_plan_fits(...)` is the build-time guard: it raises `VilaEdgeError` with one
+line naming the knob to turn.
 
 Device profiles are TOML files in `build/profiles/` (or the folder named by $VILA_EDGE_PROFILES);
 their figures come from shared docs/targets.md, and the estimates in them say so.
@@ -18,10 +19,15 @@ i intermediate, V vocab rows):
   embedding stays fp16 (one row is read per token).
 - Qwen2 q/k/v biases and RMSNorm weights: fp16.
 - Decode reads per token: all linear + LM head + norms/biases + one embedding row, plus the KV cache
-  of the context: 2 x L x kv x 2 bytes per position.
+  of the context: 2 x L x kv x 2 bytes per position (x 4 bytes where the runtime keeps fp32 KV: CPU int4 /
+  int8 builds, fp32 models). On CPUs a quantized build's LM head is int8 (the ONNX builder's default).
 - Vision engine: fp16 weights of the layers that run (select_layer), patch/position embeddings and
   the projector. FLOPs per tile (N = tokens: patches, + 1 class token for CLIP / InternViT):
-  2 patches (3p^2)h + layers x (8Nh^2 + 4Nhi + 4N^2 h).
+  2 patches (3p^2)h + layers x (8Nh^2 + 4Nhi + 4N^2 h) + projector rows. The weight MatMuls (8Nh^2 + 4Nhi)
+  run CPU_INT8_MATMUL_SPEEDUP faster in the int8 CPU tower; attention (4N^2 h), patch convolution and
+  projector stay fp32.
+- Prefill: 2 x linear params x prompt + 2 x L x prompt^2 x q (attention) + one LM head row, at the vision
+  rate; on CPUs the int4 / int8 LLM's linear MatMuls (MatMulNBits, int8 compute) CPU_INT8_MATMUL_SPEEDUP faster.
 - Activations: vision batch of all tiles, per tile N x (2h + max(3h + S, i)) values (S = heads x N
   attention scores when the backend has no fused attention), plus the LLM prefill of the whole max
   context at once: T x (2h + q + 2kv + 2i) values + heads x T x T fp32 scores (unfused) + V fp32
@@ -46,6 +52,15 @@ MIB = 1 << 20
 PRECISION_BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.25, "int4": 4.25}
 DEFAULT_CONTEXT_FOR_DECODE = 1024  # context at which decode tok/s is quoted (as targets.md's table)
 MIN_TEXT_TOKENS = 64  # prompt text + answer room the context must leave beside one image
+# int8 weight MatMuls vs fp32 ones, ONNX Runtime (MLAS) on the CPU. Measured in benchmarks/results/vision_cpu.json
+# (SigLIP-so400m tower, 2 threads, fp32 and int8 graphs interleaved on one AMD EPYC with AVX-512 VNNI): per tile
+# fp32 / int8 = 8.72 / 5.06 s = 1.73x at 448 px, 8.26 / 4.07 s = 2.03x at 384 px. The int8 graph quantizes only the
+# MatMuls with a constant weight (quantize_dynamic, MatMulConstBOnly); attention MatMuls and the patch convolution
+# stay fp32 (13.5% of the FLOPs at 448 px, 10.1% at 384), so the weight MatMuls alone ran 1.95x (448) and 2.29x
+# (384) faster: 2.1 is their mean (vila_edge.bench.planner_check.int8_speedup_from_vision_cpu recomputes both).
+# The int4 / int8 LLM's MatMulNBits (accuracy_level 4: int8 activations, int8 dot products) get the same factor.
+# Another CPU (AVX2 without VNNI, ARM) will differ: measure before trusting int8 predictions there.
+CPU_INT8_MATMUL_SPEEDUP = 2.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,12 +140,19 @@ def load_profile(name_or_path) -> DeviceProfile:
 
 
 def host_profile(bandwidth_gbs: float, fp32_tflops: float, *, memory_gib: float | None = None,
-                 name: str = "this-machine", decode_efficiency: float = 0.60,
-                 vision_efficiency: float = 0.80) -> DeviceProfile:
+                 name: str = "this-machine", decode_efficiency: float = 0.53,
+                 vision_efficiency: float = 1.0) -> DeviceProfile:
     """A CPU profile for the machine the bench runs on, from its measured bandwidth and matmul rate.
 
-    The efficiencies are relative to what was *measured* (a probe, not a datasheet peak): decode
-    reaches ~0.6 of the probe bandwidth, the vision tower ~0.8 of the probe's large-MatMul rate."""
+    The efficiencies are relative to what was *measured* (a probe, not a datasheet peak), one set for every
+    model (real-size benches, benchmarks/results/bench_*_20261204-*.json; `python benchmarks/plan_vs_bench.py`):
+    - decode: 0.53 of the read-bandwidth roofline of the bytes the planner counts (int8 LM head and fp32 KV
+      on CPUs), fitted on nvila-lite-2b (0.53 at both sizes); vila1.5-3b measured 0.43-0.58, the llama.cpp
+      comparisons 0.46-0.58.
+    - compute (vision tower, projector, prefill): 1.0 of the fp32 MatMul probe (ONNX Runtime, 1024^3), int8
+      MatMuls CPU_INT8_MATMUL_SPEEDUP x that. Fitted on nvila-lite-2b's TTFT at 1920x1080 and 448x448 (best
+      fit 1.01, rounded to 1.0); checked on vila1.5-3b. The fp32 tower alone measured 0.77-0.86 of a 1-thread
+      probe (bench_nvila-lite-2b_20261127-085434.json): fp32-tower predictions run up to ~25% fast."""
     if memory_gib is None:
         import psutil
 
@@ -215,18 +237,39 @@ def projector_flops_per_row(cfg: VilaConfig) -> int:
     return sum(2 * s[0] * s[1] for s in expected_projector(cfg).values() if len(s) == 2)
 
 
-def vision_flops_per_tile(cfg: VilaConfig) -> int:
-    """FLOPs (multiply-add = 2) of one tile through the tower layers that run, plus its projector rows."""
+def vision_flops_split(cfg: VilaConfig) -> dict[str, int]:
+    """FLOPs (multiply-add = 2) of one tile by kind: `weights` (the MatMuls with a constant weight: q/k/v/o and
+    the MLP, what the int8 CPU tower quantizes), `attention` (activation x activation MatMuls), `other` (the
+    patch convolution; all of PS3, which has no int8 graph) and `projector` (its rows; a graph of its own)."""
     v = cfg.vision
     if v.ps3 is not None:  # one "tile" = one image through PS3's low-res pass and its look-close steps
-        return ps3_flops(v.ps3, v.layers_used, projector_flops_per_row(cfg), cfg.projector.downsample)
+        total = ps3_flops(v.ps3, v.layers_used, projector_flops_per_row(cfg), cfg.projector.downsample)
+        return {"weights": 0, "attention": 0, "other": total, "projector": 0}
     n, h, i = v.sequence_length, v.hidden_size, v.intermediate_size
-    patch = 2 * v.grid * v.grid * 3 * v.patch_size ** 2 * h
-    layer = 8 * n * h * h + 4 * n * h * i + 4 * n * n * h
     proj = cfg.tokens_per_tile * projector_flops_per_row(cfg)
     if v.num_scales > 1:  # multi-scale: the projector sees the concatenated output grid, count it once per tile
         proj = proj // v.num_scales
-    return patch + v.layers_used * layer + proj
+    return {"weights": v.layers_used * (8 * n * h * h + 4 * n * h * i), "attention": v.layers_used * 4 * n * n * h,
+            "other": 2 * v.grid * v.grid * 3 * v.patch_size ** 2 * h, "projector": proj}
+
+
+def vision_flops_per_tile(cfg: VilaConfig) -> int:
+    """FLOPs (multiply-add = 2) of one tile through the tower layers that run, plus its projector rows."""
+    return sum(vision_flops_split(cfg).values())
+
+
+def int8_matmul_speedup(dev: DeviceProfile, int8: bool) -> float:
+    """How much faster than the fp32 rate the int8 MatMuls run: CPU_INT8_MATMUL_SPEEDUP on CPUs (ONNX Runtime,
+    measured), 1 elsewhere (GPU rates are the profile's fp16 tensor-core figure for every precision)."""
+    return CPU_INT8_MATMUL_SPEEDUP if int8 and dev.kind == "cpu" else 1.0
+
+
+def kv_bytes_per_position(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str) -> int:
+    """KV cache bytes per position: fp16, but fp32 where the runtime keeps it so: fp32 models, and int4 / int8
+    builds for CPUs (ONNX Runtime GenAI's builder gives quantized CPU models fp32 I/O and KV; the committed
+    real-size engines record llm.kv_dtype float32)."""
+    wide = llm_precision == "fp32" or (dev.kind == "cpu" and llm_precision in ("int4", "int8"))
+    return cfg.llm.kv_bytes_per_token_fp16 * (2 if wide else 1)
 
 
 def max_image(cfg: VilaConfig, max_tiles: int, single_scale: bool) -> tuple[int, int]:
@@ -308,15 +351,21 @@ def _resolve_model(model) -> tuple[str, VilaConfig]:
     return ckpt.name, ckpt.config
 
 
+def projector_bytes_per_param(dev: DeviceProfile, vision_precision: str) -> int:
+    """fp32 with an fp32 tower, and on CPUs beside the int8 tower (the build writes no int8 projector); else fp16."""
+    return 4 if vision_precision == "fp32" or (dev.kind == "cpu" and vision_precision == "int8") else 2
+
+
 def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_precision: str, max_context: int,
             max_tiles: int, single_scale: bool, lm_head_bits: float | None = None) -> tuple[dict, dict, int, int]:
     m, v = cfg.llm, cfg.vision
     w = llm_weight_bytes(cfg, llm_precision, lm_head_bits)
     vp = vision_params(cfg)
     vbytes = _bits(vision_precision) / 8
-    pbytes = 4 if vision_precision == "fp32" else 2
+    pbytes = projector_bytes_per_param(dev, vision_precision)
     vision_engine = math.ceil(vp["tower"] * vbytes) + pbytes * vp["projector"]
-    kv = m.kv_bytes_per_token_fp16 * max_context
+    kvp = kv_bytes_per_position(cfg, dev, llm_precision)
+    kv = kvp * max_context
     tiles, positions = max_image(cfg, max_tiles, single_scale)
     a = dev.activation_bytes
     n, h = v.sequence_length, v.hidden_size
@@ -337,33 +386,45 @@ def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_prec
     detail = {"llm_linear": w["linear"], "llm_lm_head": w["lm_head"], "llm_embed": w["embed"], "llm_small": w["small"],
               "llm_decode_read_per_token": w["decode_read"], "vision_tower": math.ceil(vp["tower"] * vbytes),
               "projector": pbytes * vp["projector"], "vision_activations": vision_act, "llm_activations": llm_act,
-              "kv_bytes_per_position": m.kv_bytes_per_token_fp16}
+              "kv_bytes_per_position": kvp}
     return memory, detail, tiles, positions
 
 
 def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int, positions: int,
-            max_context: int, lm_head_bits: float | None = None) -> tuple[dict, dict]:
-    """Predicted speeds (and the efficiency factors they assume)."""
+            max_context: int, lm_head_bits: float | None = None, vision_precision: str = "fp32") -> tuple[dict, dict]:
+    """Predicted speeds (and the efficiency factors they assume). `positions`: the image's LLM positions (the
+    prompt is MIN_TEXT_TOKENS more); `vision_precision`: the tower graph that runs (int8: the CPU int8 tower)."""
     m = cfg.llm
     w = llm_weight_bytes(cfg, llm_precision, lm_head_bits)
     bw = dev.bandwidth_gbs * 1e9
-    kvp = m.kv_bytes_per_token_fp16
+    kvp = kv_bytes_per_position(cfg, dev, llm_precision)
 
     def roofline(ctx: int) -> float:
         return bw / (w["decode_read"] + kvp * ctx)
 
-    flops_tile = vision_flops_per_tile(cfg)
     rate = dev.compute_tflops * 1e12 * dev.vision_efficiency
-    tile_s = flops_tile / rate if rate > 0 else float("nan")
+
+    def seconds(flops: float) -> float:
+        return flops / rate if rate > 0 else float("nan")
+
+    split = vision_flops_split(cfg)
+    flops_tile = sum(split.values())
+    tower_q = int8_matmul_speedup(dev, vision_precision == "int8")
+    tower_s = seconds(split["weights"] / tower_q + split["attention"] + split["other"])
+    projector_s = seconds(split["projector"])  # no int8 projector graph: fp32 on CPUs
+    tile_s = tower_s + projector_s
     prompt = positions + MIN_TEXT_TOKENS
     q = m.num_heads * m.head_dim
-    prefill_flops = 2 * llm_linear_params(cfg) * prompt + 2 * m.num_layers * prompt * prompt * q \
-        + 2 * m.vocab_size * m.hidden_size
-    prefill_s = prefill_flops / rate if rate > 0 else float("nan")
+    llm_q = int8_matmul_speedup(dev, llm_precision in ("int4", "int8"))
+    linear_flops = 2 * llm_linear_params(cfg) * prompt + 2 * m.vocab_size * m.hidden_size  # + the last LM head row
+    attention_flops = 2 * m.num_layers * prompt * prompt * q
+    prefill_s = seconds(linear_flops / llm_q + attention_flops)
     ctx1k = min(DEFAULT_CONTEXT_FOR_DECODE, max_context)
     pred = {
         "vision_gflops_per_tile": flops_tile / 1e9,
         "vision_ms_per_tile": 1e3 * tile_s,
+        "tower_ms_per_tile": 1e3 * tower_s,
+        "projector_ms_per_tile": 1e3 * projector_s,
         "vision_ms_largest_image": 1e3 * tile_s * tiles,
         "prefill_ms_largest_image": 1e3 * prefill_s,
         "ttft_ms_largest_image": 1e3 * (tile_s * tiles + prefill_s),
@@ -373,22 +434,28 @@ def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int,
         "decode_tok_s_max_context": dev.decode_efficiency * roofline(max_context),
     }
     eff = {"decode_efficiency": dev.decode_efficiency, "vision_efficiency": dev.vision_efficiency,
-           "compute_tflops": dev.compute_tflops, "bandwidth_gbs": dev.bandwidth_gbs}
+           "compute_tflops": dev.compute_tflops, "bandwidth_gbs": dev.bandwidth_gbs,
+           "tower_int8_speedup": tower_q, "prefill_int8_speedup": llm_q}
     return pred, eff
 
 
 def plan(model, device, *, max_context: int | None = None, max_tiles: int | None = None,
          llm_precision: str = "int4", vision_precision: str | None = None, single_scale: bool = False,
-         suggest: bool = True, backend: str = "native") -> Plan:
+         suggest: bool = True, backend: str = "native", lm_head_bits: float | None = None) -> Plan:
     """Memory budget and speed predictions for `model` (preset name, checkpoint path, Checkpoint or
     VilaConfig) on `device` (profile name, TOML path or DeviceProfile). Defaults: the checkpoint's own
-    max length and max tiles; vision weights fp16 on GPUs, fp32 on CPUs (what `vila-edge build` exports).
+    max length and max tiles; vision weights fp16 on GPUs, fp32 on CPUs (what `vila-edge build` exports;
+    `vision_precision="int8"` plans the `--int8-vision` tower, which the runtime picks on CPUs when built).
+    `lm_head_bits`: the LM head's bits when a quantized build's differ from the body's; default int8 on CPUs
+    (the ONNX builder's default head), the body's bits on GPUs.
     `backend`: "native" (the profile's engines: TensorRT / TensorRT-LLM, ONNX Runtime on CPUs) or "torch" (the
     PyTorch backend: the profile's torch_* efficiencies; the default build's 8-bit LM head runs dequantized
     to fp16 there, so it is counted at 16 bits)."""
     label, cfg = _resolve_model(model)
     dev = load_profile(device)
-    head_bits = None
+    head_bits = lm_head_bits
+    if head_bits is None and dev.kind == "cpu" and llm_precision in ("int4", "int8"):
+        head_bits = PRECISION_BITS["int8"]
     if backend == "torch":
         if not (dev.torch_decode_efficiency > 0 and dev.torch_vision_efficiency > 0):
             raise VilaEdgeError(f"device profile {dev.name} states no torch backend efficiencies "
@@ -412,7 +479,7 @@ def plan(model, device, *, max_context: int | None = None, max_tiles: int | None
         raise VilaEdgeError("--max-context and --max-tiles must be positive")
     memory, detail, tiles, positions = _budget(cfg, dev, llm_precision, vision_precision, max_context, max_tiles,
                                                single_scale, head_bits)
-    pred, eff = predict(cfg, dev, llm_precision, tiles, positions, max_context, head_bits)
+    pred, eff = predict(cfg, dev, llm_precision, tiles, positions, max_context, head_bits, vision_precision)
     eff["backend"] = backend
     p = Plan(model=label, device=dev, llm_precision=llm_precision, vision_precision=vision_precision,
              max_context=max_context, max_tiles=max_tiles, single_scale=single_scale, tiles=tiles,
@@ -551,7 +618,8 @@ def print_plan(p: Plan, console=None) -> None:
               f"{p.llm_precision} ({PRECISION_BITS[p.llm_precision]} bits/weight linear"
               f"{', tied table once' if p.detail['llm_embed'] == 0 else ', fp16 embedding table'})")
     t.add_row("vision engine", f"{m['vision_engine'] / GIB:.2f}",
-              f"{p.vision_precision} tower + {'fp32' if p.vision_precision == 'fp32' else 'fp16'} projector")
+              f"{p.vision_precision} tower + "
+              f"{'fp32' if projector_bytes_per_param(d, p.vision_precision) == 4 else 'fp16'} projector")
     t.add_row("KV cache", f"{m['kv_cache'] / GIB:.2f}",
               f"{p.detail['kv_bytes_per_position']} B/position x max context {p.max_context}")
     t.add_row("activations / workspace", f"{m['activations'] / GIB:.2f}",
@@ -566,9 +634,12 @@ def print_plan(p: Plan, console=None) -> None:
     s.add_column("value", justify="right")
     s.add_column("assumes", style="dim")
     tfl = f"{d.compute_tflops:g} TFLOPS x {d.vision_efficiency:g}"
-    s.add_row("vision per tile", f"{pr['vision_ms_per_tile']:.1f} ms", f"{pr['vision_gflops_per_tile']:.0f} GFLOP / ({tfl})")
+    tq, lq = p.efficiency["tower_int8_speedup"], p.efficiency["prefill_int8_speedup"]
+    s.add_row("vision per tile", f"{pr['vision_ms_per_tile']:.1f} ms", f"{pr['vision_gflops_per_tile']:.0f} GFLOP / ({tfl})"
+              + (f", weight MatMuls int8 x {tq:g}" if tq != 1 else ""))
     s.add_row(f"vision, largest image ({p.tiles} tiles)", f"{pr['vision_ms_largest_image']:.0f} ms", "")
-    s.add_row(f"prefill, {p.image_positions} + {MIN_TEXT_TOKENS} positions", f"{pr['prefill_ms_largest_image']:.0f} ms", tfl)
+    s.add_row(f"prefill, {p.image_positions} + {MIN_TEXT_TOKENS} positions", f"{pr['prefill_ms_largest_image']:.0f} ms",
+              tfl + (f", linear MatMuls int8 x {lq:g}" if lq != 1 else ""))
     s.add_row("decode @ 1k context", f"{pr['decode_tok_s_ctx1k']:.1f} tok/s",
               f"roofline {pr['decode_roofline_tok_s_ctx1k']:.1f} = {d.bandwidth_gbs:g} GB/s / "
               f"{pr['decode_bytes_per_token_ctx1k'] / 1e9:.3f} GB, x {d.decode_efficiency:g}")

@@ -103,13 +103,13 @@ def _vision_bytes(engine_dir: Path, describe: dict) -> int:
 
 
 def predictions(contenders: list[Contender], summary: list[dict], raw: dict, opts: BenchOptions) -> list[dict]:
-    """The planner's prediction for this machine (measured bandwidth + matmul rate) next to the measurement."""
-    from vila_edge.plan import host_profile, plan
+    """The planner's prediction for this machine (measured bandwidth + matmul rate) next to the measurement,
+    for the vision tower and LM head that really ran (vila_edge.bench.planner_check)."""
+    from vila_edge.bench.planner_check import case_prediction, host_from_probes, lm_head_bits_of, vision_precision_of
 
-    bws = [p["read_gbs"] for ps in raw["probes"].values() for p in ps]
-    if not bws:
+    host = host_from_probes({"bandwidth": [p for ps in raw["probes"].values() for p in ps], "matmul": raw["matmul"]})
+    if host is None:
         return []
-    host = host_profile(statistics.median(bws), raw["matmul"]["fp32_tflops"])
     out = []
     by_name = {c.name: c for c in contenders}
     for s in summary:
@@ -117,52 +117,11 @@ def predictions(contenders: list[Contender], summary: list[dict], raw: dict, opt
         if c is None or c.config is None:
             continue
         prec = c.precision if c.precision in ("int4", "int8", "fp16", "fp32", "bf16") else "int4"
-        ctx = statistics.median([r["mean_context"] for r in s["runs"]])
-        p = plan(c.config, host, max_context=max(int(ctx) + 1, 64), max_tiles=s.get("tiles") or None,
-                 llm_precision=prec, suggest=False)
-        w = p.detail["llm_decode_read_per_token"]
-        pred_dec = host.decode_efficiency * host.bandwidth_gbs * 1e9 / (w + p.detail["kv_bytes_per_position"] * ctx)
-        row = {"name": s["name"], "image": s["image"], "prompt_tokens": s["prompt_tokens"],
-               "host_bandwidth_gbs": host.bandwidth_gbs, "host_fp32_tflops": host.fp32_tflops,
-               "decode_efficiency": host.decode_efficiency, "vision_efficiency": host.vision_efficiency,
-               "planner_weight_bytes": w, "measured_weight_bytes": c.weight_bytes,
-               "decode_tok_s": {"predicted": pred_dec, "measured": s["decode_tok_s"]["median"],
-                                "ratio": s["decode_tok_s"]["median"] / pred_dec if pred_dec else None}}
-        if s.get("vision_ms_per_tile"):
-            pv = p.predicted["vision_ms_per_tile"]
-            mv = s["vision_ms_per_tile"]["median"]
-            row["vision_ms_per_tile"] = {"predicted": pv, "measured": mv, "ratio": mv / pv if pv else None}
-        if s.get("ttft_split_ms"):
-            row.update(ttft_prediction(c.config, host, prec, s))
-        if opts.device:
-            q = plan(c.config, opts.device, llm_precision=prec if prec != "fp32" else "fp16", suggest=False)
-            row["device"] = {"name": q.device.name, "fits": q.fits, "memory_total_bytes": q.memory["total"],
-                             "usable_bytes": q.memory["usable"],
-                             "decode_tok_s_ctx1k": q.predicted["decode_tok_s_ctx1k"],
-                             "vision_ms_per_tile": q.predicted["vision_ms_per_tile"]}
-        out.append(row)
+        vp = vision_precision_of(s.get("describe", {})) if c.kind == "pipeline" else "fp32"
+        out.append(case_prediction(c.config, host, s, precision=prec, vision_precision=vp,
+                                   lm_head_bits=lm_head_bits_of(c.manifest.get("llm", {})),
+                                   measured_weight_bytes=c.weight_bytes, device=opts.device))
     return out
-
-
-def ttft_prediction(cfg, host, precision: str, s: dict) -> dict:
-    """The planner's TTFT for the measured case (its tiles and prompt positions) next to the measurement,
-    by stage: vision (tower FLOPs at the probed matmul rate) and prefill (LLM FLOPs at the same rate);
-    the planner has no preprocess / projector term, the measured total includes them."""
-    from vila_edge.plan import MIN_TEXT_TOKENS, predict
-
-    positions = int(statistics.median([r["prompt_positions"] for r in s["runs"]]))
-    pred, _ = predict(cfg, host, precision, int(s.get("tiles") or 0), max(0, positions - MIN_TEXT_TOKENS),
-                      max(positions + 1, 64))
-    measured = s["ttft_split_ms"]
-    total = statistics.median([1e3 * r["ttft_s"] for r in s["runs"]])
-
-    def pair(p, m):
-        return {"predicted": p, "measured": m, "ratio": m / p if p else None}
-
-    return {"ttft_ms": pair(pred["ttft_ms_largest_image"], total),
-            "ttft_vision_ms": pair(pred["vision_ms_largest_image"], measured["vision"]),
-            "ttft_prefill_ms": pair(pred["prefill_ms_largest_image"], measured["prefill"]),
-            "prompt_positions": positions}
 
 
 def make_document(contenders: list[Contender], raw: dict, opts: BenchOptions, *, label: str,
@@ -285,7 +244,7 @@ def print_report(doc: dict, console=None) -> None:
         if p.get("ttft_ms"):
             tt = p["ttft_ms"]
             line += (f"; TTFT predicted {tt['predicted']:.0f}, measured {tt['measured']:.0f} ms "
-                     f"(measured/predicted {tt['ratio']:.2f})")
+                     f"(measured/predicted {tt['ratio']:.2f}; {p.get('vision_precision', 'fp32')} tower)")
         con.print(line)
         if p.get("device"):
             dv = p["device"]
