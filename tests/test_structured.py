@@ -28,8 +28,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from conftest_runtime import runtime_engine  # noqa: E402,F401  (session fixture: tiny engine directories)
 
-from vila_edge.structured import (  # noqa: E402
-    JsonConstraint, closing_tokens, cut_note, read_schema_file, schema_text)
+from vila_edge.structured import JsonConstraint, closing_tokens, cut_note, read_schema_file, schema_text  # noqa: E402
 
 _FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
              derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])
