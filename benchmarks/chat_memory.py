@@ -4,7 +4,9 @@
 
 Each variant runs in its own child process (VmHWM is that process's alone), interleaved per round:
 - `before`: the runtime as it was: vision session loaded first, every tile in one tower run, CPU arena on;
-- `after`:  `vila_edge.load` as it is now (LLM first, CPU_TILE_BATCH tiles per run, no vision arena).
+- `after`:  `vila_edge.load` as it is now (LLM first, CPU_TILE_BATCH tiles per run, no vision arena, the prompt
+  prefilled in runs of ort_llm.PREFILL_CHUNK positions);
+- `whole-prefill`: `after` with the prompt prefilled in one run (prefill_chunk 0), what the runtime did before.
 Reported per variant: peak RSS, RSS after load, the resident floor (LLM decoder files + allocated KV cache
 + the vision graphs loaded), their ratio (goal <= 1.3), vision / prefill seconds and decode tok/s (speed
 must not drop). Writes benchmarks/results/chat_memory_<preset or engine>.json and appends the table to .md.
@@ -25,7 +27,7 @@ from vila_edge.bench.probes import machine_info, versions
 from vila_edge.bench.run import llm_decode_bytes
 
 MIB = 1 << 20
-VARIANTS = ("before", "after")
+VARIANTS = ("before", "whole-prefill", "after")
 
 
 def _vision_bytes(vision) -> int:
@@ -55,10 +57,13 @@ def child(spec: dict) -> dict:
                                  arena=True)
         llm = make_llm_engine("onnxruntime", eng, manifest, device="cpu", threads=spec["threads"],
                               max_context=manifest.config.llm.max_length)
+        llm.prefill_chunk = 0
         pipe = Pipeline(manifest.config, Tokenizer.from_dir(eng / "tokenizer"), vision, llm, engine_dir=eng,
                         manifest=manifest)
     else:
         pipe = vila_edge.load(spec["engine"], device="cpu", threads=spec["threads"])
+        if spec["variant"] == "whole-prefill":
+            pipe.llm.prefill_chunk = 0
     load_s = time.perf_counter() - t0
     after_load = _rss()
     w, h = spec["image_size"]
@@ -71,7 +76,7 @@ def child(spec: dict) -> dict:
            "peak_rss_bytes": _peak_rss(), "floor": floor, "tiles": t.tiles, "prompt_positions": t.prompt_positions,
            "vision_s": t.vision, "prefill_s": t.prefill, "ttft_s": t.ttft, "decode_tok_s": t.decode_tokens_per_s,
            "tower": pipe.vision.tower.path.name, "tile_batch": pipe.vision.max_batch,
-           "kv_dtype": pipe.llm.describe().get("kv_dtype")}
+           "kv_dtype": pipe.llm.describe().get("kv_dtype"), "prefill_chunk": pipe.llm.prefill_chunk}
     pipe.close()
     return out
 
@@ -105,7 +110,8 @@ def main(argv=None) -> None:
                   f"prefill {res['prefill_s']:.1f} s, decode {res['decode_tok_s']:.2f} tok/s", flush=True)
     summary = {v: {"peak_over_floor": statistics.median(x["peak_over_floor"] for x in rs),
                    "peak_rss_mib": statistics.median(x["peak_rss_bytes"] for x in rs) / MIB,
-                   "decode_tok_s": statistics.median(x["decode_tok_s"] for x in rs)} for v, rs in runs.items()}
+                   "decode_tok_s": statistics.median(x["decode_tok_s"] for x in rs),
+                   "prefill_s": statistics.median(x["prefill_s"] for x in rs)} for v, rs in runs.items()}
     doc = {"what": "peak RSS of one chat process (load, one image question, answer) over the resident floor: "
                    "LLM decoder files + allocated KV cache + vision graphs loaded (issue 19, P6: goal <= 1.3x)",
            "method": __doc__.split("\n\n", 2)[2].strip(), "engine": label, "image_size": [w, h],
