@@ -224,3 +224,33 @@ def test_chat_live_cli_prints_the_counts_and_stops_on_ctrl_c(runtime_engine, tmp
     assert "note: stopped" in err and "Traceback" not in err
     summary = [line for line in err.splitlines() if "frames seen" in line]
     assert len(summary) == 1 and "encoded" in summary[0] and "skipped as unchanged" in summary[0]
+
+
+class _InterruptedStream:
+    """An answer stream that gets Ctrl-C after its first piece (the signal's timing is what the CLI test cannot
+    control: this pins down both places it may land)."""
+
+    def __init__(self):
+        self.closed, self.result = False, None
+
+    def __iter__(self):
+        yield "a red"
+        raise KeyboardInterrupt
+
+    def close(self):
+        self.closed = True
+
+
+def test_ctrl_c_during_a_live_caption_ends_the_loop_but_only_the_answer_in_a_conversation():
+    import io
+
+    from vila_edge.chat import Console, _stream_answer
+
+    out = io.StringIO()
+    s = _InterruptedStream()
+    with pytest.raises(KeyboardInterrupt):
+        _stream_answer(s, Console(out, io.StringIO()), interrupt_ends_all=True)
+    assert s.closed and out.getvalue() == "a red [stopped]\n"
+    s, out = _InterruptedStream(), io.StringIO()
+    assert _stream_answer(s, Console(out, io.StringIO())) is None  # the conversation goes on
+    assert s.closed and out.getvalue() == "a red [stopped]\n"

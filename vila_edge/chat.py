@@ -77,8 +77,10 @@ def _cache_stats(pipe) -> str:
             f"{v['bytes'] / 2**20:.1f}/{v['max_bytes'] / 2**20:.0f} MiB")
 
 
-def _stream_answer(stream, con: Console, *, echo: bool = True):
-    """Print a TextStream; Ctrl-C stops it (the partial answer is kept). Returns the result."""
+def _stream_answer(stream, con: Console, *, echo: bool = True, interrupt_ends_all: bool = False):
+    """Print a TextStream; Ctrl-C stops it (the partial answer is kept). Returns the result.
+    `interrupt_ends_all` (live captions): Ctrl-C also ends the caller's loop (re-raised once the answer is
+    closed), wherever in the cycle it lands; in a conversation it only stops the answer."""
     try:
         for piece in stream:
             if echo:
@@ -86,15 +88,17 @@ def _stream_answer(stream, con: Console, *, echo: bool = True):
     except KeyboardInterrupt:
         stream.close()
         if echo:
-            con.write(" [stopped]")
+            con.write(" [stopped]\n" if interrupt_ends_all else " [stopped]")
+        if interrupt_ends_all:
+            raise
     if echo:
         con.write("\n")
     return stream.result
 
 
-def _answer(stream, con: Console, opts: ChatOptions, *, echo: bool = True):
+def _answer(stream, con: Console, opts: ChatOptions, *, echo: bool = True, interrupt_ends_all: bool = False):
     """`_stream_answer`, plus a note when a JSON-schema answer was cut before its JSON was complete."""
-    result = _stream_answer(stream, con, echo=echo)
+    result = _stream_answer(stream, con, echo=echo, interrupt_ends_all=interrupt_ends_all)
     if opts.params.json_schema is not None:
         from vila_edge.structured import cut_note
 
@@ -162,12 +166,12 @@ def run_live(pipe, opts: ChatOptions, con: Console) -> int:
         n = 0
         for c in cap.captions(newest_frames(grabber, on_notice=con.note)):
             if opts.as_json:
-                d = _answer(c.stream, con, opts, echo=False).as_dict()
+                d = _answer(c.stream, con, opts, echo=False, interrupt_ends_all=True).as_dict()
                 d["frame"] = c.frame.seq
                 con.write(json.dumps(d) + "\n")
             else:
                 con.write(f"[frame {c.frame.seq}] ")
-                _answer(c.stream, con, opts)
+                _answer(c.stream, con, opts, interrupt_ends_all=True)
             n += 1
             if opts.max_cycles and n >= opts.max_cycles:
                 break
