@@ -210,7 +210,10 @@ def test_chat_live_cli_prints_the_counts_and_stops_on_ctrl_c(runtime_engine, tmp
     cmd = [sys.executable, "-c", "from vila_edge.cli import main; main()", "chat", str(runtime_engine("vila1.5")),
            "--camera", str(path), "--interval", "0", "--prompt", "What now?", "--max-new-tokens", "3",
            "--dedup-threshold", "2"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a test run started in the background (nohup, `cmd &`) ignores SIGINT and its children inherit that:
+    # give the CLI the default disposition, as a terminal does
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = p.stdout.readline()
         assert first.startswith("[frame "), first + p.stderr.read()
