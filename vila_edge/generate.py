@@ -53,11 +53,16 @@ class SamplingParams:
     # JSON schema the answer must follow (vila_edge.structured: a dict or its JSON text, stored as checked
     # canonical text); None: free text
     json_schema: str | None = None
+    # speculative decoding by prompt lookup: draft up to this many tokens per step from earlier text of the
+    # conversation (PromptLookup) and verify them in one decoder run; 0: off. Greedy only (the answer is the
+    # plain greedy answer, token for token); ignored with sampling, a JSON schema, or an engine without
+    # multi-position logits.
+    prompt_lookup: int = 0
 
     def __post_init__(self):
         # Checked before anything else so that a string or NaN from a caller is one clear line, not a TypeError
         # deep in the sampler (or a silently accepted NaN, which compares False with everything).
-        for name in ("max_new_tokens", "top_k"):
+        for name in ("max_new_tokens", "top_k", "prompt_lookup"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise VilaEdgeError(f"{name}={value!r}: must be an integer")
@@ -77,6 +82,8 @@ class SamplingParams:
             raise VilaEdgeError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise VilaEdgeError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 <= self.prompt_lookup <= MAX_DRAFT_TOKENS:
+            raise VilaEdgeError(f"prompt_lookup={self.prompt_lookup}: must be 0 (off) to {MAX_DRAFT_TOKENS} draft tokens")
         if not 0 < self.top_p <= 1:
             raise VilaEdgeError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.repetition_penalty <= 0:
@@ -331,6 +338,136 @@ def generate_tokens(logits, decode_one_token: Callable[[int], object], pick: Pic
         if finish is not None:
             return
         logits = decode_one_token(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding: prompt lookup
+# ---------------------------------------------------------------------------------------------
+
+MAX_DRAFT_TOKENS = 16
+
+
+class PromptLookup:
+    """Draft tokens by prompt lookup (Saxena 2023; transformers' `prompt_lookup_num_tokens`, llama.cpp's
+    lookup decoding): find the latest earlier occurrence of the context's last n tokens (n from `max_ngram`
+    down to `min_ngram`) and propose the (up to) `num_draft` tokens that followed it.
+
+    Answers that quote their prompt (reading text in an image back, JSON keys, a caption close to the last
+    one, code) are drafted well; other text finds no match and costs nothing: with no draft the step is a
+    plain decode step. `min_ngram` 2 by default: a single-token match is right too rarely on 2-core CPUs,
+    where verifying a draft costs more than a step (benchmarks/speculative_decode.py).
+    """
+
+    def __init__(self, num_draft: int = 4, max_ngram: int = 3, min_ngram: int = 2):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.num_draft, self.max_ngram, self.min_ngram = num_draft, max_ngram, min_ngram
+
+    def __call__(self, history: Sequence[int], limit: int | None = None) -> list[int]:
+        limit = self.num_draft if limit is None else min(limit, self.num_draft)
+        if limit <= 0:
+            return []
+        h = np.asarray(history, dtype=np.int64)
+        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+            tail = h[-n:]
+            # start positions i < len - n whose n tokens equal the tail (the tail itself excluded)
+            windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
+            hits = np.flatnonzero((windows == tail).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return [int(t) for t in h[start:start + limit]]
+        return []
+
+
+@dataclass
+class DraftStats:
+    """What speculation did in one answer: verification runs, tokens drafted and accepted."""
+
+    steps: int = 0  # decoder runs after the first token (plain steps and verifications)
+    verifications: int = 0  # of which verified a draft
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0  # tokens generated
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "verifications": self.verifications, "drafted": self.drafted,
+                "accepted": self.accepted, "acceptance": round(self.acceptance, 4), "tokens": self.tokens,
+                "tokens_per_step": round(self.tokens / max(1, self.steps + 1), 4)}
+
+
+def speculative_tokens(logits, llm, pick: Pick, draft: Callable[..., list[int]], history: Sequence[int], *,
+                       max_new_tokens: int, stop_ids: Sequence[int] | set[int] = (), max_context: int | None = None,
+                       stats: DraftStats | None = None) -> Iterator[tuple[int, str | None]]:
+    """`generate_tokens` with drafted tokens verified in one run (`llm.forward_all`), for a deterministic
+    `pick` (greedy; penalties allowed: each pick sees exactly the tokens before it).
+
+    After a token, `draft(history + generated, limit)` proposes up to `limit` tokens; the token and the
+    drafts are run together, and picking goes on from the returned rows while each pick equals the next
+    draft: the same tokens and finishes `generate_tokens` yields, with fewer runs when drafts are right.
+    The cache is rolled back past a wrong draft. While drafts are being confirmed the cache runs ahead (it
+    holds the drafts already run); at the end, also when the consumer stops early (`finally`), it holds
+    what `generate_tokens` leaves: the prompt and every generated token but the last. "context"
+    (`max_context`: positions the cache may hold) is judged on that plain length, so it ends where
+    `generate_tokens` with the matching `has_room` would.
+    """
+    stats = stats if stats is not None else DraftStats()
+    start = llm.length
+    history = list(history)
+    generated: list[int] = []
+    rows: list[np.ndarray] = [logits]  # rows[0] predicts the next token
+    drafts: list[int] = []  # drafts[i]: the token in the cache after rows[i]'s position
+    try:
+        while True:
+            token = pick(rows.pop(0), generated)
+            generated.append(token)
+            stats.tokens += 1
+            if drafts and drafts[0] == token:  # a right draft: already in the cache, its row computed
+                drafts.pop(0)
+                stats.accepted += 1
+            else:
+                drafts, rows = [], []
+                if llm.length > start + len(generated) - 1:
+                    llm.truncate(start + len(generated) - 1)  # drop the wrong drafts' positions
+            if token in stop_ids:
+                finish = "stop"
+            elif len(generated) >= max_new_tokens:
+                finish = "length"
+            elif max_context is not None and start + len(generated) > max_context:
+                finish = "context"  # no room to feed this token (generate_tokens' has_room)
+            else:
+                finish = None
+            if finish is not None and llm.length > start + len(generated) - 1:
+                llm.truncate(start + len(generated) - 1)  # the last token is not fed (generate_tokens' cache)
+            yield token, finish
+            if finish is not None:
+                return
+            if rows:
+                continue
+            # room: this token plus the drafts must fit the cache; drafts beyond the budget are wasted work
+            room = min(llm.max_context, max_context or llm.max_context) - llm.length
+            limit = min(max_new_tokens - len(generated) - 1, room - 1)
+            drafts = draft(history + generated, limit) if limit > 0 else []
+            stats.steps += 1
+            if drafts:
+                stats.verifications += 1
+                stats.drafted += len(drafts)
+                batch = [token, *drafts]
+                rows = list(llm.forward_all(batch, llm.embed(batch)))
+            else:
+                rows = [decode_one_token(llm, token)]
+    finally:
+        if llm.length > start + max(0, len(generated) - 1):
+            llm.truncate(start + max(0, len(generated) - 1))
+
+
+def can_speculate(llm, params: SamplingParams) -> bool:
+    """Does prompt lookup apply: asked for, greedy, free text, an engine returning every position's logits?"""
+    return (params.prompt_lookup > 0 and params.greedy and params.json_schema is None
+            and bool(getattr(llm, "can_forward_all", False)))
 
 
 # ---------------------------------------------------------------------------------------------

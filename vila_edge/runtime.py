@@ -46,13 +46,17 @@ from vila_edge.engine_dir import TOKENIZER_DIR, read_manifest
 from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
 from vila_edge.generate import (
     Answer,
+    DraftStats,
     KVCache,
+    PromptLookup,
     Sampler,
     SamplingParams,
     TokenEvent,
+    can_speculate,
     decode_one_token,
     generate_tokens,
     prefill,
+    speculative_tokens,
 )
 from vila_edge.media.image import as_image_list, load_image
 from vila_edge.media.tiling import Tiles, TilingScheme, tiling_scheme
@@ -79,6 +83,8 @@ class Timings:
     generated_tokens: int = 0
     media_items: int = 0
     tiles: int = 0
+    drafted_tokens: int = 0  # prompt lookup (SamplingParams.prompt_lookup): tokens drafted and verified
+    accepted_tokens: int = 0  # of which were right (each one saved a decoder run)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -269,10 +275,20 @@ class Pipeline:
         return prompt_chunks(ids, media, media_ids=self.media_ids, end_ids=self.end_ids)
 
     def decode_tokens(self, logits: np.ndarray, params: SamplingParams, *,
-                      has_room: Callable[[], bool] | None = None) -> Iterator[tuple[int, str | None]]:
-        """The generation loop of this model: its sampler, its stop tokens, this LLM's decode step."""
+                      has_room: Callable[[], bool] | None = None, history: Sequence[int] = (),
+                      stats: DraftStats | None = None, max_context: int | None = None,
+                      ) -> Iterator[tuple[int, str | None]]:
+        """The generation loop of this model: its sampler, its stop tokens, this LLM's decode step.
+        `history`: the conversation's token ids so far, where prompt lookup drafts from (params.prompt_lookup);
+        `stats` counts its drafts; `max_context` replaces `has_room` there (the cache runs ahead of the
+        answer while drafts are confirmed)."""
         cfg = self.config.llm
         stops = set() if params.ignore_eos else set(cfg.stop_token_ids)
+        if can_speculate(self.llm, params):
+            sampler = Sampler(params, cfg.vocab_size, cfg.extra_masked_ids)
+            return speculative_tokens(logits, self.llm, sampler, PromptLookup(params.prompt_lookup), history,
+                                      max_new_tokens=params.max_new_tokens, stop_ids=stops, stats=stats,
+                                      max_context=max_context)
         constraint = None
         if params.json_schema is not None:
             from vila_edge.structured import JsonConstraint
@@ -710,10 +726,14 @@ class Conversation:
 
         limit = self.pipe.max_context
         answer = Answer(self.pipe.tokenizer, params.stop)
+        drafts = DraftStats()
+        history = [token for segment_ids, _ in self.segments for token in segment_ids]
         try:
-            yield from answer.events(self.pipe.decode_tokens(logits, params,
-                                                             has_room=lambda: self.kv.length + 1 <= limit))
+            yield from answer.events(self.pipe.decode_tokens(logits, params, history=history, stats=drafts,
+                                                             has_room=lambda: self.kv.length + 1 <= limit,
+                                                             max_context=limit))
         finally:
+            t.drafted_tokens, t.accepted_tokens = drafts.drafted, drafts.accepted
             if answer.finish == "context":
                 self._notice(f"context full ({limit} positions): answer cut; /reset or ask again to drop "
                              f"old turns", notices)

@@ -80,6 +80,15 @@ class LLMEngine(ABC):
         ids plus a prompt-embedding table (TensorRT-LLM) use them; embedding-only engines ignore them."""
         return self.forward(embeds)
 
+    # can `forward_all` return every appended position's logits (speculative decoding's verification)?
+    can_forward_all: bool = False
+
+    def forward_all(self, ids, embeds: np.ndarray) -> np.ndarray:
+        """`forward_ids` returning float32 logits [n, V] of every one of the n positions (position i's
+        row predicts the token after it), for verifying n-1 drafted tokens in one run."""
+        raise EngineError(f"the {self.name} engine returns the last position's logits only; speculative "
+                          f"decoding needs a decoder with a logits_to_keep input (rebuild with `vila-edge build`)")
+
     def reset(self) -> None:
         self.length = 0
 

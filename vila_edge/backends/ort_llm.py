@@ -33,6 +33,9 @@ import numpy as np
 from vila_edge.backends.base import LLMEngine, embedding_rows
 from vila_edge.errors import EngineError
 
+# decoder input of builder graphs: logits of the last k positions (builder.decoder_onnx.add_logits_to_keep;
+# 1 in plain runs, k+1 when verifying k drafted tokens); older graphs without it: last position only
+LOGITS_TO_KEEP = "logits_to_keep"
 PREFILL_CHUNK = 256  # positions per prefill run (0: the whole prompt in one run)
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -190,7 +193,10 @@ class OrtLLMEngine(LLMEngine):
         self.hidden_size = int(self.embed_table.shape[1])
         logits_shape = outputs[self.out_logits].shape
         self.vocab_size = int(logits_shape[-1]) if isinstance(logits_shape[-1], int) else int(self.embed_table.shape[0])
-        self.last_only = len(logits_shape) == 3 and logits_shape[1] == 1
+        # builder decoders Slice the last `logits_to_keep` positions (default 1: the last one only)
+        self.keep_input = LOGITS_TO_KEEP if LOGITS_TO_KEEP in inputs else None
+        self.last_only = len(logits_shape) == 3 and (logits_shape[1] == 1 or self.keep_input is not None)
+        self.can_forward_all = self.keep_input is not None or not self.last_only
         ctx = int(_first(info, "max_context", "context_length",
                          default=genai.get("model", {}).get("context_length", 4096)))
         self.max_context = min(ctx, max_context) if max_context else ctx
@@ -200,6 +206,7 @@ class OrtLLMEngine(LLMEngine):
         self.share_buffer = gqa if share_buffer is None else (share_buffer and gqa)
 
         self._mask = np.ones((1, self.max_context), dtype=np.int64)
+        self._keep_one = np.ones(1, dtype=np.int64)
         self._io = None  # persistent IO binding (shared KV + pruned logits)
         self._logits = np.zeros((1, 1, self.vocab_size), dtype=_NP_DTYPES[outputs[self.out_logits].type] or np.float32)
         self._logits_ort = ort.OrtValue.ortvalue_from_numpy(self._logits) if self.last_only else None
@@ -259,8 +266,20 @@ class OrtLLMEngine(LLMEngine):
             for start in range(0, n, self.prefill_chunk):
                 logits = self.forward(embeds[start:start + self.prefill_chunk])
             return logits
+        return self._run(embeds)
+
+    def forward_all(self, ids, embeds: np.ndarray) -> np.ndarray:
+        if not self.can_forward_all:
+            return super().forward_all(ids, embeds)
+        embeds = self.checked_embeds(embeds)
+        return self._run(embeds, keep=embeds.shape[0])
+
+    def _run(self, embeds: np.ndarray, keep: int = 1) -> np.ndarray:
+        """One decoder run over n positions; logits of the last `keep` (float32 [V] when keep is 1, else
+        [keep, V])."""
+        n = embeds.shape[0]
         past, total = self.length, self.length + n
-        fixed = self.share_buffer and self.last_only
+        fixed = self.share_buffer and self.last_only and keep == 1
         if fixed:  # KV buffers and the logits buffer never move: bound once, only the inputs change
             if self._io is None:
                 self._io = self._fixed_binding()
@@ -277,10 +296,12 @@ class OrtLLMEngine(LLMEngine):
             io.bind_cpu_input(self.in_pos, pos)
         if not fixed:
             if self.share_buffer:
-                self._bind_shared_cache(io)
+                order += self._bind_shared_cache(io)
             else:
                 order += self._bind_copy_cache(io)
-            if self.last_only:
+            if self.keep_input is not None:
+                io.bind_cpu_input(self.keep_input, self._keep_one if keep == 1 else np.array([keep], np.int64))
+            if self.last_only and keep == 1:
                 io.bind_ortvalue_output(self.out_logits, self._logits_ort)
             else:
                 io.bind_output(self.out_logits, "cpu")
@@ -293,20 +314,26 @@ class OrtLLMEngine(LLMEngine):
         if not self.share_buffer:
             self._past = [(got[ok], got[ov]) for ok, ov in self.present_names]
         self.length = total
-        if self.last_only:
+        if self.last_only and keep == 1:
             return self._logits[0, 0].astype(np.float32, copy=True)
-        return got[self.out_logits].numpy()[0, -1].astype(np.float32, copy=True)
+        logits = got[self.out_logits].numpy()[0]
+        return logits[-1].astype(np.float32, copy=True) if keep == 1 else logits[-keep:].astype(np.float32)
 
-    def _bind_shared_cache(self, io) -> None:
+    def _bind_shared_cache(self, io) -> list[str]:
+        order = []
         for (pk, pv), (ok, ov), (k, v) in zip(self.past_names, self.present_names, self._kv, strict=True):
             io.bind_ortvalue_input(pk, k)
             io.bind_ortvalue_input(pv, v)
             io.bind_ortvalue_output(ok, k)
             io.bind_ortvalue_output(ov, v)
+            order += [ok, ov]
+        return order
 
     def _fixed_binding(self):
         io = self.session.io_binding()
         self._bind_shared_cache(io)
+        if self.keep_input is not None:
+            io.bind_cpu_input(self.keep_input, self._keep_one)
         io.bind_ortvalue_output(self.out_logits, self._logits_ort)
         return io
 

@@ -63,6 +63,12 @@ class AWQSettings:
     # compute it) or "quantized" (the output of the layer just quantized, so later layers see earlier errors)
     next_inputs: str = "float"
     device: str | None = None  # torch device for the searches (None: "cuda" when torch sees one, else "cpu")
+    # dtype of the scale searches' block forwards: "auto" (bfloat16 where the hardware computes it natively:
+    # CUDA with bf16, x86 CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bfloat16" or "float32".
+    # llm-awq and AutoAWQ search in the model's fp16; the fold, the clip search and the final
+    # quantization stay in float32 either way. On 2 Zen 4 cores bf16 halves the nvila-lite-2b search time;
+    # SmolLM2 perplexity: benchmarks/results/awq_quality.md.
+    search_dtype: str = "auto"
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +217,12 @@ class _ChunkedRunner:
         self.position_embeddings = position_embeddings
         self.batch = max(1, batch_sequences)
 
+    def cast(self, dtype: torch.dtype) -> _ChunkedRunner:
+        """The same runner with its rotary tables in ``dtype`` (for blocks run in that dtype)."""
+        if dtype == self.position_embeddings[0].dtype:
+            return self
+        return _ChunkedRunner(tuple(t.to(dtype) for t in self.position_embeddings), self.batch)
+
     def chunks(self, x: torch.Tensor):
         for start in range(0, x.shape[0], self.batch):
             yield x[start:start + self.batch]
@@ -244,10 +256,44 @@ def _mean_squared_error(runner: _ChunkedRunner, fn, x: torch.Tensor, reference: 
     total = 0.0
     start = 0
     for chunk in runner.chunks(x):
-        out = fn(chunk)
-        total += torch.nn.functional.mse_loss(out, reference[start:start + chunk.shape[0]], reduction="sum").item()
+        out = fn(chunk).float()
+        total += torch.nn.functional.mse_loss(out, reference[start:start + chunk.shape[0]].float(),
+                                              reduction="sum").item()
         start += chunk.shape[0]
     return total / reference.numel()
+
+
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_search_dtype(settings: AWQSettings, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch dtype of the scale searches for ``settings.search_dtype`` on ``device``."""
+    name = settings.search_dtype
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            cpu = torch.cpu
+            native = any(getattr(cpu, probe, lambda: False)()
+                         for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return torch.bfloat16 if native else torch.float32
+    if name not in SEARCH_DTYPES:
+        raise ValueError(f"AWQ search dtype must be auto, float32 or bfloat16, got {name!r}")
+    return SEARCH_DTYPES[name]
+
+
+@contextlib.contextmanager
+def _cast_block(block: nn.Module, dtype: torch.dtype):
+    """Run ``block`` in ``dtype`` for a while (the searches also swap its weights): its float32
+    parameters are put back afterwards, untouched."""
+    saved = [(param, param.data) for param in block.parameters()]
+    for param, data in saved:
+        param.data = data.to(dtype)  # no copy for float32
+    try:
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,26 +302,30 @@ def _mean_squared_error(runner: _ChunkedRunner, fn, x: torch.Tensor, reference: 
 
 
 @torch.no_grad()
-def search_scale(runner, block_fn, linears: list[nn.Linear], x: torch.Tensor, settings: AWQSettings):
-    """Grid-search s = mean|x|**ratio for ``linears`` (all fed by ``x``); returns (scales, info)."""
+def search_scale(runner, block: nn.Module, block_fn, linears: list[nn.Linear], x: torch.Tensor,
+                 settings: AWQSettings, dtype: torch.dtype = torch.float32):
+    """Grid-search s = mean|x|**ratio for ``linears`` (all fed by ``x``, inside ``block``, run by
+    ``block_fn``); returns (scales, info). The block's forwards run in ``dtype`` (the reference output
+    too, so the loss measures quantization only); scales and quantization are computed in float32."""
     # mean |x| per input channel, without materializing |x|
     x_mean = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), ord=1, dim=0) / (x.numel() // x.shape[-1])
-    reference = runner.run(block_fn, x)
-    originals = [m.weight.data.clone() for m in linears]
+    originals = [m.weight.data for m in linears]  # float32; _cast_block puts them back
+    x = x.to(dtype)
     best = (math.inf, 0.0, torch.ones_like(x_mean))
     losses = []
-    for step in range(settings.n_grid):
-        ratio = step / settings.n_grid
-        scales = x_mean.pow(ratio).clamp(min=1e-4)
-        scales = scales / (scales.max() * scales.min()).sqrt()
-        for module, weight in zip(linears, originals, strict=True):
-            module.weight.data = pseudo_quantize(weight * scales, settings.w_bit, settings.group_size) / scales
-        loss = _mean_squared_error(runner, block_fn, x, reference)
-        losses.append(loss)
-        if loss < best[0]:
-            best = (loss, ratio, scales.clone())
-    for module, weight in zip(linears, originals, strict=True):
-        module.weight.data = weight
+    with _cast_block(block, dtype):
+        reference = runner.run(block_fn, x)
+        for step in range(settings.n_grid):
+            ratio = step / settings.n_grid
+            scales = x_mean.pow(ratio).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            for module, weight in zip(linears, originals, strict=True):
+                module.weight.data = (pseudo_quantize(weight * scales, settings.w_bit, settings.group_size)
+                                      / scales).to(dtype)
+            loss = _mean_squared_error(runner, block_fn, x, reference)
+            losses.append(loss)
+            if loss < best[0]:
+                best = (loss, ratio, scales.clone())
     return best[2], {"ratio": best[1], "loss": best[0], "rtn_loss": losses[0]}
 
 
@@ -343,14 +393,17 @@ def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], runner: _Chunke
     info = {}
     x_attn, x_o, x_mlp, x_down = inputs["q"], inputs["o"], inputs["gate"], inputs["down"]
 
-    s_qkv, info["qkv"] = search_scale(runner, runner.attention(attn), [attn.q_proj, attn.k_proj, attn.v_proj],
-                                      x_attn, settings)
+    dtype = resolve_search_dtype(settings, x_attn.device)
+    search = runner.cast(dtype)
+    s_qkv, info["qkv"] = search_scale(search, attn, search.attention(attn), [attn.q_proj, attn.k_proj, attn.v_proj],
+                                      x_attn, settings, dtype)
     # o after v only without GQA: v's output channels must be o's input channels one to one
     scale_o = attn.v_proj.weight.shape == attn.o_proj.weight.shape
     if scale_o:
-        s_o, info["o"] = search_scale(runner, attn.o_proj, [attn.o_proj], x_o, settings)
-    s_mlp, info["gate_up"] = search_scale(runner, mlp, [mlp.gate_proj, mlp.up_proj], x_mlp, settings)
-    s_down, info["down"] = search_scale(runner, mlp.down_proj, [mlp.down_proj], x_down, settings)
+        s_o, info["o"] = search_scale(search, attn.o_proj, attn.o_proj, [attn.o_proj], x_o, settings, dtype)
+    s_mlp, info["gate_up"] = search_scale(search, mlp, mlp, [mlp.gate_proj, mlp.up_proj], x_mlp, settings, dtype)
+    s_down, info["down"] = search_scale(search, mlp.down_proj, mlp.down_proj, [mlp.down_proj], x_down, settings,
+                                        dtype)
 
     # the clip search sees only a token sample: scale that sample, not the whole activation tensor
     x_attn, x_o, x_mlp, x_down = (sample_tokens(x, settings.clip_tokens) for x in (x_attn, x_o, x_mlp, x_down))
@@ -520,6 +573,7 @@ def _quantize_layers(model, calib, settings: AWQSettings, progress: bool, float3
         "group_size": settings.group_size,
         "calib_samples": 0 if calib is None else int(calib.shape[0]),
         "calib_seqlen": 0 if calib is None else int(calib.shape[1]),
+        "search_dtype": str(resolve_search_dtype(settings)).removeprefix("torch.") if use_awq else None,
         "seconds": round(time.perf_counter() - started, 2),
         # process peak RSS before quantizing (model loaded) and after: the difference is the
         # quantizer's own footprint (one layer's activations + the integer codes)

@@ -35,6 +35,7 @@ from vila_edge.builder.awq import (
     load_calibration_text,
     peak_rss_mib,
     quantize_tensor,
+    resolve_search_dtype,
     torch_threads,
 )
 from vila_edge.builder.awq_formats import QuantizedLinear
@@ -180,6 +181,8 @@ def summarize(settings: AWQSettings, calib: torch.Tensor | None, layer_stats: li
         "calib_samples": 0 if calib is None else int(calib.shape[0]),
         "calib_seqlen": 0 if calib is None else int(calib.shape[1]),
         "n_grid": settings.n_grid, "next_inputs": settings.next_inputs, "device": search_device(settings).type,
+        "search_dtype": (str(resolve_search_dtype(settings, search_device(settings))).removeprefix("torch.")
+                         if settings.method == "awq" else None),
         "seconds": round(seconds, 2), "peak_rss_after_mib": peak_rss_mib(), "layers": layer_stats,
     }
     if settings.method == "awq":

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vila_edge.backends.ort_llm import LOGITS_TO_KEEP
 from vila_edge.builder.awq_formats import QuantizedLinear
 from vila_edge.builder.fp8_qdq import FloatLinear, QdqGraph, fuse_float_rows
 
@@ -420,3 +421,68 @@ def write_genai_config(out_dir: Path, spec: DecoderSpec, tokens: dict, filename:
     }
     (Path(out_dir) / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
     return genai
+
+
+# --------------------------------------------------------------------------------------------
+# Logits of the last k positions (speculative decoding)
+# --------------------------------------------------------------------------------------------
+
+
+def add_logits_to_keep(model_path: Path) -> bool:
+    """Rewrite a last-position decoder (Gather(-1) + Unsqueeze before the lm_head, as onnxruntime-genai's
+    builder and our writer make it) to Slice the last ``logits_to_keep`` positions instead.
+
+    ``logits_to_keep`` is an int64 [1] input: 1 computes what the graph computed before (the last
+    position's logits, [batch, 1, vocab]); speculative decoding passes k+1 to read the logits of every
+    position it verifies in one run. A required input, not an initializer-backed default: ONNX Runtime
+    warns on every load about overridable initializers, and only our runtime drives this decoder
+    (``backends.ort_llm`` binds it; onnxruntime-genai cannot run an inputs_embeds decoder anyway).
+    Only ``model.onnx`` is rewritten (its external data is untouched). Returns False when the graph has
+    no such pattern (all-position logits, or another builder's head) or already has the input.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    if any(i.name == LOGITS_TO_KEEP for i in graph.input):
+        return False
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    constants.update({i.name: numpy_helper.to_array(i) for i in graph.initializer if not i.external_data})
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    gather = unsqueeze = None
+    for node in graph.node:
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or axis != 1 or constants.get(node.input[1], np.array(0)).tolist() != -1:
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Unsqueeze" and constants.get(users[0].input[1], np.array(0)).tolist() == [1]:
+            gather, unsqueeze = node, users[0]
+            break
+    if gather is None:
+        return False
+    base = "/lm_head/logits_to_keep"
+    neg = helper.make_node("Neg", [LOGITS_TO_KEEP], [f"{base}/Neg/output_0"], name=f"{base}/Neg")
+    ends = helper.make_node("Constant", [], [f"{base}/ends"], name=f"{base}/ends",
+                            value=numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64)))
+    axes = helper.make_node("Constant", [], [f"{base}/axes"], name=f"{base}/axes",
+                            value=numpy_helper.from_array(np.array([1], np.int64)))
+    slice_ = helper.make_node("Slice", [gather.input[0], neg.output[0], ends.output[0], axes.output[0]],
+                              [unsqueeze.output[0]], name=f"{base}/Slice")
+    position = list(graph.node).index(gather)
+    kept = [n for n in graph.node if n is not gather and n is not unsqueeze]
+    nodes = kept[:position] + [neg, ends, axes, slice_] + kept[position:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
+    for output in graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value == 1:
+            dims[1].Clear()
+            dims[1].dim_param = "logits_positions"
+    onnx.save_model(model, str(model_path))
+    return True

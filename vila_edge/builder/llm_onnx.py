@@ -443,6 +443,10 @@ def build_llm_onnx(
                 calib_path=calib_path, calib_samples=calib_samples, calib_seqlen=calib_seqlen, progress=progress,
                 quantize_threads=quantize_threads, prequantized=prequantized)
 
+        from vila_edge.builder.decoder_onnx import add_logits_to_keep
+
+        # speculative decoding reads the logits of the k+1 positions it verifies (default: the last one)
+        logits_to_keep = bool(prune_lm_head) and add_logits_to_keep(out_dir / DECODER_FILENAME)
         genai_path = out_dir / "genai_config.json"
         genai = json.loads(genai_path.read_text())
         session = genai["model"]["decoder"].setdefault("session_options", {})
@@ -474,6 +478,7 @@ def build_llm_onnx(
                 "present_value": decoder["outputs"].get("present_value_names"),
             },
             "logits_last_position_only": bool(prune_lm_head),
+            "logits_to_keep_input": "logits_to_keep" if logits_to_keep else None,
             "past_present_share_buffer": bool(genai["search"].get("past_present_share_buffer", False)),
             "context_length": int(genai["model"]["context_length"]),
             "num_layers": int(decoder["num_hidden_layers"]),

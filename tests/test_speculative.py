@@ -1,0 +1,159 @@
+"""Speculative decoding by prompt lookup: the decoder's logits_to_keep input, the drafter, and the loop's
+exactness (the same tokens as plain greedy decoding, the same KV cache after every token)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest_runtime import runtime_engine  # noqa: F401  (session fixture shared by the runtime tests)
+
+from vila_edge.generate import (
+    DraftStats,
+    PromptLookup,
+    SamplingParams,
+    decode_one_token,
+    generate_tokens,
+    speculative_tokens,
+)
+
+pytest.importorskip("torch")
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    draft = PromptLookup(num_draft=3, max_ngram=3, min_ngram=2)
+    assert draft([1, 2, 3, 4, 5, 6, 9, 2, 3]) == [4, 5, 6]  # 2-gram [2, 3] after 3-gram [9, 2, 3] misses
+    assert draft([1, 2, 3, 7, 1, 2, 3, 8, 1, 2, 3]) == [8, 1, 2]  # the latest occurrence wins
+    assert draft([1, 2, 3, 4, 1, 2], limit=1) == [3]
+    assert draft([5, 6, 7, 8]) == []  # no repeat: no draft
+    assert draft([1, 2, 9, 2]) == []  # a 1-gram match is below min_ngram
+    assert PromptLookup(num_draft=2, min_ngram=1)([1, 2, 9, 2]) == [9, 2]
+    assert draft([1, 2, 1, 2]) == [1, 2]  # a match may run into the tail itself
+    with pytest.raises(ValueError):
+        PromptLookup(min_ngram=3, max_ngram=2)
+
+
+def test_add_logits_to_keep_on_a_last_position_graph(tmp_path):
+    """The rewrite of a builder-style last-position head: logits_to_keep=1 gives the same logits, k the last k
+    positions, equal to an unpruned head; a second rewrite is a no-op."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vila_edge.builder.decoder_onnx import add_logits_to_keep
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 11)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["m1"], value=numpy_helper.from_array(np.array(-1, np.int64))),
+        helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array([1], np.int64))),
+        helper.make_node("Gather", ["x", "m1"], ["g"], name="/lm_head/prune/Gather", axis=1),
+        helper.make_node("Unsqueeze", ["g", "one"], ["u"], name="/lm_head/prune/Unsqueeze"),
+        helper.make_node("MatMul", ["u", "w"], ["logits"], name="/lm_head/MatMul"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 1, 11])],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    x = rng.standard_normal((1, 5, 8)).astype(np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    assert add_logits_to_keep(path) is True
+    assert add_logits_to_keep(path) is False
+    session = ort.InferenceSession(str(path))
+    assert "logits_to_keep" in [i.name for i in session.get_inputs()]
+    np.testing.assert_array_equal(session.run(None, {"x": x, "logits_to_keep": np.array([1], np.int64)})[0], before)
+    three = session.run(None, {"x": x, "logits_to_keep": np.array([3], np.int64)})[0]
+    np.testing.assert_allclose(three[0], x[0, -3:] @ weight, rtol=1e-5, atol=1e-5)
+
+
+def _engine(runtime_engine):  # noqa: F811
+    from vila_edge.backends.ort_llm import OrtLLMEngine
+
+    return OrtLLMEngine(runtime_engine("nvila") / "llm", threads=1)
+
+
+def test_built_decoder_forward_all_equals_one_position_at_a_time(runtime_engine):  # noqa: F811
+    """A built decoder has the logits_to_keep input: forward_all's rows are the logits forward gives one
+    position at a time (tolerance: float32 reassociation between a 1-row and a 6-row run)."""
+    a, b = _engine(runtime_engine), _engine(runtime_engine)
+    assert a.can_forward_all and a.keep_input == "logits_to_keep"
+    prompt = a.embed(list(range(3, 20)))
+    np.testing.assert_array_equal(a.forward(prompt), b.forward(prompt))
+    ids = [5, 9, 13, 2, 7, 11]
+    rows = a.forward_all(ids, a.embed(ids))
+    assert rows.shape == (6, a.vocab_size) and a.length == b.length + 6
+    one_by_one = np.stack([b.forward(b.embed([i])) for i in ids])
+    np.testing.assert_allclose(rows, one_by_one, rtol=0, atol=1e-4)
+    a.truncate(b.length - 3)  # roll back three positions, then decode the same: the cache is right
+    b.truncate(b.length - 3)
+    np.testing.assert_allclose(a.forward(a.embed([4])), b.forward(b.embed([4])), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_speculative_loop_yields_the_greedy_tokens_with_the_same_cache(runtime_engine, penalty):  # noqa: F811
+    """On a prompt that repeats itself, prompt lookup drafts, some drafts are accepted and some rejected,
+    and every yielded token, finish and cache length equals plain greedy decoding's."""
+    from vila_edge.generate import Sampler
+
+    params = SamplingParams(repetition_penalty=penalty)
+    prompt_ids = [7, 8, 9, 10, 11, 12] * 4 + [7, 8, 9]
+    plain, spec = _engine(runtime_engine), _engine(runtime_engine)
+    runs = {}
+    stats = DraftStats()
+    for name, eng in (("plain", plain), ("spec", spec)):
+        logits = eng.forward(eng.embed(prompt_ids))
+        sampler = Sampler(params, eng.vocab_size)
+        if name == "plain":
+            loop = generate_tokens(logits, lambda t, e=eng: decode_one_token(e, t), sampler, max_new_tokens=40)
+        else:
+            loop = speculative_tokens(logits, eng, sampler, PromptLookup(4, min_ngram=1), prompt_ids,
+                                      max_new_tokens=40, stats=stats)
+        runs[name] = [(token, finish, eng.length) for token, finish in loop]
+    assert [r[:2] for r in runs["spec"]] == [r[:2] for r in runs["plain"]]
+    # the cache runs ahead while drafts are confirmed, by at most the drafts; at the end it is the same
+    assert all(0 <= s[2] - p[2] <= 4 for s, p in zip(runs["spec"], runs["plain"], strict=True))
+    assert runs["spec"][-1][2] == runs["plain"][-1][2] == plain.length == spec.length
+    assert stats.accepted > 0 and stats.drafted > stats.accepted  # both paths of the loop ran
+    assert stats.steps < 39  # fewer decoder runs than tokens after the first
+
+
+def test_speculative_loop_closed_early_leaves_the_plain_cache(runtime_engine):  # noqa: F811
+    from vila_edge.generate import Sampler
+
+    prompt_ids = [7, 8, 9, 10] * 6
+    eng = _engine(runtime_engine)
+    start = eng.length + len(prompt_ids)
+    loop = speculative_tokens(eng.forward(eng.embed(prompt_ids)), eng, Sampler(SamplingParams(), eng.vocab_size),
+                              PromptLookup(6, min_ngram=1), prompt_ids, max_new_tokens=50)
+    for k, _ in enumerate(loop, 1):
+        if k == 5:
+            break
+    loop.close()
+    assert eng.length == start + 4  # the prompt and every token but the last, as generate_tokens leaves it
+
+
+def test_pipeline_prompt_lookup_answer_equals_greedy_answer(runtime_engine):  # noqa: F811
+    """Through the runtime (chat conversation, two turns): the same answers with prompt lookup on, and the
+    drafts are counted in the timings."""
+    import vila_edge
+
+    pipe = vila_edge.load(runtime_engine("nvila"), device="cpu", threads=1)
+    text = "Repeat after me: the red fox jumps over the red fox jumps over the red fox."
+    answers = {}
+    for lookup in (0, 4):
+        chat = pipe.chat()
+        first = chat.ask(text, max_new_tokens=24, prompt_lookup=lookup)
+        second = chat.ask("Again: the red fox jumps over", max_new_tokens=16, prompt_lookup=lookup)
+        answers[lookup] = [(r.token_ids, r.finish_reason) for r in (first, second)]
+        if lookup:
+            assert first.timings.drafted_tokens + second.timings.drafted_tokens > 0
+    assert answers[4] == answers[0]
+
+
+def test_prompt_lookup_param_is_checked():
+    from vila_edge.errors import VilaEdgeError
+
+    with pytest.raises(VilaEdgeError, match="prompt_lookup"):
+        SamplingParams(prompt_lookup=-1)
+    with pytest.raises(VilaEdgeError, match="prompt_lookup"):
+        SamplingParams(prompt_lookup=99)
