@@ -157,3 +157,19 @@ def test_prompt_lookup_param_is_checked():
         SamplingParams(prompt_lookup=-1)
     with pytest.raises(VilaEdgeError, match="prompt_lookup"):
         SamplingParams(prompt_lookup=99)
+
+
+def test_chat_cli_prompt_lookup(runtime_engine):  # noqa: F811
+    """`chat --prompt-lookup N` answers like plain greedy on the fp32 tiny engine; an out-of-range N is one
+    usage line, exit 2."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vila_edge.cli", "chat", str(runtime_engine("nvila")), "--prompt",
+           "the fox the fox the fox", "--threads", "1", "--max-new-tokens", "20"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lookup = subprocess.run(cmd + ["--prompt-lookup", "4"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and lookup.returncode == 0, lookup.stderr
+    assert lookup.stdout == plain.stdout
+    bad = subprocess.run(cmd + ["--prompt-lookup", "99"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "prompt-lookup" in bad.stderr

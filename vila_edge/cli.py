@@ -291,6 +291,10 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, help="HF-style repetition penalty (1 = off)."),
     seed: int | None = typer.Option(None, help="Sampling seed."),
     stop: list[str] = typer.Option(None, "--stop", help="Extra stop string (repeatable)."),
+    prompt_lookup: int = typer.Option(0, "--prompt-lookup", min=0, max=16, help="Speculative decoding: draft up "
+                                      "to N tokens per step from the conversation's earlier text and verify them "
+                                      "in one run (greedy only; 0 = off). Pays off when answers quote the prompt "
+                                      "or earlier answers (benchmarks/results/speculative_decode.md)."),
     json_schema: Path | None = typer.Option(None, "--json-schema", help="Answers are JSON valid against this JSON "
                                             "schema file (enforced while decoding)."),
     json_object: bool = typer.Option(False, "--json-object", help="Answers are a JSON object (any keys)."),
@@ -315,7 +319,7 @@ def chat(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
-                            json_schema=cli_schema(json_schema, json_object))
+                            json_schema=cli_schema(json_schema, json_object), prompt_lookup=prompt_lookup)
     src = _checkpoint(engines)
     if src.hub and engine_dir is None:
         engine_dir = Path("engines") / src.name

@@ -54,9 +54,11 @@ class SamplingParams:
     # canonical text); None: free text
     json_schema: str | None = None
     # speculative decoding by prompt lookup: draft up to this many tokens per step from earlier text of the
-    # conversation (PromptLookup) and verify them in one decoder run; 0: off. Greedy only (the answer is the
-    # plain greedy answer, token for token); ignored with sampling, a JSON schema, or an engine without
-    # multi-position logits.
+    # conversation (PromptLookup) and verify them in one decoder run; 0: off. Greedy only: the answer is the
+    # greedy answer of the verification runs' logits (an fp32 decoder: the plain answer, token for token; an
+    # int4 CPU decoder computes a several-position run with ONNX Runtime's multi-row int8 kernel and a step
+    # with its one-row kernel, logits up to ~2% apart, so answers can part at a near-tie). Ignored with
+    # sampling, a JSON schema, or an engine without multi-position logits.
     prompt_lookup: int = 0
 
     def __post_init__(self):
@@ -388,6 +390,9 @@ class DraftStats:
     drafted: int = 0
     accepted: int = 0
     tokens: int = 0  # tokens generated
+    # per decoder run after the first token: [tokens drafted, of which accepted] ([0, 0]: a plain step);
+    # benchmarks replay it at other model sizes (benchmarks/speculative_decode.py)
+    trace: list[list[int]] = field(default_factory=list)
 
     @property
     def acceptance(self) -> float:
@@ -428,6 +433,7 @@ def speculative_tokens(logits, llm, pick: Pick, draft: Callable[..., list[int]],
             if drafts and drafts[0] == token:  # a right draft: already in the cache, its row computed
                 drafts.pop(0)
                 stats.accepted += 1
+                stats.trace[-1][1] += 1
             else:
                 drafts, rows = [], []
                 if llm.length > start + len(generated) - 1:
@@ -452,6 +458,7 @@ def speculative_tokens(logits, llm, pick: Pick, draft: Callable[..., list[int]],
             limit = min(max_new_tokens - len(generated) - 1, room - 1)
             drafts = draft(history + generated, limit) if limit > 0 else []
             stats.steps += 1
+            stats.trace.append([len(drafts), 0])
             if drafts:
                 stats.verifications += 1
                 stats.drafted += len(drafts)

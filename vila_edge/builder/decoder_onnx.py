@@ -478,6 +478,12 @@ def add_logits_to_keep(model_path: Path) -> bool:
     nodes = kept[:position] + [neg, ends, axes, slice_] + kept[position:]
     del graph.node[:]
     graph.node.extend(nodes)
+    # shapes recorded for the old head (genai's builder writes value_info: [batch, 1, hidden]) would pin
+    # the positions axis to 1 again
+    stale = {gather.output[0], unsqueeze.output[0]}
+    infos = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
     for output in graph.output:
         dims = output.type.tensor_type.shape.dim
