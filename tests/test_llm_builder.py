@@ -61,6 +61,8 @@ def ort_greedy(decoder_dir: Path, info: dict, prompt: list[int], steps: int):
     ids, new, logits_per_step, tokens = list(prompt), list(prompt), [], []
     for _ in range(steps):
         feeds = {"inputs_embeds": embed[new][None], "attention_mask": np.ones((1, len(ids)), np.int64), **past}
+        if info.get("logits_to_keep_input"):  # builder decoders slice the last k positions' logits
+            feeds[info["logits_to_keep_input"]] = np.array([1], np.int64)
         outputs = dict(zip(names, session.run(None, feeds), strict=True))
         logits = outputs["logits"][0, -1]
         token = int(np.argmax(logits))

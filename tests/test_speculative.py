@@ -44,7 +44,6 @@ def test_add_logits_to_keep_on_a_last_position_graph(tmp_path):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((8, 11)).astype(np.float32)
     nodes = [
-        helper.make_node("Constant", [], ["m1"], value=numpy_helper.from_array(np.array(-1, np.int64))),
         helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array([1], np.int64))),
         helper.make_node("Gather", ["x", "m1"], ["g"], name="/lm_head/prune/Gather", axis=1),
         helper.make_node("Unsqueeze", ["g", "one"], ["u"], name="/lm_head/prune/Unsqueeze"),
@@ -52,13 +51,20 @@ def test_add_logits_to_keep_on_a_last_position_graph(tmp_path):
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 1, 11])],
-                              initializer=[numpy_helper.from_array(weight, "w")])
+                              # genai's builder keeps the index as an initializer, the axes as a Constant
+                              initializer=[numpy_helper.from_array(weight, "w"),
+                                           numpy_helper.from_array(np.array(-1, np.int64), "m1")])
     path = tmp_path / "model.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
     x = rng.standard_normal((1, 5, 8)).astype(np.float32)
     before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
     assert add_logits_to_keep(path) is True
     assert add_logits_to_keep(path) is False
+    rewritten = onnx.load(str(path))
+    # nothing the old head read is left behind (ONNX Runtime warns on stderr about each orphan at every load)
+    assert [i.name for i in rewritten.graph.initializer] == ["w"]
+    assert [n.op_type for n in rewritten.graph.node if n.op_type in ("Gather", "Unsqueeze")] == []
+    assert not [n for n in rewritten.graph.node if n.op_type == "Constant" and n.output[0] in ("m1", "one")]
     session = ort.InferenceSession(str(path))
     assert "logits_to_keep" in [i.name for i in session.get_inputs()]
     np.testing.assert_array_equal(session.run(None, {"x": x, "logits_to_keep": np.array([1], np.int64)})[0], before)

@@ -484,6 +484,14 @@ def add_logits_to_keep(model_path: Path) -> bool:
     infos = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
     graph.value_info.extend(infos)
+    # the Gather's index (-1) and the Unsqueeze's axes are initializers or Constants only they may have read:
+    # drop orphans, else ONNX Runtime warns about each on every load (a stderr line before the CLI's one error)
+    old_operands = {*gather.input[1:], *unsqueeze.input[1:]}
+    used = {name for node in graph.node for name in node.input}
+    for initializer in [i for i in graph.initializer if i.name in old_operands and i.name not in used]:
+        graph.initializer.remove(initializer)
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in old_operands - used]:
+        graph.node.remove(node)
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
     for output in graph.output:
         dims = output.type.tensor_type.shape.dim
