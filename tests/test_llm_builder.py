@@ -57,7 +57,7 @@ def ort_greedy(decoder_dir: Path, info: dict, prompt: list[int], steps: int):
     for layer in range(info["num_layers"]):
         for kind in ("key", "value"):
             past[info["inputs"][f"past_{kind}"] % layer] = np.zeros(
-                (1, info["num_kv_heads"], 0, info["head_dim"]), np.float32)
+                (1, info["num_kv_heads"], 0, info["head_dim"]), info.get("kv_dtype", "float32"))
     ids, new, logits_per_step, tokens = list(prompt), list(prompt), [], []
     for _ in range(steps):
         feeds = {"inputs_embeds": embed[new][None], "attention_mask": np.ones((1, len(ids)), np.int64), **past}
@@ -149,6 +149,42 @@ def test_int4_decoder_matches_dequantized_pytorch(tmp_path, tiny_llm, family, qu
     if quant != "builder":  # (the builder's own codes exist only in the graph: nothing independent to compare)
         assert_graph_weights_match(out, oracle)
     assert_parity(out, info, oracle, prompt=[5, 17, 99, 250, 3, 42, 7])
+
+
+def test_fp16_kv_cache_decoder(tmp_path, tiny_llm):
+    """kv_dtype="float16": past/present and GroupQueryAttention in fp16 (two Casts a layer), the same
+    quantized weights as the fp32-cache build. Tolerance vs the float oracle on those weights: 2e-3 relative
+    logits (K and V rounded to fp16 carry ~5e-4 relative error into attention; the fp32 cache stays under
+    1e-3, assert_parity) and the same 16 greedy tokens; the runtime engine runs it with an fp16 cache."""
+    from vila_edge.backends.ort_llm import OrtLLMEngine
+
+    llm = tiny_llm("qwen2")
+    common = dict(precision="int4", quant="rtn", group_size=64, accuracy_level=1, progress=False)
+    info = build_llm_onnx(llm, tmp_path / "fp16kv", kv_dtype="float16", awq_dir=tmp_path / "awq", **common)
+    info32 = build_llm_onnx(llm, tmp_path / "fp32kv", **common)
+    assert info["kv_dtype"] == "float16" and info["io_dtype"] == "float32" and info32["kv_dtype"] == "float32"
+    graph, graph32 = dequantized_weights(tmp_path / "fp16kv"), dequantized_weights(tmp_path / "fp32kv")
+    assert graph.keys() == graph32.keys()
+    for name in graph:
+        np.testing.assert_array_equal(graph[name], graph32[name], err_msg=name)
+    oracle = reference_model(tmp_path / "awq", info, decoder_dir=tmp_path / "fp16kv")
+    embed = np.load(tmp_path / "fp16kv" / info["files"]["embed_tokens"])
+    prompt = [5, 17, 99, 250, 3, 42, 7]
+    tokens, logits = ort_greedy(tmp_path / "fp16kv", info, prompt, PARITY_STEPS)
+    tokens32, logits32 = ort_greedy(tmp_path / "fp32kv", info32, prompt, PARITY_STEPS)
+    ref_tokens, ref_logits = torch_greedy(oracle, embed, prompt, PARITY_STEPS)
+    relative = np.abs(logits - ref_logits).max(axis=1) / np.abs(ref_logits).max(axis=1)
+    assert relative.max() <= 2e-3, relative
+    assert tokens == ref_tokens == tokens32
+    assert not np.array_equal(logits, logits32)  # the cache really is fp16
+    engine = OrtLLMEngine(tmp_path / "fp16kv", threads=1, max_context=64)
+    assert engine.kv_dtype == np.float16
+    first = engine.forward(engine.embed(prompt))
+    np.testing.assert_allclose(first, logits[0], rtol=0, atol=1e-5 * np.abs(logits[0]).max())
+    with pytest.raises(ValueError, match="kv_dtype"):
+        build_llm_onnx(llm, tmp_path / "bad", kv_dtype="bfloat16", **common)
+    with pytest.raises(ValueError, match="onnxruntime-genai"):
+        build_llm_onnx(llm, tmp_path / "bad", kv_dtype="float16", **{**common, "quant": "builder"})
 
 
 def test_prequantized_autoawq_folder_builds_as_is(tmp_path, tiny_llm):
@@ -401,3 +437,15 @@ def test_build_options_awq_calibration():
             BuildOptions(awq_calib=bad).validate()
     with pytest.raises(VilaEdgeError, match="--awq-grid"):
         BuildOptions(awq_grid=0).validate()
+
+
+def test_build_options_kv_dtype():
+    from vila_edge.builder.build import BuildOptions
+    from vila_edge.errors import VilaEdgeError
+
+    assert BuildOptions(kv_dtype="float16", llm_quant="rtn").validate().kv_dtype == "float16"
+    assert BuildOptions(kv_dtype="float16", llm_precision="fp8").validate().kv_dtype == "float16"
+    with pytest.raises(VilaEdgeError, match="--kv-dtype 'bfloat16' is not one of"):
+        BuildOptions(kv_dtype="bfloat16").validate()
+    with pytest.raises(VilaEdgeError, match="--kv-dtype float16 needs --llm-precision int4"):
+        BuildOptions(kv_dtype="float16", llm_precision="int8").validate()

@@ -71,6 +71,7 @@ class BuildOptions:
     torch_weights: bool = False  # also write the torch backend's weights (builder/torch_weights.py)
     projector_precision: str | None = None  # None: as `precision`; "fp8": FP8 QDQ projector (builder/fp8_qdq.py)
     fp8_format: str | None = None  # e4m3 (default) | e5m2, for the fp8 LLM and/or projector
+    kv_dtype: str = "float32"  # LLM KV cache: float32 | float16 (our decoder writer: int4 awq/rtn, fp8)
 
     def validate(self) -> BuildOptions:
         def one_of(name, value, allowed):
@@ -87,6 +88,11 @@ class BuildOptions:
             raise VilaEdgeError(f"--group-size {self.group_size} is not one of: 32, 64, 128, 256")
         self.awq_calibration()
         self._check_fp8()
+        one_of("kv_dtype", self.kv_dtype, ("float32", "float16"))
+        written_by_us = self.llm_precision == "fp8" or (self.llm_precision == "int4" and self.llm_quant in ("awq", "rtn"))
+        if self.kv_dtype != "float32" and not self.skip_llm and not written_by_us:
+            raise VilaEdgeError(f"--kv-dtype {self.kv_dtype} needs --llm-precision int4 (--llm-quant awq or rtn) or "
+                                f"fp8; the {self.llm_precision} {self.llm_quant} decoder keeps an fp32 KV cache")
         if self.awq_grid < 1:
             raise VilaEdgeError(f"--awq-grid {self.awq_grid} must be at least 1")
         if not self.trt_workspace_gb > 0:
@@ -506,7 +512,7 @@ def _build_llm(ckpt, tmp: Path, options: BuildOptions, threads: int | None, rep:
         info = build_llm_onnx(src, out, precision=options.llm_precision, quant=options.llm_quant,
                               group_size=options.group_size, calib_path=None, threads=threads, progress=rep.enabled,
                               calib_samples=samples, calib_seqlen=seqlen, awq_grid=options.awq_grid,
-                              fp8_format=options.fp8)
+                              fp8_format=options.fp8, kv_dtype=options.kv_dtype)
     return _relativize(dict(info or {}), out)
 
 

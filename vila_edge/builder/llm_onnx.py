@@ -346,6 +346,8 @@ def _describe_onnx(path: Path) -> dict:
         "matmulnbits": {"count": len(nbits), "accuracy_levels": levels, "block_sizes": blocks, "bits": bits},
         "lm_head_op": head_nodes,
         "io_dtype": onnx.helper.tensor_dtype_to_np_dtype(io_type.get("inputs_embeds", 1)).name,
+        "kv_dtype": onnx.helper.tensor_dtype_to_np_dtype(
+            next((t for name, t in io_type.items() if name.startswith("past_key_values.")), 1)).name,
     }
 
 
@@ -371,6 +373,7 @@ def build_llm_onnx(
     awq_settings=None,
     fp8_format: str = "e4m3",
     fp8_activations: str = "dynamic",
+    kv_dtype: str = "float32",
 ) -> dict:
     """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
 
@@ -406,6 +409,10 @@ def build_llm_onnx(
         raise ValueError(f"lm_head must be one of {LM_HEAD_PRECISIONS}, got {lm_head!r}")
     if writer not in ("stream", "genai"):
         raise ValueError(f"writer must be 'stream' or 'genai', got {writer!r}")
+    from vila_edge.builder.decoder_onnx import KV_DTYPES
+
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     from vila_edge.builder.awq import AWQSettings
     from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint
 
@@ -420,6 +427,11 @@ def build_llm_onnx(
             raise ValueError(f"fp8_activations must be one of {ACTIVATION_MODES}, got {fp8_activations!r}")
     if prequantized and precision != "int4":
         raise ValueError(f"{llm_dir} holds AWQ int4 weights; build it with precision='int4' (got {precision!r})")
+    streamed = precision == "fp8" or (writer == "stream" and precision == "int4"
+                                      and (prequantized or quant in ("awq", "rtn")))
+    if kv_dtype != "float32" and not streamed:
+        raise ValueError(f"kv_dtype={kv_dtype!r} needs our decoder writer (int4 AWQ/RTN or fp8, writer='stream'); "
+                         f"onnxruntime-genai's CPU builds keep an fp32 cache")
     threads = threads or default_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".llm-build-", dir=out_dir))
@@ -428,12 +440,12 @@ def build_llm_onnx(
         if precision == "fp8":
             embed_dtype, awq_stats = _build_fp8(llm_dir, out_dir, info, fmt=fp8_format, activations=fp8_activations,
                                                 lm_head=lm_head, group_size=group_size, accuracy_level=accuracy_level,
-                                                prune_lm_head=prune_lm_head, threads=threads)
-        elif writer == "stream" and precision == "int4" and (prequantized or quant in ("awq", "rtn")):
+                                                prune_lm_head=prune_lm_head, threads=threads, kv_dtype=kv_dtype)
+        elif streamed:
             embed_dtype, awq_stats = _build_streamed(
                 llm_dir, out_dir, info, quant=quant, group_size=group_size, lm_head=lm_head,
                 accuracy_level=accuracy_level, prune_lm_head=prune_lm_head, threads=threads, awq_dir=awq_dir,
-                calib_path=calib_path, progress=progress, settings=awq_settings or AWQSettings(
+                calib_path=calib_path, kv_dtype=kv_dtype, progress=progress, settings=awq_settings or AWQSettings(
                     w_bit=4, group_size=group_size, method=quant, calib_samples=calib_samples,
                     calib_seqlen=calib_seqlen, threads=quantize_threads, n_grid=awq_grid))
         else:
@@ -489,7 +501,7 @@ def build_llm_onnx(
             "vocab_size": int(genai["model"]["vocab_size"]),
             "embed_dtype": embed_dtype,
             "io_dtype": described["io_dtype"],
-            "kv_dtype": described["io_dtype"],
+            "kv_dtype": described["kv_dtype"],
             "threads": int(threads),
             "accuracy_level": accuracy_level,
             "matmulnbits": described["matmulnbits"],

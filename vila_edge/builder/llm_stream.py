@@ -63,7 +63,7 @@ def build_int4_decoder(
     lm_head: str = "int8", accuracy_level: int = 4, prune_lm_head: bool = True, threads: int = 1,
     awq_dir: Path | str | None = None, calib_path: Path | str | None = None, settings: AWQSettings | None = None,
     progress: bool = True, filename: str = "model.onnx", embed_filename: str = "embed_tokens.npy",
-    pt_file: Path | None = None,
+    pt_file: Path | None = None, kv_dtype: str = "float32",
 ) -> dict:
     """Write ``filename`` (+ ``.data``), ``genai_config.json`` and the embedding table into ``out_dir``.
 
@@ -76,7 +76,8 @@ def build_int4_decoder(
     llm_dir, out_dir = Path(llm_dir), Path(out_dir)
     large_blocks_from_mmap()
     config = AutoConfig.from_pretrained(str(llm_dir)).to_dict()  # with the model type's defaults filled in
-    spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head)
+    spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head,
+                                   kv_dtype=kv_dtype)
     started = time.perf_counter()
     reader = SafetensorsReader(llm_dir) if source != "tinychat-v2" else TorchFileReader(pt_file)
     facts: dict = {}
@@ -125,7 +126,7 @@ def _finish_decoder_dir(llm_dir: Path, out_dir: Path, spec, config: dict, filena
 def build_fp8_decoder(
     llm_dir: Path | str, out_dir: Path | str, *, fmt: str, activations: str = "dynamic", lm_head: str = "int8",
     group_size: int = 128, accuracy_level: int = 4, prune_lm_head: bool = True, threads: int = 1,
-    filename: str = "model.onnx", embed_filename: str = "embed_tokens.npy",
+    filename: str = "model.onnx", embed_filename: str = "embed_tokens.npy", kv_dtype: str = "float32",
 ) -> dict:
     """The FP8 decoder (``fp8_qdq``: 128x128 weight blocks, ``activations`` ``dynamic`` 1x128 per token or
     ``none``) from a float HF folder, one layer at a time, like ``build_int4_decoder``. The lm_head is
@@ -136,7 +137,8 @@ def build_fp8_decoder(
     llm_dir, out_dir = Path(llm_dir), Path(out_dir)
     large_blocks_from_mmap()
     config = AutoConfig.from_pretrained(str(llm_dir)).to_dict()
-    spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head)
+    spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head,
+                                   kv_dtype=kv_dtype)
     reader = SafetensorsReader(llm_dir)
     try:
         writer = DecoderWriter(out_dir, spec, filename, fp8=fmt, fp8_activations=activations)
