@@ -125,6 +125,20 @@ def test_fp16_weights_and_precisions():
         plan("nvila-lite-2b", NANO, llm_precision="int3")
 
 
+def test_kv_dtype_as_built():
+    """CPU int4 builds keep an fp32 cache by default; `build --kv-dtype float16` halves it (28 layers x 2 x 2 KV
+    heads x 128 x 2 bytes = 28,672 B/position at fp16 for NVILA-Lite-2B's Qwen2-1.5B)."""
+    default = plan("nvila-lite-2b", "cpu-laptop", max_context=4096)
+    half = plan("nvila-lite-2b", "cpu-laptop", max_context=4096, kv_dtype="float16")
+    assert default.detail["kv_bytes_per_position"] == 2 * 28_672
+    assert half.detail["kv_bytes_per_position"] == 28_672 and half.memory["kv_cache"] == 28_672 * 4096
+    assert half.memory["total"] == default.memory["total"] - 28_672 * 4096
+    assert half.predicted["decode_tok_s_max_context"] > default.predicted["decode_tok_s_max_context"]
+    assert plan("nvila-lite-2b", NANO, kv_dtype="float32").detail["kv_bytes_per_position"] == 2 * 28_672
+    with pytest.raises(VilaEdgeError, match="kv dtype"):
+        plan("nvila-lite-2b", NANO, kv_dtype="int8")
+
+
 def test_check_plan_fits_names_the_knob():
     assert check_plan_fits("nvila-lite-2b", NANO, 4096, 12).fits
     # fp16 VILA1.5-3b needs ~7.7 GiB on an 8 GB Nano: int4 is the knob

@@ -91,6 +91,8 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     backend: str = typer.Option("native", help="native (TensorRT / ONNX Runtime) | torch (the PyTorch backend's "
                                 "efficiencies, estimates until measured)."),
+    kv_dtype: str | None = typer.Option(None, "--kv-dtype", help="KV cache as built (`build --kv-dtype`): float16 | "
+                                        "float32 (default: a default build's, fp32 for int4/int8 on CPUs)."),
 ):
     """Memory budget and predicted speed of a model on a device; exits 2 with one line if it does not fit."""
     from vila_edge.catalog import find_known
@@ -102,7 +104,7 @@ def plan(
     known = find_known(hub.repo) if hub else None
     target = known.preset.config() if known else (_checkpoint(model).path if hub else model)
     p = make_plan(target, device, max_context=max_context, max_tiles=max_tiles, llm_precision=llm_precision,
-                  vision_precision=vision_precision, single_scale=single_scale, backend=backend)
+                  vision_precision=vision_precision, single_scale=single_scale, backend=backend, kv_dtype=kv_dtype)
     if hub:
         p.model = hub.name
     if as_json:

@@ -264,10 +264,12 @@ def int8_matmul_speedup(dev: DeviceProfile, int8: bool) -> float:
     return CPU_INT8_MATMUL_SPEEDUP if int8 and dev.kind == "cpu" else 1.0
 
 
-def kv_bytes_per_position(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str) -> int:
-    """KV cache bytes per position: fp16, but fp32 where the runtime keeps it so: fp32 models, and int4 / int8
-    builds for CPUs (ONNX Runtime GenAI's builder gives quantized CPU models fp32 I/O and KV; the committed
-    real-size engines record llm.kv_dtype float32)."""
+def kv_bytes_per_position(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, kv_dtype: str | None = None) -> int:
+    """KV cache bytes per position. ``kv_dtype`` None: what a default build keeps: fp16, but fp32 for fp32 models
+    and for int4 / int8 builds for CPUs (their decoders have fp32 I/O and KV; the committed real-size engines
+    record llm.kv_dtype float32); "float16" / "float32": as built (`vila-edge build --kv-dtype`)."""
+    if kv_dtype is not None:
+        return cfg.llm.kv_bytes_per_token_fp16 * (2 if kv_dtype == "float32" else 1)
     wide = llm_precision == "fp32" or (dev.kind == "cpu" and llm_precision in ("int4", "int8"))
     return cfg.llm.kv_bytes_per_token_fp16 * (2 if wide else 1)
 
@@ -308,6 +310,7 @@ class Plan:
     problems: list[str] = field(default_factory=list)  # why it does not fit (empty: fits)
     fixes: list[str] = field(default_factory=list)  # knob settings that would make it fit
     bigger_devices: list[str] = field(default_factory=list)  # profiles it fits on when no knob helps
+    kv_dtype: str | None = None  # as asked (None: a default build's cache, see kv_bytes_per_position)
 
     @property
     def fits(self) -> bool:
@@ -357,14 +360,15 @@ def projector_bytes_per_param(dev: DeviceProfile, vision_precision: str) -> int:
 
 
 def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_precision: str, max_context: int,
-            max_tiles: int, single_scale: bool, lm_head_bits: float | None = None) -> tuple[dict, dict, int, int]:
+            max_tiles: int, single_scale: bool, lm_head_bits: float | None = None, kv_dtype: str | None = None
+            ) -> tuple[dict, dict, int, int]:
     m, v = cfg.llm, cfg.vision
     w = llm_weight_bytes(cfg, llm_precision, lm_head_bits)
     vp = vision_params(cfg)
     vbytes = _bits(vision_precision) / 8
     pbytes = projector_bytes_per_param(dev, vision_precision)
     vision_engine = math.ceil(vp["tower"] * vbytes) + pbytes * vp["projector"]
-    kvp = kv_bytes_per_position(cfg, dev, llm_precision)
+    kvp = kv_bytes_per_position(cfg, dev, llm_precision, kv_dtype)
     kv = kvp * max_context
     tiles, positions = max_image(cfg, max_tiles, single_scale)
     a = dev.activation_bytes
@@ -391,13 +395,14 @@ def _budget(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, vision_prec
 
 
 def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int, positions: int,
-            max_context: int, lm_head_bits: float | None = None, vision_precision: str = "fp32") -> tuple[dict, dict]:
+            max_context: int, lm_head_bits: float | None = None, vision_precision: str = "fp32",
+            kv_dtype: str | None = None) -> tuple[dict, dict]:
     """Predicted speeds (and the efficiency factors they assume). `positions`: the image's LLM positions (the
     prompt is MIN_TEXT_TOKENS more); `vision_precision`: the tower graph that runs (int8: the CPU int8 tower)."""
     m = cfg.llm
     w = llm_weight_bytes(cfg, llm_precision, lm_head_bits)
     bw = dev.bandwidth_gbs * 1e9
-    kvp = kv_bytes_per_position(cfg, dev, llm_precision)
+    kvp = kv_bytes_per_position(cfg, dev, llm_precision, kv_dtype)
 
     def roofline(ctx: int) -> float:
         return bw / (w["decode_read"] + kvp * ctx)
@@ -441,7 +446,8 @@ def predict(cfg: VilaConfig, dev: DeviceProfile, llm_precision: str, tiles: int,
 
 def plan(model, device, *, max_context: int | None = None, max_tiles: int | None = None,
          llm_precision: str = "int4", vision_precision: str | None = None, single_scale: bool = False,
-         suggest: bool = True, backend: str = "native", lm_head_bits: float | None = None) -> Plan:
+         suggest: bool = True, backend: str = "native", lm_head_bits: float | None = None,
+         kv_dtype: str | None = None) -> Plan:
     """Memory budget and speed predictions for `model` (preset name, checkpoint path, Checkpoint or
     VilaConfig) on `device` (profile name, TOML path or DeviceProfile). Defaults: the checkpoint's own
     max length and max tiles; vision weights fp16 on GPUs, fp32 on CPUs (what `vila-edge build` exports;
@@ -450,7 +456,10 @@ def plan(model, device, *, max_context: int | None = None, max_tiles: int | None
     (the ONNX builder's default head), the body's bits on GPUs.
     `backend`: "native" (the profile's engines: TensorRT / TensorRT-LLM, ONNX Runtime on CPUs) or "torch" (the
     PyTorch backend: the profile's torch_* efficiencies; the default build's 8-bit LM head runs dequantized
-    to fp16 there, so it is counted at 16 bits)."""
+    to fp16 there, so it is counted at 16 bits). `kv_dtype`: the KV cache as built (`--kv-dtype`: float16 |
+    float32); None: a default build's (kv_bytes_per_position)."""
+    if kv_dtype not in (None, "float16", "float32"):
+        raise VilaEdgeError(f"kv dtype {kv_dtype!r} is not one of: float16, float32")
     label, cfg = _resolve_model(model)
     dev = load_profile(device)
     head_bits = lm_head_bits
@@ -478,12 +487,13 @@ def plan(model, device, *, max_context: int | None = None, max_tiles: int | None
     if max_context < 1 or max_tiles < 1:
         raise VilaEdgeError("--max-context and --max-tiles must be positive")
     memory, detail, tiles, positions = _budget(cfg, dev, llm_precision, vision_precision, max_context, max_tiles,
-                                               single_scale, head_bits)
-    pred, eff = predict(cfg, dev, llm_precision, tiles, positions, max_context, head_bits, vision_precision)
+                                               single_scale, head_bits, kv_dtype)
+    pred, eff = predict(cfg, dev, llm_precision, tiles, positions, max_context, head_bits, vision_precision, kv_dtype)
     eff["backend"] = backend
     p = Plan(model=label, device=dev, llm_precision=llm_precision, vision_precision=vision_precision,
              max_context=max_context, max_tiles=max_tiles, single_scale=single_scale, tiles=tiles,
-             image_positions=positions, memory=memory, detail=detail, predicted=pred, efficiency=eff)
+             image_positions=positions, memory=memory, detail=detail, predicted=pred, efficiency=eff,
+             kv_dtype=kv_dtype)
     p.problems = _problems(p)
     if p.problems and suggest:
         p.fixes = _fixes(cfg, label, dev, p)
@@ -511,7 +521,7 @@ def _fixes(cfg: VilaConfig, label: str, dev: DeviceProfile, p: Plan) -> list[str
 
     def fits(**kw) -> bool:
         args = dict(max_context=p.max_context, max_tiles=p.max_tiles, llm_precision=p.llm_precision,
-                    vision_precision=p.vision_precision, single_scale=p.single_scale)
+                    vision_precision=p.vision_precision, single_scale=p.single_scale, kv_dtype=p.kv_dtype)
         args.update(kw)
         return plan(cfg, dev, suggest=False, **args).fits
 
