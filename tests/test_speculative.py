@@ -95,11 +95,14 @@ def test_built_decoder_forward_all_equals_one_position_at_a_time(runtime_engine)
     np.testing.assert_allclose(a.forward(a.embed([4])), b.forward(b.embed([4])), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_speculative_loop_yields_the_greedy_tokens_with_the_same_cache(runtime_engine, penalty):  # noqa: F811
+@pytest.mark.parametrize("penalty,budget", [(1.0, None), (1.3, None), (1.0, "cheap")])
+def test_speculative_loop_yields_the_greedy_tokens_with_the_same_cache(runtime_engine, penalty, budget):  # noqa: F811
     """On a prompt that repeats itself, prompt lookup drafts, some drafts are accepted and some rejected,
-    and every yielded token, finish and cache length equals plain greedy decoding's."""
-    from vila_edge.generate import Sampler
+    and every yielded token, finish and cache length equals plain greedy decoding's (also with a DraftBudget
+    cutting drafts short: runs cost the same here, so it verifies the part its acceptance says pays)."""
+    from vila_edge.generate import DraftBudget, Sampler
+
+    budget = DraftBudget(measure=False, run_cost={w: 1.0 + 0.05 * (w - 1) for w in range(2, 8)}) if budget else None
 
     params = SamplingParams(repetition_penalty=penalty)
     prompt_ids = [7, 8, 9, 10, 11, 12] * 4 + [7, 8, 9]
@@ -113,7 +116,7 @@ def test_speculative_loop_yields_the_greedy_tokens_with_the_same_cache(runtime_e
             loop = generate_tokens(logits, lambda t, e=eng: decode_one_token(e, t), sampler, max_new_tokens=40)
         else:
             loop = speculative_tokens(logits, eng, sampler, PromptLookup(4, min_ngram=1), prompt_ids,
-                                      max_new_tokens=40, stats=stats)
+                                      max_new_tokens=40, stats=stats, budget=budget)
         runs[name] = [(token, finish, eng.length) for token, finish in loop]
     assert [r[:2] for r in runs["spec"]] == [r[:2] for r in runs["plain"]]
     # the cache runs ahead while drafts are confirmed, by at most the drafts; at the end it is the same
@@ -121,6 +124,64 @@ def test_speculative_loop_yields_the_greedy_tokens_with_the_same_cache(runtime_e
     assert runs["spec"][-1][2] == runs["plain"][-1][2] == plain.length == spec.length
     assert stats.accepted > 0 and stats.drafted > stats.accepted  # both paths of the loop ran
     assert stats.steps < 39  # fewer decoder runs than tokens after the first
+
+
+LITE_2_CORES = {2: 1.32, 3: 1.74, 4: 1.98, 5: 2.24}  # run cost in steps, nvila-lite-2b int4 (speculative_decode.md)
+
+
+def test_draft_budget_verifies_what_pays():
+    """Tokens per cost: 1 + a + ... + a^k over c(k + 1), against a plain step's 1."""
+    from vila_edge.generate import DraftBudget
+
+    budget = DraftBudget(measure=False, run_cost=LITE_2_CORES, memory=1.0)
+    assert budget.acceptance == pytest.approx(0.6)
+    assert budget.choose(4) == 1  # 1.6 / 1.32 = 1.21 beats 1.96 / 1.74, 2.18 / 1.98, 2.31 / 2.24
+    for _ in range(10):
+        budget.resolve(4, 4)  # every draft right: a -> 43 / 43 = 0.96
+    assert budget.choose(4) == 4 and budget.choose(2) == 2
+    budget.new_answer()
+    for _ in range(10):
+        budget.resolve(4, 0)  # first answers: wrong at once, a -> 1.8 / 13 = 0.14
+    assert budget.choose(4) == 0  # 1.14 / 1.32 < 1: a plain step
+    aging = DraftBudget(measure=False, run_cost=LITE_2_CORES, memory=0.9)
+    for _ in range(10):
+        aging.resolve(4, 0)
+    decisions = [aging.choose(4) for _ in range(40)]
+    assert decisions[0] == 0 and decisions[-1] == 1  # the bad stretch ages out: drafting is tried again
+    free = DraftBudget(measure=False, run_cost={})
+    assert free.cost(5) == pytest.approx(1 + 4 * free.prior_cost)
+
+
+def test_draft_budget_times_its_runs():
+    from vila_edge.generate import DraftBudget
+
+    budget = DraftBudget()
+    assert budget.cost(3) == pytest.approx(1 + 2 * budget.prior_cost)  # nothing timed yet
+    budget.observe_run(1, 0.010)
+    budget.observe_run(3, 0.016)
+    assert budget.cost(3) == pytest.approx(1.6)
+    assert budget.cost(5) == pytest.approx(1 + 4 * 0.3)  # the measured extra cost per position, 0.3
+    budget.observe_run(1, 0.020)  # an EMA: 0.8 x 10 ms + 0.2 x 20 ms
+    assert budget.run_seconds[1] == pytest.approx(0.012)
+    budget.observe_run(2, 0.001)  # noise below a step's time is a step's cost, not less
+    assert budget.cost(2) == 1.0
+
+
+def test_draft_budget_skips_drafts_that_cannot_pay(runtime_engine):  # noqa: F811
+    """Runs priced far above what a draft can return: no verification at all, the plain greedy tokens."""
+    from vila_edge.generate import DraftBudget, Sampler
+
+    prompt_ids = [7, 8, 9, 10, 11, 12] * 4 + [7, 8, 9]
+    eng = _engine(runtime_engine)
+    plain = [t for t, _ in generate_tokens(eng.forward(eng.embed(prompt_ids)), lambda t: decode_one_token(eng, t),
+                                           Sampler(SamplingParams(), eng.vocab_size), max_new_tokens=20)]
+    eng.reset()
+    stats = DraftStats()
+    budget = DraftBudget(measure=False, run_cost={w: 10.0 * w for w in range(2, 8)})
+    loop = speculative_tokens(eng.forward(eng.embed(prompt_ids)), eng, Sampler(SamplingParams(), eng.vocab_size),
+                              PromptLookup(4, min_ngram=1), prompt_ids, max_new_tokens=20, stats=stats, budget=budget)
+    assert [t for t, _ in loop] == plain
+    assert stats.verifications == 0 and stats.steps == 19
 
 
 def test_speculative_loop_closed_early_leaves_the_plain_cache(runtime_engine):  # noqa: F811

@@ -382,6 +382,84 @@ class PromptLookup:
 
 
 @dataclass
+class DraftBudget:
+    """How much of a draft to verify, from what drafts have been worth so far (adaptive prompt lookup).
+
+    A decoder run of n positions costs c(n) one-token steps, and a draft of k tokens, each right with
+    probability a once the ones before it were, yields 1 + a + ... + a^k tokens from one run of k + 1
+    positions. `choose` verifies the k with the most tokens per cost, or none (a plain step: 1 token for 1)
+    when no k beats a step by `margin`. On 2 CPU cores c grows ~0.3 steps per extra position (the int8
+    kernel is compute-bound past one row: benchmarks/speculative_decode.py), so a 4-token draft must be
+    right ~60% of the time to pay, and first answers (13-27% right) lost 1-9% verifying every draft.
+
+    c(n) is timed as it runs (EMAs of run seconds by width over the one-token steps'; widths not run yet
+    take the measured extra cost per position, `prior_cost` before any); `a` counts the drafts resolved in
+    this answer (right / tested: a wrong draft ends its run's test), seeded with `prior_acceptance` worth
+    `prior_weight` tokens. The evidence ages by `memory` at each decision, so drafting is tried again a
+    while after it stopped paying, and a stretch that copies is picked up after one that did not.
+    `measure=False` keeps the costs fixed (`run_cost`: width -> steps; benchmarks replaying another size).
+    """
+
+    prior_acceptance: float = 0.6
+    prior_weight: float = 3.0
+    prior_cost: float = 0.3
+    memory: float = 0.95
+    margin: float = 1.02
+    measure: bool = True
+    run_cost: dict[int, float] = field(default_factory=dict)  # width -> steps, fixed (measure=False)
+    run_seconds: dict[int, float] = field(default_factory=dict)  # width -> EMA seconds (measure=True)
+    right: float = 0.0
+    tested: float = 0.0
+
+    def new_answer(self) -> None:
+        self.right = self.tested = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return (self.right + self.prior_acceptance * self.prior_weight) / (self.tested + self.prior_weight)
+
+    def cost(self, width: int) -> float:
+        """Steps one run of `width` positions costs."""
+        if width == 1:
+            return 1.0
+        if not self.measure:
+            if width in self.run_cost:
+                return self.run_cost[width]
+            known = {w: c for w, c in self.run_cost.items() if w > 1}
+        else:
+            step = self.run_seconds.get(1)
+            if step and width in self.run_seconds:
+                return max(1.0, self.run_seconds[width] / step)
+            known = {w: t / step for w, t in self.run_seconds.items() if w > 1} if step else {}
+        per_position = (sum((c - 1) / (w - 1) for w, c in known.items()) / len(known)) if known else self.prior_cost
+        return 1.0 + max(0.0, per_position) * (width - 1)
+
+    def choose(self, available: int) -> int:
+        """How many of `available` drafted tokens to verify (0: a plain step)."""
+        a = self.acceptance
+        self.right *= self.memory
+        self.tested *= self.memory
+        best, best_value = 0, self.margin
+        gained = 1.0
+        for k in range(1, available + 1):
+            gained += a ** k
+            value = gained / self.cost(k + 1)
+            if value > best_value:
+                best, best_value = k, value
+        return best
+
+    def observe_run(self, width: int, seconds: float) -> None:
+        if self.measure:
+            old = self.run_seconds.get(width)
+            self.run_seconds[width] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def resolve(self, drafted: int, accepted: int) -> None:
+        """A verified draft's outcome: `accepted` of its `drafted` tokens were right."""
+        self.right += accepted
+        self.tested += accepted + (accepted < drafted)
+
+
+@dataclass
 class DraftStats:
     """What speculation did in one answer: verification runs, tokens drafted and accepted."""
 
@@ -406,7 +484,8 @@ class DraftStats:
 
 def speculative_tokens(logits, llm, pick: Pick, draft: Callable[..., list[int]], history: Sequence[int], *,
                        max_new_tokens: int, stop_ids: Sequence[int] | set[int] = (), max_context: int | None = None,
-                       stats: DraftStats | None = None) -> Iterator[tuple[int, str | None]]:
+                       stats: DraftStats | None = None, budget: DraftBudget | None = None
+                       ) -> Iterator[tuple[int, str | None]]:
     """`generate_tokens` with drafted tokens verified in one run (`llm.forward_all`), for a deterministic
     `pick` (greedy; penalties allowed: each pick sees exactly the tokens before it).
 
@@ -417,9 +496,13 @@ def speculative_tokens(logits, llm, pick: Pick, draft: Callable[..., list[int]],
     holds the drafts already run); at the end, also when the consumer stops early (`finally`), it holds
     what `generate_tokens` leaves: the prompt and every generated token but the last. "context"
     (`max_context`: positions the cache may hold) is judged on that plain length, so it ends where
-    `generate_tokens` with the matching `has_room` would.
+    `generate_tokens` with the matching `has_room` would. `budget`: verify only the part of each draft that
+    pays (DraftBudget, timed on this engine); None verifies every draft whole.
     """
     stats = stats if stats is not None else DraftStats()
+    if budget is not None:
+        budget.new_answer()
+    outcome: list[int] | None = None  # this answer's last verification [drafted, accepted], once resolved
     start = llm.length
     history = list(history)
     generated: list[int] = []
@@ -457,15 +540,25 @@ def speculative_tokens(logits, llm, pick: Pick, draft: Callable[..., list[int]],
             room = min(llm.max_context, max_context or llm.max_context) - llm.length
             limit = min(max_new_tokens - len(generated) - 1, room - 1)
             drafts = draft(history + generated, limit) if limit > 0 else []
+            if budget is not None:
+                if outcome is not None:  # the previous verification's picks are all made
+                    budget.resolve(*outcome)
+                    outcome = None
+                if drafts:
+                    drafts = drafts[:budget.choose(len(drafts))]
             stats.steps += 1
             stats.trace.append([len(drafts), 0])
+            t0 = time.perf_counter()
             if drafts:
                 stats.verifications += 1
                 stats.drafted += len(drafts)
+                outcome = stats.trace[-1]
                 batch = [token, *drafts]
                 rows = list(llm.forward_all(batch, llm.embed(batch)))
             else:
                 rows = [decode_one_token(llm, token)]
+            if budget is not None:
+                budget.observe_run(len(drafts) + 1, time.perf_counter() - t0)
     finally:
         if llm.length > start + max(0, len(generated) - 1):
             llm.truncate(start + max(0, len(generated) - 1))

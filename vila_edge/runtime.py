@@ -46,6 +46,7 @@ from vila_edge.engine_dir import TOKENIZER_DIR, read_manifest
 from vila_edge.errors import EngineError, MediaError, PromptError, VilaEdgeError
 from vila_edge.generate import (
     Answer,
+    DraftBudget,
     DraftStats,
     KVCache,
     PromptLookup,
@@ -238,6 +239,8 @@ class Pipeline:
         self.kv = KVCache(llm)  # which Conversation's tokens are in the LLM's cache
         self.vision_cache = vision_cache if vision_cache is not None else VisionCache()  # shared by chat, API, serve
         self.prefill_counts = PrefillCounts()
+        # prompt lookup: what verifying k drafts costs on this engine, timed across answers
+        self.draft_budget = DraftBudget()
         self.prefix_reuse = prefix_reuse  # a new prompt keeps the start it shares with the KV cache's holder
         self._gpu_merge = None
         if getattr(vision, "on_gpu", False):
@@ -288,7 +291,7 @@ class Pipeline:
             sampler = Sampler(params, cfg.vocab_size, cfg.extra_masked_ids)
             return speculative_tokens(logits, self.llm, sampler, PromptLookup(params.prompt_lookup), history,
                                       max_new_tokens=params.max_new_tokens, stop_ids=stops, stats=stats,
-                                      max_context=max_context)
+                                      max_context=max_context, budget=self.draft_budget)
         constraint = None
         if params.json_schema is not None:
             from vila_edge.structured import JsonConstraint
