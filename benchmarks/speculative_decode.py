@@ -249,8 +249,9 @@ def real_size(a, threads: int, text: dict) -> dict:
     from vila_edge.generate import Sampler, SamplingParams
 
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
-    engine = ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-g128", group_size=128,
-                               threads=threads)
+    # our streamed RTN int4 writer (the kernels and bytes of an AWQ build; the genai builder would hold the model)
+    engine = ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128", quant="rtn",
+                               group_size=128, threads=threads)
     add_logits_to_keep(engine / "model.onnx")  # a cached build from before the input existed
     eng = OrtLLMEngine(engine, threads=threads, max_context=a.prompt_tokens + 2 * a.new_tokens + 64)
     vocab = min(eng.vocab_size, eng.embed_table.shape[0])
