@@ -295,8 +295,8 @@ def chat(
     stop: list[str] = typer.Option(None, "--stop", help="Extra stop string (repeatable)."),
     prompt_lookup: int = typer.Option(0, "--prompt-lookup", min=0, max=16, help="Speculative decoding: draft up "
                                       "to N tokens per step from the conversation's earlier text and verify them "
-                                      "in one run (greedy only; 0 = off). Pays off when answers quote the prompt "
-                                      "or earlier answers (benchmarks/results/speculative_decode.md)."),
+                                      "in one run, as far as it pays (greedy only; 0 = off). Pays off when answers "
+                                      "quote the prompt or earlier answers (benchmarks/results/speculative_decode.md)."),
     json_schema: Path | None = typer.Option(None, "--json-schema", help="Answers are JSON valid against this JSON "
                                             "schema file (enforced while decoding)."),
     json_object: bool = typer.Option(False, "--json-object", help="Answers are a JSON object (any keys)."),

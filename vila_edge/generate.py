@@ -57,8 +57,9 @@ class SamplingParams:
     # conversation (PromptLookup) and verify them in one decoder run; 0: off. Greedy only: the answer is the
     # greedy answer of the verification runs' logits (an fp32 decoder: the plain answer, token for token; an
     # int4 CPU decoder computes a several-position run with ONNX Runtime's multi-row int8 kernel and a step
-    # with its one-row kernel, logits up to ~2% apart, so answers can part at a near-tie). Ignored with
-    # sampling, a JSON schema, or an engine without multi-position logits.
+    # with its one-row kernel, logits up to ~2% apart, so answers can part at a near-tie; which positions
+    # share a run depends on DraftBudget's timings, so such answers can also differ between runs). Ignored
+    # with sampling, a JSON schema, or an engine without multi-position logits.
     prompt_lookup: int = 0
 
     def __post_init__(self):
