@@ -116,7 +116,9 @@ class OrtLLMEngine(LLMEngine):
 
     def __init__(self, llm_dir, info: dict | None = None, *, device: str = "cpu", threads: int | None = None,
                  max_context: int | None = None, spinning: bool = True, share_buffer: bool | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, profile_prefix: str | None = None):
+        """`profile_prefix`: write ONNX Runtime's per-node profile (JSON) there (`session.end_profiling()`;
+        benchmarks/decode_profile.py)."""
         super().__init__()
         self.prefill_chunk = int(prefill_chunk)
         import onnxruntime as ort
@@ -159,6 +161,9 @@ class OrtLLMEngine(LLMEngine):
         self.device = "cuda" if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
                                     for p in self.providers[:1]) else "cpu"
         so = session_options(threads, spinning=spinning)
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
