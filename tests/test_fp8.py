@@ -220,3 +220,23 @@ def test_fp8_engine_directory_builds_and_generates(tiny_checkpoint, tmp_path):
     finally:
         model.close()
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_fp8_decoder_with_fp16_kv_cache(tmp_path, tiny_qwen2):
+    """fp8 weight-only linears with kv_dtype="float16": fp16 past/present, the same greedy tokens as the
+    fp32-cache build of the same weights, logits within 2e-3 relative (K/V rounded to fp16)."""
+    from test_llm_builder import ort_greedy
+
+    from vila_edge.builder.llm_onnx import build_llm_onnx
+
+    common = dict(precision="fp8", fp8_format="e4m3", fp8_activations="none", group_size=64, accuracy_level=1,
+                  progress=False, threads=1)
+    half = build_llm_onnx(tiny_qwen2, tmp_path / "half", kv_dtype="float16", **common)
+    full = build_llm_onnx(tiny_qwen2, tmp_path / "full", **common)
+    assert half["kv_dtype"] == "float16" and full["kv_dtype"] == "float32"
+    prompt = [5, 17, 99, 250, 3, 42, 7]
+    tokens, logits = ort_greedy(tmp_path / "half", half, prompt, 12)
+    tokens32, logits32 = ort_greedy(tmp_path / "full", full, prompt, 12)
+    assert tokens == tokens32
+    relative = np.abs(logits - logits32).max(axis=1) / np.abs(logits32).max(axis=1)
+    assert 0 < relative.max() <= 2e-3, relative
