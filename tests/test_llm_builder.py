@@ -449,3 +449,72 @@ def test_build_options_kv_dtype():
         BuildOptions(kv_dtype="bfloat16").validate()
     with pytest.raises(VilaEdgeError, match="--kv-dtype float16 needs --llm-precision int4"):
         BuildOptions(kv_dtype="float16", llm_precision="int8").validate()
+
+
+def test_grouped_attention_decoder(tmp_path, tiny_llm, monkeypatch):
+    """attention="grouped": rotary + in-place ScatterND cache update + one GEMM per KV head instead of
+    GroupQueryAttention. Against the float oracle on the same weights: logits within 1e-3 relative and the
+    same greedy tokens (assert_parity's bounds); against the GQA build of the same weights within 1e-5
+    (fp32 summation order). The engine starts with a 16-position buffer here, so the prompt's chunks and
+    the decode steps grow it (16 -> 32 -> 64) and the rows cached before each growth must survive it;
+    forward_all (prompt lookup) and truncate (its rollback) run on it too."""
+    from vila_edge.backends import ort_llm
+
+    monkeypatch.setattr(ort_llm, "GROUPED_FIRST_CAPACITY", 16)
+    llm = tiny_llm("qwen2")
+    common = dict(precision="int4", quant="rtn", group_size=64, accuracy_level=1, progress=False, threads=1)
+    info = build_llm_onnx(llm, tmp_path / "grouped", attention="grouped", awq_dir=tmp_path / "awq", **common)
+    info_gqa = build_llm_onnx(llm, tmp_path / "gqa", **common)
+    assert info["attention"] == "grouped" and info_gqa["attention"] == "gqa"
+    graph, graph_gqa = dequantized_weights(tmp_path / "grouped"), dequantized_weights(tmp_path / "gqa")
+    assert graph.keys() == graph_gqa.keys()
+    for name in graph:
+        np.testing.assert_array_equal(graph[name], graph_gqa[name], err_msg=name)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "grouped" / "model.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" not in ops and {"ScatterND", "FusedMatMul", "RotaryEmbedding"} <= ops
+
+    prompt = [5, 17, 99, 250, 3, 42, 7, 11, 13, 200, 8, 9, 31, 64, 2, 77, 90, 120, 6, 1]
+    steps = 30
+    runs = {}
+    for name in ("grouped", "gqa"):
+        eng = ort_llm.OrtLLMEngine(tmp_path / name, threads=1, max_context=128, prefill_chunk=8)
+        assert eng.grouped == (name == "grouped")
+        logits = [eng.forward(eng.embed(prompt))]
+        tokens = []
+        for _ in range(steps - 1):
+            tokens.append(int(np.argmax(logits[-1])))
+            logits.append(eng.forward(eng.embed([tokens[-1]])))
+        tokens.append(int(np.argmax(logits[-1])))
+        runs[name] = (tokens, np.stack(logits), eng)
+    tokens, logits, eng = runs["grouped"]
+    assert eng.capacity == 64 and runs["gqa"][2].capacity == 128
+    np.testing.assert_allclose(logits, runs["gqa"][1], rtol=0, atol=1e-5 * np.abs(runs["gqa"][1]).max())
+    oracle = reference_model(tmp_path / "awq", info, decoder_dir=tmp_path / "grouped")
+    ref_tokens, ref_logits = torch_greedy(oracle, np.load(tmp_path / "grouped" / info["files"]["embed_tokens"]),
+                                          prompt, steps)
+    relative = np.abs(logits - ref_logits).max(axis=1) / np.abs(ref_logits).max(axis=1)
+    assert relative.max() <= 1e-3, relative
+    assert tokens == ref_tokens == runs["gqa"][0]
+
+    # a verification run of 4 positions (all logits) and a rollback, as prompt lookup runs them
+    length = eng.length
+    batch = tokens[-4:]
+    rows = eng.forward_all(batch, eng.embed(batch))
+    eng.truncate(length)
+    one = [eng.forward(eng.embed([t])) for t in batch]
+    np.testing.assert_allclose(rows, np.stack(one), rtol=0, atol=1e-5 * np.abs(rows).max())
+
+
+def test_build_options_attention():
+    from vila_edge.builder.build import BuildOptions
+    from vila_edge.errors import VilaEdgeError
+
+    assert BuildOptions(attention="grouped").validate().attention == "grouped"
+    with pytest.raises(VilaEdgeError, match="--attention 'flash' is not one of"):
+        BuildOptions(attention="flash").validate()
+    with pytest.raises(VilaEdgeError, match="--attention grouped needs --llm-precision int4"):
+        BuildOptions(attention="grouped", llm_precision="int8").validate()
+    with pytest.raises(VilaEdgeError, match="fp32 KV cache"):
+        BuildOptions(attention="grouped", kv_dtype="float16").validate()

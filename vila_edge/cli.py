@@ -401,6 +401,9 @@ def build(
     awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ scale-search grid points per linear group."),
     kv_dtype: str = typer.Option("float32", "--kv-dtype", help="LLM KV cache and attention: float32 | float16 "
                                  "(half the cache memory; int4 awq/rtn and fp8 builds)."),
+    attention: str = typer.Option("gqa", "--attention", help="LLM attention: gqa (ONNX Runtime's GroupQueryAttention) "
+                                  "| grouped (each KV head read once for its query heads: faster decode at long "
+                                  "contexts on CPUs; int4 awq/rtn and fp8 builds)."),
     skip_llm: bool = typer.Option(False, "--skip-llm", help="Build the vision part only."),
     torch_weights: bool = typer.Option(False, "--torch-weights", help="Also write the torch backend's weights "
                                        "(fp16 vision, int4 LLM in the int4pack layout; FP8 linears with "
@@ -439,7 +442,7 @@ def build(
 
     opts = BuildOptions(precision=precision, int8_vision=int8_vision, qdq_vision=qdq_vision, combined_vision=combined_vision,
                         llm_precision=llm_precision, llm_quant=llm_quant, group_size=group_size, skip_llm=skip_llm,
-                        awq_calib=awq_calib, awq_grid=awq_grid, kv_dtype=kv_dtype,
+                        awq_calib=awq_calib, awq_grid=awq_grid, kv_dtype=kv_dtype, attention=attention,
                         token_order=token_order, splice=splice, chat_format=chat_format, trt_precision=trt_precision,
                         trt_workspace_gb=trt_workspace_gb, torch_weights=torch_weights,
                         projector_precision=projector_precision, fp8_format=fp8_format)

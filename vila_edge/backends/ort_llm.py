@@ -36,6 +36,8 @@ from vila_edge.errors import EngineError
 # decoder input of builder graphs: logits of the last k positions (builder.decoder_onnx.add_logits_to_keep;
 # 1 in plain runs, k+1 when verifying k drafted tokens); older graphs without it: last position only
 LOGITS_TO_KEEP = "logits_to_keep"
+# first KV buffer length of a grouped-attention decoder (it doubles as the context grows)
+GROUPED_FIRST_CAPACITY = 256
 PREFILL_CHUNK = 256  # positions per prefill run (0: the whole prompt in one run)
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -208,7 +210,17 @@ class OrtLLMEngine(LLMEngine):
 
         ops = graph_op_types(self.model_path)
         gqa = "GroupQueryAttention" in ops
-        self.share_buffer = gqa if share_buffer is None else (share_buffer and gqa)
+        # grouped attention (builder.decoder_onnx.DecoderWriter._grouped_attention): ScatterND writes the new
+        # rows into the bound buffer in place and attention spans the whole buffer (masked past the context),
+        # so the buffer grows with the context, doubling, instead of being max_context long from the start
+        self.grouped = not gqa and {"ScatterND", "FusedMatMul"} <= ops
+        if self.grouped and share_buffer is False:
+            raise EngineError(f"{self.model_path}: this decoder (grouped attention) updates its KV cache in place; "
+                              "it needs the shared past/present buffers")
+        self.share_buffer = (gqa or self.grouped) if share_buffer is None else (share_buffer and gqa)
+        self.capacity = self.max_context
+        if self.grouped and self.device == "cpu":
+            self.capacity = min(self.max_context, GROUPED_FIRST_CAPACITY)
 
         self._mask = np.ones((1, self.max_context), dtype=np.int64)
         self._keep_one = np.ones(1, dtype=np.int64)
@@ -220,7 +232,7 @@ class OrtLLMEngine(LLMEngine):
     # ---- cache ----------------------------------------------------------------------------------
     def _alloc_cache(self) -> None:
         ort = self._ort
-        shape = (1, self.num_kv_heads, self.max_context, self.head_dim)
+        shape = (1, self.num_kv_heads, self.capacity, self.head_dim)
         self._kv = []  # per layer (key OrtValue, value OrtValue) — the shared past/present buffers
         self._kv_np = []
         self._past = None  # non-shared fallback: per layer (key, value) OrtValues of exact length
@@ -244,7 +256,22 @@ class OrtLLMEngine(LLMEngine):
                 else "onnxruntime-allocated present (copy per step)",
                 "lm_head": "last position only" if self.last_only else "all positions",
                 "prefill_chunk": self.prefill_chunk or "whole prompt",
-                "max_context": self.max_context, "kv_dtype": np.dtype(self.kv_dtype).name}
+                "max_context": self.max_context, "kv_dtype": np.dtype(self.kv_dtype).name,
+                "attention": "grouped (KV buffer grows with the context)" if self.grouped else "GroupQueryAttention"}
+
+    def _grow(self, needed: int) -> None:
+        """Grouped attention: a cache buffer that holds `needed` positions (doubling, at most max_context),
+        the cached rows copied over; attention's cost follows the buffer's length."""
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        self.capacity = min(capacity, self.max_context)
+        old = self._kv_np
+        self._alloc_cache()
+        for (k, v), (old_k, old_v) in zip(self._kv_np, old, strict=True):
+            k[:, :, :self.length] = old_k[:, :, :self.length]
+            v[:, :, :self.length] = old_v[:, :, :self.length]
+        self._io = None  # the fixed binding points at the old buffers
 
     def reset(self) -> None:
         super().reset()
@@ -284,6 +311,8 @@ class OrtLLMEngine(LLMEngine):
         [keep, V])."""
         n = embeds.shape[0]
         past, total = self.length, self.length + n
+        if total > self.capacity:
+            self._grow(total)
         fixed = self.share_buffer and self.last_only and keep == 1
         if fixed:  # KV buffers and the logits buffer never move: bound once, only the inputs change
             if self._io is None:

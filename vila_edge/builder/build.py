@@ -72,6 +72,7 @@ class BuildOptions:
     projector_precision: str | None = None  # None: as `precision`; "fp8": FP8 QDQ projector (builder/fp8_qdq.py)
     fp8_format: str | None = None  # e4m3 (default) | e5m2, for the fp8 LLM and/or projector
     kv_dtype: str = "float32"  # LLM KV cache: float32 | float16 (our decoder writer: int4 awq/rtn, fp8)
+    attention: str = "gqa"  # LLM attention: gqa (GroupQueryAttention) | grouped (builder.decoder_onnx)
 
     def validate(self) -> BuildOptions:
         def one_of(name, value, allowed):
@@ -89,7 +90,13 @@ class BuildOptions:
         self.awq_calibration()
         self._check_fp8()
         one_of("kv_dtype", self.kv_dtype, ("float32", "float16"))
+        one_of("attention", self.attention, ("gqa", "grouped"))
+        if self.attention == "grouped" and self.kv_dtype != "float32":
+            raise VilaEdgeError("--attention grouped keeps an fp32 KV cache: drop --kv-dtype float16")
         written_by_us = self.llm_precision == "fp8" or (self.llm_precision == "int4" and self.llm_quant in ("awq", "rtn"))
+        if self.attention != "gqa" and not self.skip_llm and not written_by_us:
+            raise VilaEdgeError(f"--attention {self.attention} needs --llm-precision int4 (--llm-quant awq or rtn) or "
+                                f"fp8; the {self.llm_precision} {self.llm_quant} decoder is onnxruntime-genai's")
         if self.kv_dtype != "float32" and not self.skip_llm and not written_by_us:
             raise VilaEdgeError(f"--kv-dtype {self.kv_dtype} needs --llm-precision int4 (--llm-quant awq or rtn) or "
                                 f"fp8; the {self.llm_precision} {self.llm_quant} decoder keeps an fp32 KV cache")
@@ -512,7 +519,8 @@ def _build_llm(ckpt, tmp: Path, options: BuildOptions, threads: int | None, rep:
         info = build_llm_onnx(src, out, precision=options.llm_precision, quant=options.llm_quant,
                               group_size=options.group_size, calib_path=None, threads=threads, progress=rep.enabled,
                               calib_samples=samples, calib_seqlen=seqlen, awq_grid=options.awq_grid,
-                              fp8_format=options.fp8, kv_dtype=options.kv_dtype)
+                              fp8_format=options.fp8, kv_dtype=options.kv_dtype,
+                              attention=options.attention)
     return _relativize(dict(info or {}), out)
 
 

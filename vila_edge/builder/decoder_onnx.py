@@ -31,6 +31,7 @@ from vila_edge.builder.fp8_qdq import FloatLinear, QdqGraph, fuse_float_rows
 MS_DOMAIN = "com.microsoft"
 OPSET = 21
 KV_DTYPES = ("float32", "float16")
+ATTENTIONS = ("gqa", "grouped")
 TENSOR_TYPES = {"float32": 1, "float16": 10}  # onnx.TensorProto.FLOAT / FLOAT16
 DATA_ALIGNMENT = 64  # bytes; every tensor starts on a multiple
 # tensors of 1 MiB and more start on a 64 KiB boundary (the allocation granularity onnx's external-data
@@ -107,12 +108,22 @@ class DecoderSpec:
     # ONNX Runtime's CPU GroupQueryAttention runs fp16 (1.32: 0.74x the fp32 kernel's time at Qwen2-1.5B's heads,
     # 300 positions), the rest of the graph stays fp32 around two Casts per layer
     kv_dtype: str = "float32"
+    # "gqa": ONNX Runtime's GroupQueryAttention (rotary, cache update, attention in one op; its CPU kernel
+    # reads each KV head once per query head). "grouped": the same attention from standard ops that read each
+    # KV head once for all its query heads (grouped_attention); the cache is updated in place by ScatterND
+    # and attention spans the cache buffer, so the runtime grows that buffer with the context
+    attention: str = "gqa"
 
     @classmethod
     def from_config(cls, config: dict, *, accuracy_level: int = 4, prune_lm_head: bool = True,
-                    kv_dtype: str = "float32") -> DecoderSpec:
+                    kv_dtype: str = "float32", attention: str = "gqa") -> DecoderSpec:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "grouped" and kv_dtype != "float32":
+            raise ValueError("attention='grouped' keeps an fp32 KV cache (its MatMuls read the cache as it is); "
+                             "use kv_dtype='float32' or attention='gqa'")
         # transformers 5 keeps RoPE settings in rope_parameters, older configs in rope_theta / rope_scaling
         rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -128,7 +139,7 @@ class DecoderSpec:
             rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             context_length=int(config.get("seq_length") or config.get("max_position_embeddings", 2048)),
             model_type=str(config.get("model_type", "llama")), accuracy_level=accuracy_level,
-            prune_lm_head=prune_lm_head, kv_dtype=kv_dtype,
+            prune_lm_head=prune_lm_head, kv_dtype=kv_dtype, attention=attention,
         )
 
 
@@ -177,7 +188,10 @@ class DecoderWriter:
         self.residual = "inputs_embeds"  # running sum of the residual stream
         self.pending = None  # output of the previous block not yet added to the residual
         self.qdq = None if fp8 is None else QdqGraph(self._node, self._initializer, fp8, fp8_activations)
-        self._mask_subgraph()
+        if spec.attention == "grouped":
+            self._grouped_subgraph()
+        else:
+            self._mask_subgraph()
         cos, sin = rotary_caches(spec)
         kv = np.dtype(spec.kv_dtype)  # GroupQueryAttention takes its rotary caches in the KV dtype
         self.initializers += [self.data.add("cos_cache", cos.astype(kv)), self.data.add("sin_cache", sin.astype(kv))]
@@ -211,6 +225,102 @@ class DecoderWriter:
         shape = self._node("Shape", f"{base}/Shape", ["attention_mask"])
         total = self._node("Gather", f"{base}/Gather", [shape, self._constant(1)], axis=0)
         self.total_length = self._node("Cast", f"{base}/Gather/Cast", [total], to=6)
+
+    def _int64s(self, name: str, values) -> str:
+        from onnx import numpy_helper
+
+        self.nodes.append(self.helper.make_node("Constant", [], [name], name=name,
+                                                value=numpy_helper.from_array(np.asarray(values, np.int64), name)))
+        return name
+
+    def _grouped_subgraph(self) -> None:
+        """Per run, shared by every layer of grouped attention: positions of the new rows [1, S], ScatterND
+        indices of their cache rows [1, kv_heads, S, 3], and the additive mask [1, 1, S * group, capacity]
+        (query row s * group + g may see cache rows <= its position; rows past the context are stale)."""
+        spec, base = self.spec, "/model/grouped_attention"
+        group = spec.num_heads // spec.num_kv_heads
+        total = self._node("Gather", f"{base}/total", [self._node("Shape", f"{base}/mask_shape", ["attention_mask"]),
+                                                       self._constant(1)], axis=0)
+        new = self._node("Gather", f"{base}/new", [self._node("Shape", f"{base}/x_shape", ["inputs_embeds"]),
+                                                   self._constant(1)], axis=0)
+        past = self._node("Sub", f"{base}/past", [total, new])
+        positions = self._node("Range", f"{base}/positions", [past, total, self._constant(1)])  # [S]
+        self.positions = self._node("Unsqueeze", f"{base}/position_ids", [positions, self._constant(0, (1,))])
+        new_1d = self._node("Unsqueeze", f"{base}/new_1d", [new, self._constant(0, (1,))])
+        heads = self._int64s(f"{base}/kv_heads", np.arange(spec.num_kv_heads).reshape(1, -1, 1, 1))
+        index_shape = self._node("Concat", f"{base}/index_shape", [
+            self._int64s(f"{base}/one_kv", [1, spec.num_kv_heads]), new_1d, self._constant(1, (1,))], axis=0)
+        columns = [
+            self._node("Expand", f"{base}/batch_column", [self._int64s(f"{base}/zero4", np.zeros((1, 1, 1, 1))),
+                                                          index_shape]),
+            self._node("Expand", f"{base}/head_column", [heads, index_shape]),
+            self._node("Expand", f"{base}/row_column", [
+                self._node("Reshape", f"{base}/positions_4d", [positions, self._int64s(f"{base}/shape_11s1",
+                                                                                       [1, 1, -1, 1])]),
+                index_shape]),
+        ]
+        self.scatter_index = self._node("Concat", f"{base}/scatter_index", columns, axis=-1)
+        capacity = self._node("Gather", f"{base}/capacity", [
+            self._node("Shape", f"{base}/cache_shape", ["past_key_values.0.key"]), self._constant(2)], axis=0)
+        rows = self._node("Unsqueeze", f"{base}/cache_rows", [
+            self._node("Range", f"{base}/cache_range", [self._constant(0), capacity, self._constant(1)]),
+            self._constant(0, (1,))])  # [1, capacity]
+        query_rows = self._node("Reshape", f"{base}/query_positions", [
+            self._node("Expand", f"{base}/query_grid", [
+                self._node("Reshape", f"{base}/positions_s1", [positions, self._int64s(f"{base}/shape_m1_1", [-1, 1])]),
+                self._node("Concat", f"{base}/grid_shape", [new_1d, self._int64s(f"{base}/group", [group])], axis=0)]),
+            self._int64s(f"{base}/shape_m1_1b", [-1, 1])])  # [S * group, 1]
+        visible = self._node("LessOrEqual", f"{base}/visible", [rows, query_rows])
+        from onnx import numpy_helper
+
+        zero, minus_inf = f"{base}/zero_f", f"{base}/minus_inf"
+        for name, value in ((zero, 0.0), (minus_inf, -np.inf)):
+            self.nodes.append(self.helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(
+                np.array(value, np.float32), name)))
+        self.attention_bias = self._node("Unsqueeze", f"{base}/bias", [
+            self._node("Where", f"{base}/bias_2d", [visible, zero, minus_inf]), self._int64s(f"{base}/axes01", [0, 1])])
+
+    def _grouped_attention(self, index: int, qkv: str) -> str:
+        """Attention of layer `index` on the fused q/k/v projection [1, S, (heads + 2 kv_heads) * head_dim]:
+        rotary (com.microsoft RotaryEmbedding, the GQA op's caches and half rotation), the new K/V rows
+        scattered into the cache in place (ScatterND; the runtime binds present to the past buffer), and one
+        [S * group, head_dim] x [head_dim, capacity] product per KV head: every cached K and V row is read once per
+        step, not once per query head as ONNX Runtime's CPU GroupQueryAttention does."""
+        spec, root = self.spec, f"/model/layers.{index}/attn/grouped"
+        h, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        group = h // kv
+        if index == 0:
+            self._int64s("/model/grouped_attention/qkv_split", [h * d, kv * d, kv * d])
+            self._int64s("/model/grouped_attention/shape_rows", [1, -1, kv, d])
+            self._int64s("/model/grouped_attention/shape_q5", [1, -1, kv, group, d])
+            self._int64s("/model/grouped_attention/shape_qg", [1, kv, -1, d])
+            self._int64s("/model/grouped_attention/shape_o5", [1, kv, -1, group, d])
+            self._int64s("/model/grouped_attention/shape_o", [1, -1, h * d])
+        c = "/model/grouped_attention/"
+        q, k, v = (f"{root}/Split/output_{i}" for i in range(3))
+        self._node("Split", f"{root}/Split", [qkv, c + "qkv_split"], [q, k, v], axis=2)
+        rope = dict(domain=MS_DOMAIN, interleaved=0)
+        q = self._node("RotaryEmbedding", f"{root}/q_rotary", [q, self.positions, "cos_cache", "sin_cache"],
+                       num_heads=h, **rope)
+        k = self._node("RotaryEmbedding", f"{root}/k_rotary", [k, self.positions, "cos_cache", "sin_cache"],
+                       num_heads=kv, **rope)
+        caches = []
+        for kind, rows in (("key", k), ("value", v)):
+            rows = self._node("Transpose", f"{root}/{kind}_rows", [
+                self._node("Reshape", f"{root}/{kind}_rows_4d", [rows, c + "shape_rows"])], perm=[0, 2, 1, 3])
+            caches.append(self._node("ScatterND", f"{root}/{kind}_cache_update",
+                                     [f"past_key_values.{index}.{kind}", self.scatter_index, rows],
+                                     [f"present.{index}.{kind}"]))
+        q = self._node("Reshape", f"{root}/q_grouped", [self._node("Transpose", f"{root}/q_heads_first", [
+            self._node("Reshape", f"{root}/q_5d", [q, c + "shape_q5"])], perm=[0, 2, 1, 3, 4]), c + "shape_qg"])
+        scores = self._node("FusedMatMul", f"{root}/scores", [q, caches[0]], domain=MS_DOMAIN, transB=1,
+                            alpha=float(np.float32(1 / math.sqrt(d))))
+        probs = self._node("Softmax", f"{root}/Softmax", [self._node("Add", f"{root}/masked", [scores,
+                                                                                            self.attention_bias])],
+                           axis=-1)
+        out = self._node("MatMul", f"{root}/context", [probs, caches[1]])
+        return self._node("Reshape", f"{root}/output", [self._node("Transpose", f"{root}/output_heads_last", [
+            self._node("Reshape", f"{root}/output_5d", [out, c + "shape_o5"])], perm=[0, 2, 1, 3, 4]), c + "shape_o"])
 
     def _norm(self, name: str, weight_name: str, weight: np.ndarray, last: bool = False) -> str:
         """RMSNorm of residual + pending (SkipSimplifiedLayerNormalization), or of the input for the first one."""
@@ -271,14 +381,10 @@ class DecoderWriter:
         half = spec.kv_dtype == "float16"
         if half:
             h = self._node("Cast", f"{root}/attn/qkv_proj/Cast", [h], to=TENSOR_TYPES["float16"])
-        attn = self._node(
-            "GroupQueryAttention", f"{root}/attn/GroupQueryAttention",
-            [h, "", "", f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens,
-             self.total_length, "cos_cache", "sin_cache", "", "", ""],
-            [f"{root}/attn/GroupQueryAttention/output_0", f"present.{index}.key", f"present.{index}.value"],
-            domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
-            scale=float(np.float32(1 / math.sqrt(spec.head_dim))), local_window_size=-1, softcap=0.0, do_rotary=1,
-            rotary_interleaved=0)
+        if spec.attention == "grouped":
+            attn = self._grouped_attention(index, h)
+        else:
+            attn = self._gqa(index, h)
         if half:
             attn = self._node("Cast", f"{root}/attn/GroupQueryAttention/Cast", [attn], to=TENSOR_TYPES["float32"])
         self.pending = self._linear(f"{root}/attn/o_proj", f"{prefix}.attn.o_proj", attn, linears["self_attn.o_proj"])
@@ -292,6 +398,17 @@ class DecoderWriter:
         self.pending = self._linear(f"{root}/mlp/down_proj", f"{prefix}.mlp.down_proj", product,
                                     linears["mlp.down_proj"])
         self.layers_done += 1
+
+    def _gqa(self, index: int, h: str) -> str:
+        spec, root = self.spec, f"/model/layers.{index}"
+        return self._node(
+            "GroupQueryAttention", f"{root}/attn/GroupQueryAttention",
+            [h, "", "", f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens,
+             self.total_length, "cos_cache", "sin_cache", "", "", ""],
+            [f"{root}/attn/GroupQueryAttention/output_0", f"present.{index}.key", f"present.{index}.value"],
+            domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
+            scale=float(np.float32(1 / math.sqrt(spec.head_dim))), local_window_size=-1, softcap=0.0, do_rotary=1,
+            rotary_interleaved=0)
 
     def finish(self, final_norm: np.ndarray, head_rows, head: str, group_size: int) -> Path:
         """Final norm, last-position slice and the lm_head; write model.onnx. ``head_rows`` yields float32

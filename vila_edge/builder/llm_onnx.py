@@ -346,6 +346,8 @@ def _describe_onnx(path: Path) -> dict:
         "matmulnbits": {"count": len(nbits), "accuracy_levels": levels, "block_sizes": blocks, "bits": bits},
         "lm_head_op": head_nodes,
         "io_dtype": onnx.helper.tensor_dtype_to_np_dtype(io_type.get("inputs_embeds", 1)).name,
+        "attention": "gqa" if any(n.op_type == "GroupQueryAttention" for n in model.graph.node) else (
+            "grouped" if any(n.op_type == "ScatterND" for n in model.graph.node) else "other"),
         "kv_dtype": onnx.helper.tensor_dtype_to_np_dtype(
             next((t for name, t in io_type.items() if name.startswith("past_key_values.")), 1)).name,
     }
@@ -374,6 +376,7 @@ def build_llm_onnx(
     fp8_format: str = "e4m3",
     fp8_activations: str = "dynamic",
     kv_dtype: str = "float32",
+    attention: str = "gqa",
 ) -> dict:
     """Build the inputs_embeds decoder + embedding table into ``out_dir``; return its description.
 
@@ -409,10 +412,14 @@ def build_llm_onnx(
         raise ValueError(f"lm_head must be one of {LM_HEAD_PRECISIONS}, got {lm_head!r}")
     if writer not in ("stream", "genai"):
         raise ValueError(f"writer must be 'stream' or 'genai', got {writer!r}")
-    from vila_edge.builder.decoder_onnx import KV_DTYPES
+    from vila_edge.builder.decoder_onnx import ATTENTIONS, KV_DTYPES
 
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention == "grouped" and kv_dtype != "float32":
+        raise ValueError("attention='grouped' needs kv_dtype='float32' (its MatMuls read the cache as it is)")
     from vila_edge.builder.awq import AWQSettings
     from vila_edge.builder.awq_formats import find_tinychat_v2_file, is_awq_checkpoint
 
@@ -432,6 +439,9 @@ def build_llm_onnx(
     if kv_dtype != "float32" and not streamed:
         raise ValueError(f"kv_dtype={kv_dtype!r} needs our decoder writer (int4 AWQ/RTN or fp8, writer='stream'); "
                          f"onnxruntime-genai's CPU builds keep an fp32 cache")
+    if attention != "gqa" and not streamed:
+        raise ValueError(f"attention={attention!r} needs our decoder writer (int4 AWQ/RTN or fp8, writer='stream'); "
+                         f"onnxruntime-genai's builder writes GroupQueryAttention")
     threads = threads or default_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".llm-build-", dir=out_dir))
@@ -440,12 +450,13 @@ def build_llm_onnx(
         if precision == "fp8":
             embed_dtype, awq_stats = _build_fp8(llm_dir, out_dir, info, fmt=fp8_format, activations=fp8_activations,
                                                 lm_head=lm_head, group_size=group_size, accuracy_level=accuracy_level,
-                                                prune_lm_head=prune_lm_head, threads=threads, kv_dtype=kv_dtype)
+                                                prune_lm_head=prune_lm_head, threads=threads, kv_dtype=kv_dtype,
+                                                attention=attention)
         elif streamed:
             embed_dtype, awq_stats = _build_streamed(
                 llm_dir, out_dir, info, quant=quant, group_size=group_size, lm_head=lm_head,
                 accuracy_level=accuracy_level, prune_lm_head=prune_lm_head, threads=threads, awq_dir=awq_dir,
-                calib_path=calib_path, kv_dtype=kv_dtype, progress=progress, settings=awq_settings or AWQSettings(
+                calib_path=calib_path, kv_dtype=kv_dtype, attention=attention, progress=progress, settings=awq_settings or AWQSettings(
                     w_bit=4, group_size=group_size, method=quant, calib_samples=calib_samples,
                     calib_seqlen=calib_seqlen, threads=quantize_threads, n_grid=awq_grid))
         else:
@@ -502,6 +513,7 @@ def build_llm_onnx(
             "embed_dtype": embed_dtype,
             "io_dtype": described["io_dtype"],
             "kv_dtype": described["kv_dtype"],
+            "attention": described["attention"],
             "threads": int(threads),
             "accuracy_level": accuracy_level,
             "matmulnbits": described["matmulnbits"],

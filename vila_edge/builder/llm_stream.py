@@ -63,7 +63,7 @@ def build_int4_decoder(
     lm_head: str = "int8", accuracy_level: int = 4, prune_lm_head: bool = True, threads: int = 1,
     awq_dir: Path | str | None = None, calib_path: Path | str | None = None, settings: AWQSettings | None = None,
     progress: bool = True, filename: str = "model.onnx", embed_filename: str = "embed_tokens.npy",
-    pt_file: Path | None = None, kv_dtype: str = "float32",
+    pt_file: Path | None = None, kv_dtype: str = "float32", attention: str = "gqa",
 ) -> dict:
     """Write ``filename`` (+ ``.data``), ``genai_config.json`` and the embedding table into ``out_dir``.
 
@@ -77,7 +77,7 @@ def build_int4_decoder(
     large_blocks_from_mmap()
     config = AutoConfig.from_pretrained(str(llm_dir)).to_dict()  # with the model type's defaults filled in
     spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head,
-                                   kv_dtype=kv_dtype)
+                                   kv_dtype=kv_dtype, attention=attention)
     started = time.perf_counter()
     reader = SafetensorsReader(llm_dir) if source != "tinychat-v2" else TorchFileReader(pt_file)
     facts: dict = {}
@@ -127,6 +127,7 @@ def build_fp8_decoder(
     llm_dir: Path | str, out_dir: Path | str, *, fmt: str, activations: str = "dynamic", lm_head: str = "int8",
     group_size: int = 128, accuracy_level: int = 4, prune_lm_head: bool = True, threads: int = 1,
     filename: str = "model.onnx", embed_filename: str = "embed_tokens.npy", kv_dtype: str = "float32",
+    attention: str = "gqa",
 ) -> dict:
     """The FP8 decoder (``fp8_qdq``: 128x128 weight blocks, ``activations`` ``dynamic`` 1x128 per token or
     ``none``) from a float HF folder, one layer at a time, like ``build_int4_decoder``. The lm_head is
@@ -138,7 +139,7 @@ def build_fp8_decoder(
     large_blocks_from_mmap()
     config = AutoConfig.from_pretrained(str(llm_dir)).to_dict()
     spec = DecoderSpec.from_config(config, accuracy_level=accuracy_level, prune_lm_head=prune_lm_head,
-                                   kv_dtype=kv_dtype)
+                                   kv_dtype=kv_dtype, attention=attention)
     reader = SafetensorsReader(llm_dir)
     try:
         writer = DecoderWriter(out_dir, spec, filename, fp8=fmt, fp8_activations=activations)
