@@ -121,10 +121,41 @@ def parity(a, threads: int) -> dict:
             "identical_answers": sum(r["identical"] for r in answers)}
 
 
+def timed_rounds(engines: dict, contexts: list[int], steps: int, rounds: int) -> dict:
+    """Decode tok/s after each context and the prefill seconds of the first context, per engine (same
+    weights, different graphs), the engines alternating in each round (round 0 warms up), medians."""
+    from vila_edge.generate import Sampler, SamplingParams
+
+    names = list(engines)
+    vocab = min(e.vocab_size for e in engines.values())
+    sampler = Sampler(SamplingParams(), vocab)
+    prompt = np.random.default_rng(0).integers(0, vocab, max(contexts)).tolist()
+    decode = {n: {c: [] for c in contexts} for n in names}
+    prefill = {n: [] for n in names}
+    for round_ in range(rounds + 1):
+        for c in contexts:
+            for n in (names if round_ % 2 else names[::-1]):
+                eng = engines[n]
+                eng.reset()
+                t0 = time.perf_counter()
+                logits = eng.forward(eng.embed(prompt[:c]))
+                if c == contexts[0] and round_:
+                    prefill[n].append(time.perf_counter() - t0)
+                token = sampler(logits, ())
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    token = sampler(eng.forward(eng.embed([token])), ())
+                if round_:
+                    decode[n][c].append(steps / (time.perf_counter() - t0))
+        print(f"  round {round_}: " + ", ".join(f"{n} {c}: {decode[n][c][-1]:.2f} tok/s" for c in contexts
+                                                 for n in names if decode[n][c]), file=sys.stderr)
+    return {n: {"decode_tok_s": {str(c): round(statistics.median(decode[n][c]), 2) for c in contexts},
+                "prefill_s": round(statistics.median(prefill[n]), 3)} for n in names}
+
+
 def speed(a, threads: int) -> dict:
     from vila_edge.backends.ort_llm import OrtLLMEngine
     from vila_edge.bench.preset_engines import ensure_preset_checkpoint
-    from vila_edge.generate import Sampler, SamplingParams
 
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
     contexts = [int(c) for c in a.contexts.split(",")]
@@ -132,34 +163,9 @@ def speed(a, threads: int) -> dict:
     engines = {d: OrtLLMEngine(build(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128-kv-{d}", d, 128,
                                      threads, accuracy_level=4), threads=threads, max_context=max_context)
                for d in DTYPES}
-    vocab = min(e.vocab_size for e in engines.values())
-    sampler = Sampler(SamplingParams(), vocab)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, vocab, max(contexts)).tolist()
-    decode = {d: {c: [] for c in contexts} for d in DTYPES}
-    prefill = {d: [] for d in DTYPES}
-    for round_ in range(a.rounds + 1):  # round 0 warms up
-        for c in contexts:
-            for d in (DTYPES if round_ % 2 else DTYPES[::-1]):
-                eng = engines[d]
-                eng.reset()
-                t0 = time.perf_counter()
-                logits = eng.forward(eng.embed(prompt[:c]))
-                if c == contexts[0] and round_:
-                    prefill[d].append(time.perf_counter() - t0)
-                token = sampler(logits, ())
-                t0 = time.perf_counter()
-                for _ in range(a.steps):
-                    token = sampler(eng.forward(eng.embed([token])), ())
-                if round_:
-                    decode[d][c].append(a.steps / (time.perf_counter() - t0))
-        print(f"  round {round_}: " + ", ".join(f"{d} {c}: {decode[d][c][-1]:.2f} tok/s" for c in contexts
-                                                 for d in DTYPES if decode[d][c]), file=sys.stderr)
-    rows = {}
+    rows = timed_rounds(engines, contexts, a.steps, a.rounds)
     for d in DTYPES:
-        rows[d] = {"decode_tok_s": {str(c): round(statistics.median(decode[d][c]), 2) for c in contexts},
-                   "prefill_s": round(statistics.median(prefill[d]), 3),
-                   "kv_cache_mib_at_4096": round(engines[d].kv_bytes() / max_context * 4096 / 2**20, 1)}
+        rows[d]["kv_cache_mib_at_4096"] = round(engines[d].kv_bytes() / max_context * 4096 / 2**20, 1)
     return {"preset": a.preset, "threads": threads, "steps": a.steps, "rounds": a.rounds, "contexts": contexts,
             "prefill_positions": contexts[0], "dtypes": rows,
             "decode_speedup": {str(c): round(rows["float16"]["decode_tok_s"][str(c)]
