@@ -217,7 +217,7 @@ class OrtLLMEngine(LLMEngine):
         if self.grouped and share_buffer is False:
             raise EngineError(f"{self.model_path}: this decoder (grouped attention) updates its KV cache in place; "
                               "it needs the shared past/present buffers")
-        self.share_buffer = (gqa or self.grouped) if share_buffer is None else (share_buffer and gqa)
+        self.share_buffer = (gqa or self.grouped) if share_buffer is None else (share_buffer and (gqa or self.grouped))
         self.capacity = self.max_context
         if self.grouped and self.device == "cpu":
             self.capacity = min(self.max_context, GROUPED_FIRST_CAPACITY)
