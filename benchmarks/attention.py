@@ -23,8 +23,6 @@ Writes benchmarks/results/attention.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_cache_dtype import chunked_nll, timed_rounds  # noqa: E402
+from result_doc import command_line, load_average, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTENTIONS = ("gqa", "grouped")
@@ -148,7 +147,7 @@ def write_report(doc: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vila_edge.bench.probes import default_threads, machine_info, versions
+    from vila_edge.bench.probes import default_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="nvila-lite-2b")
@@ -163,21 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS / "attention.json")
     a = ap.parse_args(argv)
     threads = a.threads or default_threads()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     print("parity (SmolLM2-135M):", file=sys.stderr)
     par = parity(a, threads)
     print(f"speed ({a.preset}):", file=sys.stderr)
     spd = speed(a, threads)
     doc = {"what": "grouped attention vs GroupQueryAttention in the int4 CPU decoder",
-           "command": "python benchmarks/attention.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "parity": par, "speed": spd, "load_average_before": load_before,
-           "load_average_after": [round(x, 2) for x in os.getloadavg()], "machine": machine_info(),
-           "versions": versions()}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    write_report(doc, a.out)
-    print(a.out.with_suffix(".md").read_text())
-    return doc
+           "command": command_line("attention.py", argv),
+           "parity": par, "speed": spd}
+    return save(doc, a.out, write_report, load_before)
 
 
 if __name__ == "__main__":

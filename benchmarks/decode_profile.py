@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_doc import command_line, load_average, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # ops that make up attention in either graph (grouped attention: builder.decoder_onnx._grouped_attention and the
@@ -66,7 +68,7 @@ def profile_steps(engine_dir: Path, context: int, steps: int, threads: int) -> d
 
 def main(argv: list[str] | None = None) -> dict:
     from vila_edge.bench.preset_engines import ensure_llm_engine, ensure_preset_checkpoint
-    from vila_edge.bench.probes import default_threads, machine_info, measure_bandwidth, versions
+    from vila_edge.bench.probes import default_threads, measure_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="nvila-lite-2b")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_profile.json")
     a = ap.parse_args(argv)
     threads = a.threads or default_threads()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
     suffix = ("" if a.kv_dtype == "float32" else f"-kv-{a.kv_dtype}") + ("" if a.attention == "gqa" else "-grouped")
     engine = ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128{suffix}", quant="rtn",
@@ -98,17 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"{op} {v['share']:.0%}" for op, v in list(row["ops"].items())[:3])
             + f"; attention {row['attention_vs_floor']}x its KV-read floor at {probe:.0f} GB/s", file=sys.stderr)
     doc = {"what": "decode step time by ONNX Runtime op (profiler), int4 decoder at a preset's geometry",
-           "command": "python benchmarks/decode_profile.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line("decode_profile.py", argv),
            "preset": a.preset, "threads": threads, "steps": a.steps, "kv_dtype": a.kv_dtype, "attention": a.attention,
            "engine": engine.name,
-           "contexts": rows, "load_average_before": load_before,
-           "load_average_after": [round(x, 2) for x in os.getloadavg()], "machine": machine_info(),
-           "versions": versions()}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    write_report(doc, a.out)
-    print(a.out.with_suffix(".md").read_text())
-    return doc
+           "contexts": rows}
+    return save(doc, a.out, write_report, load_before)
 
 
 def write_report(doc: dict, out: Path) -> None:

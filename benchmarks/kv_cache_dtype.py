@@ -22,14 +22,15 @@ Writes benchmarks/results/kv_cache_dtype.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_doc import command_line, load_average, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = ("float32", "float16")
@@ -62,15 +63,13 @@ def chunked_nll(eng, ids: list[int], chunk: int) -> tuple[float, int, np.ndarray
 
 
 def parity(a, threads: int) -> dict:
+    from speculative_decode import chat_ids, conversations
     from transformers import AutoTokenizer
 
     from vila_edge.backends.ort_llm import OrtLLMEngine
     from vila_edge.builder.awq import default_corpus
     from vila_edge.generate import Sampler, SamplingParams, decode_one_token, generate_tokens
     from vila_edge.models import smollm2_hf_checkpoint
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from speculative_decode import chat_ids, conversations
 
     folder = smollm2_hf_checkpoint()
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -216,7 +215,7 @@ def write_report(doc: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vila_edge.bench.probes import default_threads, machine_info, versions
+    from vila_edge.bench.probes import default_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="nvila-lite-2b")
@@ -233,21 +232,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS / "kv_cache_dtype.json")
     a = ap.parse_args(argv)
     threads = a.threads or default_threads()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     print("parity (SmolLM2-135M):", file=sys.stderr)
     par = parity(a, threads)
     print(f"speed ({a.preset}):", file=sys.stderr)
     spd = speed(a, threads)
     doc = {"what": "fp16 vs fp32 KV cache in the int4 CPU decoder: real-text parity, speed at a real size",
-           "command": "python benchmarks/kv_cache_dtype.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "parity": par, "speed": spd, "load_average_before": load_before,
-           "load_average_after": [round(x, 2) for x in os.getloadavg()], "machine": machine_info(),
-           "versions": versions()}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    write_report(doc, a.out)
-    print(a.out.with_suffix(".md").read_text())
-    return doc
+           "command": command_line("kv_cache_dtype.py", argv),
+           "parity": par, "speed": spd}
+    return save(doc, a.out, write_report, load_before)
 
 
 if __name__ == "__main__":

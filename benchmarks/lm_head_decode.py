@@ -15,13 +15,12 @@ Writes benchmarks/results/lm_head_decode.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_cache_dtype import timed_rounds  # noqa: E402
+from result_doc import command_line, load_average, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = ("int8", "int4")
@@ -30,7 +29,7 @@ HEADS = ("int8", "int4")
 def main(argv: list[str] | None = None) -> dict:
     from vila_edge.backends.ort_llm import OrtLLMEngine
     from vila_edge.bench.preset_engines import ensure_llm_engine, ensure_preset_checkpoint
-    from vila_edge.bench.probes import default_threads, machine_info, versions
+    from vila_edge.bench.probes import default_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="nvila-lite-2b")
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS / "lm_head_decode.json")
     a = ap.parse_args(argv)
     threads = a.threads or default_threads()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
     names = {"int8": f"{a.preset}-llm-int4-rtn-g128", "int4": f"{a.preset}-llm-int4-rtn-g128-head-int4"}
     dirs = {head: ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / names[head], quant="rtn", group_size=128,
@@ -52,19 +51,13 @@ def main(argv: list[str] | None = None) -> dict:
     for head, d in dirs.items():
         rows[head]["decoder_bytes"] = sum(f.stat().st_size for f in d.glob("model.onnx*"))
     doc = {"what": "int4 decoder decode speed with an int8 vs an int4 LM head (bytes per token)",
-           "command": "python benchmarks/lm_head_decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line("lm_head_decode.py", argv),
            "preset": a.preset, "context": a.context, "steps": a.steps, "rounds": a.rounds, "threads": threads,
            "heads": rows,
            "decode_speedup": round(rows["int4"]["decode_tok_s"][str(a.context)]
                                    / rows["int8"]["decode_tok_s"][str(a.context)], 3),
-           "bytes_ratio": round(rows["int8"]["decoder_bytes"] / rows["int4"]["decoder_bytes"], 3),
-           "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
-           "machine": machine_info(), "versions": versions()}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    write_report(doc, a.out)
-    print(a.out.with_suffix(".md").read_text())
-    return doc
+           "bytes_ratio": round(rows["int8"]["decoder_bytes"] / rows["int4"]["decoder_bytes"], 3)}
+    return save(doc, a.out, write_report, load_before)
 
 
 def write_report(doc: dict, out: Path) -> None:

@@ -26,13 +26,15 @@ benchmarks/llm_decode.py --lookup-trace benchmarks/results/speculative_decode.js
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_doc import command_line, load_average, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("copy", "summarize", "explain", "revise", "open")
@@ -374,9 +376,7 @@ def write_report(doc: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import os
-
-    from vila_edge.bench.probes import default_threads, machine_info, versions
+    from vila_edge.bench.probes import default_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lookup", type=int, default=4, help="draft tokens per verification")
@@ -394,23 +394,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS / "speculative_decode.json")
     a = ap.parse_args(argv)
     threads = a.threads or default_threads()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     print("real text (SmolLM2-135M):", file=sys.stderr)
     text = real_text(a, threads)
     print(f"real size ({a.preset}, replayed):", file=sys.stderr)
     big = real_size(a, threads, text)
     doc = {"what": "prompt lookup decoding: acceptance on real text, speed at 135M and replayed at a real size",
-           "command": "python benchmarks/speculative_decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line("speculative_decode.py", argv),
            "lookup": a.lookup, "min_ngram": a.min_ngram, "new_tokens": a.new_tokens, "threads": threads,
            "repetition_penalty": a.repetition_penalty,
-           "real_text": text, "real_size": big, "load_average_before": load_before,
-           "load_average_after": [round(x, 2) for x in os.getloadavg()], "machine": machine_info(),
-           "versions": versions()}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    write_report(doc, a.out)
-    print(a.out.with_suffix(".md").read_text())
-    return doc
+           "real_text": text, "real_size": big}
+    return save(doc, a.out, write_report, load_before)
 
 
 if __name__ == "__main__":
