@@ -208,14 +208,18 @@ class DecoderWriter:
         return outputs[0]
 
     def _constant(self, value: int, shape: tuple = ()) -> str:
-        from onnx import numpy_helper
-
         label = f"[{value}]" if shape else str(value)
         name = f"/model/constants/INT64/{label}"
         if not any(n.output[0] == name for n in self.nodes if n.op_type == "Constant"):
-            array = np.array([value] if shape else value, dtype=np.int64)
-            self.nodes.append(self.helper.make_node("Constant", [], [name], name=f"/model/constant_nodes/INT64/{label}",
-                                                    value=numpy_helper.from_array(array, name)))
+            self._array_constant(name, np.array([value] if shape else value, dtype=np.int64),
+                                 node_name=f"/model/constant_nodes/INT64/{label}")
+        return name
+
+    def _array_constant(self, name: str, array: np.ndarray, node_name: str | None = None) -> str:
+        from onnx import numpy_helper
+
+        self.nodes.append(self.helper.make_node("Constant", [], [name], name=node_name or name,
+                                                value=numpy_helper.from_array(array, name)))
         return name
 
     def _mask_subgraph(self) -> None:
@@ -230,11 +234,7 @@ class DecoderWriter:
         self.total_length = self._node("Cast", f"{base}/Gather/Cast", [total], to=6)
 
     def _int64s(self, name: str, values) -> str:
-        from onnx import numpy_helper
-
-        self.nodes.append(self.helper.make_node("Constant", [], [name], name=name,
-                                                value=numpy_helper.from_array(np.asarray(values, np.int64), name)))
-        return name
+        return self._array_constant(name, np.asarray(values, np.int64))
 
     def _grouped_subgraph(self) -> None:
         """Per run, shared by every layer of grouped attention: positions of the new rows [1, S], ScatterND
@@ -274,12 +274,8 @@ class DecoderWriter:
                 self._node("Concat", f"{base}/grid_shape", [new_1d, self._int64s(f"{base}/group", [group])], axis=0)]),
             self._int64s(f"{base}/shape_m1_1b", [-1, 1])])  # [S * group, 1]
         visible = self._node("LessOrEqual", f"{base}/visible", [rows, query_rows])
-        from onnx import numpy_helper
-
-        zero, minus_inf = f"{base}/zero_f", f"{base}/minus_inf"
-        for name, value in ((zero, 0.0), (minus_inf, -np.inf)):
-            self.nodes.append(self.helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(
-                np.array(value, np.float32), name)))
+        zero = self._array_constant(f"{base}/zero_f", np.array(0.0, np.float32))
+        minus_inf = self._array_constant(f"{base}/minus_inf", np.array(-np.inf, np.float32))
         self.attention_bias = self._node("Unsqueeze", f"{base}/bias", [
             self._node("Where", f"{base}/bias_2d", [visible, zero, minus_inf]), self._int64s(f"{base}/axes01", [0, 1])])
 
