@@ -403,7 +403,7 @@ def build(
                                  "(half the cache memory; int4 awq/rtn and fp8 builds)."),
     attention: str = typer.Option("gqa", "--attention", help="LLM attention: gqa (ONNX Runtime's GroupQueryAttention) "
                                   "| grouped (experimental: standard ops, one GEMM per KV head; on 2 CPU cores "
-                                  "decode 1.11x at 2000 cached positions, 0.95x at 300, prefill 0.78x; int4 "
+                                  "decode 1.00x at 2000 cached positions, 0.79x at 300, prefill 0.79x; int4 "
                                   "awq/rtn and fp8 builds)."),
     skip_llm: bool = typer.Option(False, "--skip-llm", help="Build the vision part only."),
     torch_weights: bool = typer.Option(False, "--torch-weights", help="Also write the torch backend's weights "

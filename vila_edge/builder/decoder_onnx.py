@@ -112,9 +112,9 @@ class DecoderSpec:
     # runs every query head against its KV head's whole cache). "grouped" (experimental): the same attention
     # from standard ops, one GEMM per KV head for all its query heads (_grouped_attention); the cache is updated
     # in place by ScatterND and attention spans the cache buffer, so the runtime grows that buffer with the
-    # context. Measured (benchmarks/results/attention.md): no faster on CPUs but at long contexts (1.11x decode
-    # at 2000 cached positions, 0.95x at 300, prefill 0.78x): the per-op overhead of ~15 small ops a layer
-    # eats what reading each KV head once saves
+    # context. Measured (benchmarks/results/attention.md): no faster on CPUs (decode 1.00x at 2000 cached
+    # positions, 0.79x at 300, prefill 0.79x): the per-op overhead of ~15 small ops a layer eats what reading
+    # each KV head once saves
     attention: str = "gqa"
 
     @classmethod
