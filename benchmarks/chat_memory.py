@@ -3,13 +3,15 @@
     python benchmarks/chat_memory.py ENGINE_DIR [--image-size 1920x1080] [--new-tokens 32] [--rounds 1]
 
 Each variant runs in its own child process (VmHWM is that process's alone), interleaved per round:
-- `before`: the runtime as it was: vision session loaded first, every tile in one tower run, CPU arena on;
-- `after`:  `vila_edge.load` as it is now (LLM first, CPU_TILE_BATCH tiles per run, no vision arena, the prompt
-  prefilled in runs of ort_llm.PREFILL_CHUNK positions);
-- `whole-prefill`: `after` with the prompt prefilled in one run (prefill_chunk 0), what the runtime did before.
+- `before`: the runtime as it was: vision session loaded first, every tile in one tower run, CPU arena on,
+  the prompt prefilled in one run;
+- `whole-prefill`: the LLM loaded first, CPU_TILE_BATCH tiles per run, no vision arena;
+- `default-heap`: and the prompt prefilled in runs of ort_llm.PREFILL_CHUNK positions;
+- `after`: `vila_edge.load` as it is now: and blocks of 1 MiB and more served from mmap (vila_edge.heap).
+The first three build the pipeline by hand, with glibc's default heap policy.
 Reported per variant: peak RSS, RSS after load, the resident floor (LLM decoder files + allocated KV cache
 + the vision graphs loaded), their ratio (goal <= 1.3), vision / prefill seconds and decode tok/s (speed
-must not drop). Writes benchmarks/results/chat_memory_<preset or engine>.json and appends the table to .md.
+must not drop). Writes benchmarks/results/chat_memory_<preset or engine>.json and prints the table.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from vila_edge.bench.probes import machine_info, versions
 from vila_edge.bench.run import llm_decode_bytes
 
 MIB = 1 << 20
-VARIANTS = ("before", "whole-prefill", "after")
+VARIANTS = ("before", "whole-prefill", "default-heap", "after")
 
 
 def _vision_bytes(vision) -> int:
@@ -45,25 +47,32 @@ def child(spec: dict) -> dict:
     from vila_edge.bench.child import prompt_of_tokens
 
     t0 = time.perf_counter()
-    if spec["variant"] == "before":  # the old order and vision settings, same engines otherwise
-        from vila_edge.backends import make_llm_engine
+    if spec["variant"] == "after":
+        pipe = vila_edge.load(spec["engine"], device="cpu", threads=spec["threads"])
+    else:  # earlier runtimes, same engines, built by hand: vila_edge.load would set the heap policy
+        from vila_edge.backends import make_llm_engine, make_vision_engine
         from vila_edge.engine_dir import read_manifest
         from vila_edge.runtime import Pipeline
         from vila_edge.tokenizer import Tokenizer
 
         eng = Path(spec["engine"])
         manifest = read_manifest(eng)
-        vision = OrtVisionEngine(eng / "vision", manifest.vision, device="cpu", threads=spec["threads"], tile_batch=0,
-                                 arena=True)
-        llm = make_llm_engine("onnxruntime", eng, manifest, device="cpu", threads=spec["threads"],
-                              max_context=manifest.config.llm.max_length)
-        llm.prefill_chunk = 0
+
+        def llm_engine():
+            return make_llm_engine("onnxruntime", eng, manifest, device="cpu", threads=spec["threads"],
+                                   max_context=manifest.config.llm.max_length)
+
+        if spec["variant"] == "before":  # the vision session first, every tile in one run, CPU arena on
+            vision = OrtVisionEngine(eng / "vision", manifest.vision, device="cpu", threads=spec["threads"],
+                                     tile_batch=0, arena=True)
+            llm = llm_engine()
+        else:
+            llm = llm_engine()
+            vision = make_vision_engine("onnxruntime", eng, manifest, device="cpu", threads=spec["threads"])
+        if spec["variant"] in ("before", "whole-prefill"):
+            llm.prefill_chunk = 0
         pipe = Pipeline(manifest.config, Tokenizer.from_dir(eng / "tokenizer"), vision, llm, engine_dir=eng,
                         manifest=manifest)
-    else:
-        pipe = vila_edge.load(spec["engine"], device="cpu", threads=spec["threads"])
-        if spec["variant"] == "whole-prefill":
-            pipe.llm.prefill_chunk = 0
     load_s = time.perf_counter() - t0
     after_load = _rss()
     w, h = spec["image_size"]

@@ -59,6 +59,7 @@ from vila_edge.generate import (
     prefill,
     speculative_tokens,
 )
+from vila_edge.heap import large_blocks_from_mmap
 from vila_edge.media.image import as_image_list, load_image
 from vila_edge.media.tiling import Tiles, TilingScheme, tiling_scheme
 from vila_edge.prompt import IMAGE_PLACEHOLDER, Message, check_text, render, tokenize, user_content
@@ -776,9 +777,13 @@ def load(engine_dir, *, device: str = "auto", threads: int | None = None, max_co
     `vision_cache_mb`: bound of the encoder-output cache in MiB (None: 256; 0: off). `prefix_reuse`: a new
     prompt (a `generate` call, a server request) keeps the KV of the start it shares with the previous one.
     `vision_precision` picks the ONNX Runtime tower graph (fp32 | fp16 | int8; default: int8 on CPUs when
-    the build recorded its cosine vs fp32 >= 0.995, else fp32)."""
+    the build recorded its cosine vs fp32 >= 0.995, else fp32).
+
+    Sets the process's glibc heap to serve blocks of 1 MiB and more from mmap (vila_edge.heap): without it a
+    chat process held 170-420 MiB of freed repacking copies and tile activations (issue 19, P6)."""
     from vila_edge.backends import make_llm_engine, make_vision_engine
 
+    large_blocks_from_mmap()
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     cfg = manifest.config

@@ -22,8 +22,6 @@ oracle (``llm_onnx.reference_model``) reads; ``awq_dir`` writes that checkpoint 
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +51,7 @@ from vila_edge.builder.awq_stream import (
 from vila_edge.builder.decoder_onnx import DecoderSpec, DecoderWriter, write_genai_config
 from vila_edge.builder.fp8_qdq import FloatLinear
 from vila_edge.builder.tensor_stream import SafetensorsReader, TorchFileReader
+from vila_edge.heap import large_blocks_from_mmap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -164,23 +163,6 @@ def _float_layers(reader, num_layers: int) -> Iterator[QuantizedLayer]:
             linears[name] = FloatLinear(reader.read(f"{prefix}.{name}.weight").float().numpy(),
                                         None if bias is None else bias.float().numpy())
         yield QuantizedLayer(index, norms, linears)
-
-
-def large_blocks_from_mmap(threshold: int = 1 << 20) -> None:
-    """Serve allocations >= ``threshold`` from mmap, returned to the OS on free (glibc only).
-
-    glibc raises its mmap threshold after the first large free (up to 32 MiB), so each layer's
-    float32 copies and quantizer temporaries would then land in the heap, which fragments: over a
-    build the resident set drifts up by a few layers' worth at random. A fixed threshold keeps the
-    peak at one layer's working set. Process-wide and permanent; a no-op elsewhere.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl)
-        return
-    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (setting it also turns off the dynamic adjustment)
 
 
 def special_token_ids(llm_dir: Path, config: dict) -> dict:
