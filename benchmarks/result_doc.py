@@ -17,7 +17,7 @@ def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces a run. Absolute paths (work folders: caches of built engines) are
     recorded by name, not as this machine's path."""
     args = sys.argv[1:] if argv is None else argv
-    return f"python benchmarks/{script} " + " ".join(Path(x).name if os.path.isabs(x) else x for x in args)
+    return " ".join(["python", f"benchmarks/{script}", *(Path(x).name if os.path.isabs(x) else x for x in args)])
 
 
 def save(doc: dict, out: Path, write_report: Callable[[dict, Path], None], load_before: list[float]) -> dict:
