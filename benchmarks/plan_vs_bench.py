@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT = [RESULTS / "bench_nvila-lite-2b_20261204-204646.json", RESULTS / "bench_vila1.5-3b_20261206-005350.json"]
+DEFAULT = [RESULTS / "bench_nvila-lite-2b_20261206-033804.json", RESULTS / "bench_vila1.5-3b_20261206-005350.json"]
 
 
 def rows(paths: list[Path]) -> list[dict]:
