@@ -72,8 +72,9 @@ def speed(a, threads: int) -> dict:
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
     contexts = [int(c) for c in a.contexts.split(",")]
     suffix = {"gqa": "", "grouped": "-grouped"}
-    engines = {n: OrtLLMEngine(ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128{suffix[n]}",
-                                                 quant="rtn", group_size=128, threads=threads, attention=n),
+    dirs = {n: Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128{suffix[n]}" for n in ATTENTIONS}
+    engines = {n: OrtLLMEngine(ensure_llm_engine(ckpt / "llm", dirs[n], quant="rtn", group_size=128, threads=threads,
+                                                 attention=n),
                                threads=threads, max_context=max(contexts) + a.steps + 16)
                for n in ATTENTIONS}
     rows = timed_rounds(engines, contexts, a.steps, a.rounds)

@@ -159,8 +159,9 @@ def speed(a, threads: int) -> dict:
     ckpt = ensure_preset_checkpoint(a.preset, a.work_dir, llm_only=True)
     contexts = [int(c) for c in a.contexts.split(",")]
     max_context = max(contexts) + a.steps + 16
-    engines = {d: OrtLLMEngine(ensure_llm_engine(ckpt / "llm", Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128-kv-{d}",
-                                                 quant="rtn", group_size=128, threads=threads, kv_dtype=d),
+    dirs = {d: Path(a.work_dir) / f"{a.preset}-llm-int4-rtn-g128-kv-{d}" for d in DTYPES}
+    engines = {d: OrtLLMEngine(ensure_llm_engine(ckpt / "llm", dirs[d], quant="rtn", group_size=128, threads=threads,
+                                                 kv_dtype=d),
                                threads=threads, max_context=max_context)
                for d in DTYPES}
     rows = timed_rounds(engines, contexts, a.steps, a.rounds)

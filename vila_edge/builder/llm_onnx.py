@@ -456,7 +456,8 @@ def build_llm_onnx(
             embed_dtype, awq_stats = _build_streamed(
                 llm_dir, out_dir, info, quant=quant, group_size=group_size, lm_head=lm_head,
                 accuracy_level=accuracy_level, prune_lm_head=prune_lm_head, threads=threads, awq_dir=awq_dir,
-                calib_path=calib_path, kv_dtype=kv_dtype, attention=attention, progress=progress, settings=awq_settings or AWQSettings(
+                calib_path=calib_path, kv_dtype=kv_dtype, attention=attention, progress=progress,
+                settings=awq_settings or AWQSettings(
                     w_bit=4, group_size=group_size, method=quant, calib_samples=calib_samples,
                     calib_seqlen=calib_seqlen, threads=quantize_threads, n_grid=awq_grid))
         else:
